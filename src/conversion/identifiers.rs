@@ -1,0 +1,203 @@
+//! Identifier normalization and hashing, exactly as X specifies them.
+//!
+//! Invariants: a value that is already a SHA-256 hex digest is passed through lower-cased and never
+//! hashed again; every function returns either a non-empty value or an error, never an empty string;
+//! raw email addresses and phone numbers never appear in an error message.
+
+use sha2::{Digest, Sha256};
+use url::Url;
+
+/// SHA-256 of `input`, lower-case hex, no salt.
+pub fn sha256_hex(input: &str) -> String {
+    hex::encode(Sha256::digest(input.as_bytes()))
+}
+
+/// `Some(lower-cased digest)` when `input` (trimmed) is a 64-character hex string.
+pub fn as_sha256_digest(input: &str) -> Option<String> {
+    let t = input.trim();
+    (t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())).then(|| t.to_ascii_lowercase())
+}
+
+/// Email as X wants it before hashing: trimmed, lower-cased, and plausibly an address.
+pub fn normalize_email(input: &str) -> Result<String, &'static str> {
+    let email = input.trim().to_lowercase();
+    if email.is_empty() {
+        return Err("is empty; send the address or leave the field out");
+    }
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return Err("is not an email address: expected name@domain");
+    };
+    if local.is_empty() || domain.is_empty() {
+        return Err("is not an email address: expected name@domain");
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("is not an email address: it contains whitespace");
+    }
+    if domain.contains('@') || !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') {
+        return Err("is not an email address: the domain after '@' must look like example.com");
+    }
+    Ok(email)
+}
+
+/// `hashed_email` for a raw address or an existing digest.
+pub fn hashed_email(raw: &str) -> Result<String, &'static str> {
+    match as_sha256_digest(raw) {
+        Some(d) => Ok(d),
+        None => normalize_email(raw).map(|e| sha256_hex(&e)),
+    }
+}
+
+/// Validates a pre-hashed value (the `hashed_*` input fields).
+pub fn prehashed(raw: &str) -> Result<String, &'static str> {
+    as_sha256_digest(raw).ok_or("must be a SHA-256 hex digest (64 characters 0-9, a-f)")
+}
+
+/// Phone number in E.164 with the leading `+`. National formats use `default_region`.
+///
+/// Accepts every *possible* number (its national number has a length the numbering plan allows), not only
+/// numbers in current allocation metadata, which lags new ranges (X's own example `+11234567890` is possible,
+/// not valid).
+pub fn normalize_phone(input: &str, default_region: phonenumber::country::Id) -> Result<String, &'static str> {
+    let trimmed = input.trim();
+    if trimmed.is_empty() {
+        return Err("is empty; send the number or leave the field out");
+    }
+    if !trimmed.chars().any(|c| c.is_ascii_digit()) {
+        return Err("is not a phone number: it has no digits");
+    }
+    let number = phonenumber::parse(Some(default_region), trimmed)
+        .map_err(|_| "is not a phone number: use E.164 (+15551234567) or a national format of the account's default_phone_region")?;
+    let code = number.code().value();
+    let parsed = number.national().to_string();
+    // The crate strips a national prefix even where libphonenumber would not (it keeps the digits when
+    // stripping leaves an impossible length: `+1 123 456 7890` stays `1234567890`). Undo that here.
+    let digits: String = trimmed.chars().filter(char::is_ascii_digit).collect();
+    let unstripped = if trimmed.starts_with('+') {
+        digits.strip_prefix(&code.to_string()).map(str::to_owned)
+    } else if phonenumber::metadata::DATABASE.by_id(default_region.as_ref()).is_some_and(|m| m.country_code() == code) {
+        Some(digits)
+    } else {
+        None
+    };
+    let national = if is_possible(code, &parsed) {
+        parsed
+    } else {
+        // `+44 (0)20 ...`: a national prefix written inside an international number.
+        let without_trunk_prefix = phonenumber::metadata::DATABASE
+            .by_code(&code)
+            .and_then(|metas| metas.into_iter().find_map(|m| m.national_prefix().and_then(|p| parsed.strip_prefix(p))))
+            .filter(|rest| is_possible(code, rest))
+            .map(str::to_owned);
+        match (unstripped, without_trunk_prefix) {
+            (Some(u), _) if u.ends_with(&parsed) && is_possible(code, &u) => u,
+            (_, Some(rest)) => rest,
+            _ => return Err("is not a possible phone number: wrong number of digits for its country"),
+        }
+    };
+    Ok(format!("+{code}{national}"))
+}
+
+/// libphonenumber's "possible number": the national number's length is one its numbering plan allows.
+fn is_possible(code: u16, national: &str) -> bool {
+    let len = national.len() as u16;
+    let Some(metas) = phonenumber::metadata::DATABASE.by_code(&code) else {
+        return false;
+    };
+    metas.iter().any(|m| {
+        let d = m.descriptors();
+        [
+            Some(d.general()),
+            d.fixed_line(),
+            d.mobile(),
+            d.toll_free(),
+            d.premium_rate(),
+            d.shared_cost(),
+            d.personal_number(),
+            d.voip(),
+            d.pager(),
+            d.uan(),
+            d.voicemail(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|desc| desc.possible_length().contains(&len))
+    })
+}
+
+/// `hashed_phone_number` for a raw number or an existing digest.
+pub fn hashed_phone(raw: &str, default_region: phonenumber::country::Id) -> Result<String, &'static str> {
+    match as_sha256_digest(raw) {
+        Some(d) => Ok(d),
+        None => normalize_phone(raw, default_region).map(|e| sha256_hex(&e)),
+    }
+}
+
+/// The `twclid` query parameter of a landing-page URL, when present and non-empty.
+pub fn twclid_from_url(url: &Url) -> Option<String> {
+    url.query_pairs()
+        .find(|(k, _)| k == "twclid")
+        .map(|(_, v)| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn us() -> phonenumber::country::Id {
+        phonenumber::country::Id::US
+    }
+
+    #[test]
+    fn possible_but_unallocated_numbers_are_kept_whole() {
+        assert_eq!(normalize_phone("(123) 456-7890", us()).unwrap(), "+11234567890");
+        assert_eq!(normalize_phone("1 (650) 253-0000", us()).unwrap(), "+16502530000");
+        assert_eq!(normalize_phone("+44 (0)20 7946 0958", us()).unwrap(), "+442079460958");
+        assert!(normalize_phone("+1 650 253 00001234", us()).is_err());
+    }
+
+    #[test]
+    fn national_number_keeps_italian_leading_zero() {
+        assert_eq!(normalize_phone("+39 06 1234 5678", us()).unwrap(), "+390612345678");
+    }
+
+    #[test]
+    fn errors_never_echo_the_value() {
+        for bad in ["secret.person@", "a b@example.com", "not-an-email"] {
+            let e = normalize_email(bad).unwrap_err();
+            assert!(!e.contains("secret") && !e.contains(bad));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn email_normalization_is_idempotent(local in "[A-Za-z0-9._%+-]{1,20}", domain in "[A-Za-z0-9-]{1,12}\\.[A-Za-z]{2,6}", pad in "[ \t]{0,3}") {
+            let raw = format!("{pad}{local}@{domain}{pad}");
+            let once = normalize_email(&raw).unwrap();
+            prop_assert_eq!(normalize_email(&once).unwrap(), once.clone());
+            prop_assert!(!once.is_empty());
+        }
+
+        #[test]
+        fn digests_are_never_hashed_again(bytes in proptest::collection::vec(any::<u8>(), 32), upper in any::<bool>()) {
+            let d = hex::encode(bytes);
+            let input = if upper { d.to_uppercase() } else { d.clone() };
+            prop_assert_eq!(hashed_email(&input).unwrap(), d.clone());
+            prop_assert_eq!(hashed_phone(&input, us()).unwrap(), d);
+        }
+
+        #[test]
+        fn phone_normalization_is_idempotent(digits in "[2-9][0-9]{2}[2-9][0-9]{6}") {
+            let e164 = normalize_phone(&digits, us()).unwrap();
+            prop_assert_eq!(normalize_phone(&e164, us()).unwrap(), e164.clone());
+            prop_assert!(e164.starts_with("+1"));
+        }
+
+        #[test]
+        fn normalizers_never_return_empty(s in ".{0,40}") {
+            if let Ok(v) = hashed_email(&s) { prop_assert_eq!(v.len(), 64); }
+            if let Ok(v) = hashed_phone(&s, us()) { prop_assert_eq!(v.len(), 64); }
+        }
+    }
+}

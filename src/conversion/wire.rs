@@ -1,0 +1,78 @@
+//! The X wire types: what one conversion looks like in `{"conversions": [...]}`.
+//!
+//! Invariants (kept by `event::map_event`, the only producer): `identifiers` holds at least one strong
+//! identifier (`twclid`, `hashed_email`, `hashed_phone_number`), no identifier value is empty, hashes are
+//! 64 lower-case hex characters, `conversion_time` is `yyyy-MM-ddTHH:mm:ss.SSSZ`.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversion {
+    pub conversion_time: String,
+    pub event_id: String,
+    pub identifiers: Vec<Identifier>,
+    pub conversion_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_currency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number_items: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contents: Option<Vec<Content>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_source_url: Option<String>,
+}
+
+/// One object of the `identifiers` array. Each strong identifier is its own object; IP address and
+/// user agent travel together in one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Identifier {
+    Twclid {
+        twclid: String,
+    },
+    HashedEmail {
+        hashed_email: String,
+    },
+    HashedPhoneNumber {
+        hashed_phone_number: String,
+    },
+    Device {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip_address: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_agent: Option<String>,
+    },
+}
+
+impl Identifier {
+    /// Whether X counts it as the required identifier (IP and user agent never do).
+    pub fn is_strong(&self) -> bool {
+        !matches!(self, Identifier::Device { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Content {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_price: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_items: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_group_id: Option<String>,
+}
+
+/// The request body X expects.
+#[derive(Debug, Serialize)]
+pub struct Batch<'a> {
+    pub conversions: &'a [Conversion],
+}

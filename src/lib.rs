@@ -1,0 +1,7 @@
+//! conversion-gateway: a durable, budgeted, signed relay of conversion events to the X Ads Conversions API.
+//!
+//! Data flows one way: `api` (ingest) -> `conversion` (validate, normalize, hash) -> `spool` (keep) ->
+//! `dispatch` (batch per account) -> `upstream` (sign, send, classify). `fake_x` is a faithful stand-in for X.
+#![forbid(unsafe_code)]
+
+pub mod conversion;
