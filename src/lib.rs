@@ -4,4 +4,5 @@
 //! `dispatch` (batch per account) -> `upstream` (sign, send, classify). `fake_x` is a faithful stand-in for X.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod conversion;

@@ -1,0 +1,723 @@
+//! Settings: compiled-in defaults, then a TOML file, then `GATEWAY_<SECTION>__<KEY>` environment variables.
+//!
+//! Invariants: `load` returns a fully validated `Settings` or an error naming the offending key; nothing
+//! starts half-configured. Secrets live in `Secret`, whose `Debug` and `Serialize` print `[REDACTED]`;
+//! every secret may be given inline or as `<key>_file` (a path whose content, trimmed, is the secret).
+
+use crate::conversion::{is_base36_id, AccountRules, Rules};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError { key: key.into(), message: message.into() })
+}
+
+/// A secret value. Never printed: `Debug` and `Serialize` show `[REDACTED]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[REDACTED]")
+    }
+}
+
+fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Effective, validated settings.
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub server: Server,
+    pub spool: Spool,
+    pub upstream: Upstream,
+    pub delivery: Delivery,
+    pub log: Log,
+    pub accounts: BTreeMap<String, Account>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub api_keys: Vec<Secret>,
+    pub allow_unauthenticated: bool,
+    pub admin_api_keys: Vec<Secret>,
+    pub max_body_bytes: usize,
+    pub max_events_per_request: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Spool {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Upstream {
+    pub base_url: String,
+    pub api_version: String,
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    pub sandbox: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub max_batch: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub linger: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_event_age: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub dedup_window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Account {
+    pub ad_account_id: String,
+    pub pixel_id: String,
+    pub default_phone_region: String,
+    pub events: BTreeMap<String, String>,
+    pub rate_limit: RateLimit,
+    /// `None` only in sandbox mode, where nothing is sent.
+    pub auth: Option<Auth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RateLimit {
+    pub events: u64,
+    #[serde(serialize_with = "serialize_duration")]
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Auth {
+    Oauth1 { consumer_key: Secret, consumer_secret: Secret, access_token: Secret, access_token_secret: Secret },
+    PixelToken { token: Secret },
+}
+
+impl Settings {
+    /// What the pure mapping needs to know.
+    pub fn mapping_rules(&self) -> Rules {
+        let accounts = self
+            .accounts
+            .iter()
+            .map(|(name, a)| {
+                let rules = AccountRules {
+                    pixel_id: a.pixel_id.clone(),
+                    events: a.events.clone(),
+                    default_phone_region: a.default_phone_region.parse().unwrap_or(phonenumber::country::Id::US),
+                };
+                (name.clone(), rules)
+            })
+            .collect();
+        Rules { accounts, max_event_age: self.delivery.max_event_age }
+    }
+
+    /// The effective configuration as TOML, every secret shown as `[REDACTED]`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Compiled-in defaults, the lowest layer.
+pub const DEFAULTS: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+api_keys = []
+allow_unauthenticated = false
+admin_api_keys = []
+max_body_bytes = 1048576
+max_events_per_request = 1000
+shutdown_timeout = "20s"
+
+[spool]
+dir = "data"
+
+[upstream]
+base_url = "https://ads-api.x.com"
+api_version = "12"
+timeout = "10s"
+sandbox = false
+
+[delivery]
+max_batch = 500
+linger = "1s"
+max_event_age = "7d"
+dedup_window = "48h"
+
+[log]
+format = "json"
+level = "info"
+"#;
+
+/// Loads defaults, then `file` (when given), then the `GATEWAY_*` variables of `env`.
+pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+    if let Some(path) = file {
+        if !path.exists() {
+            return err("--config", format!("file {} does not exist", path.display()));
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+    }
+    let vars: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("GATEWAY_") && k != "GATEWAY_CONFIG")
+        .collect();
+    builder = builder.add_source(config::Environment::with_prefix("GATEWAY").prefix_separator("_").separator("__").source(Some(vars)));
+    let merged = builder.build().map_err(|e| ConfigError { key: String::new(), message: e.to_string() })?;
+    let as_json: serde_json::Value = merged.try_deserialize().map_err(|e| ConfigError { key: String::new(), message: e.to_string() })?;
+    let raw: RawSettings = serde_path_to_error::deserialize(as_json).map_err(|e| ConfigError {
+        key: e.path().to_string(),
+        message: e.inner().to_string(),
+    })?;
+    raw.validate()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape, as written. Strings where validation must name the key itself.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    server: RawServer,
+    spool: RawSpool,
+    upstream: RawUpstream,
+    delivery: RawDelivery,
+    log: RawLog,
+    #[serde(default)]
+    accounts: BTreeMap<String, RawAccount>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(deserialize_with = "text")]
+    listen: String,
+    #[serde(deserialize_with = "text")]
+    admin_listen: String,
+    #[serde(deserialize_with = "text_list")]
+    api_keys: Vec<String>,
+    api_keys_file: Option<PathBuf>,
+    #[serde(deserialize_with = "flag")]
+    allow_unauthenticated: bool,
+    #[serde(deserialize_with = "text_list")]
+    admin_api_keys: Vec<String>,
+    admin_api_keys_file: Option<PathBuf>,
+    #[serde(deserialize_with = "count")]
+    max_body_bytes: u64,
+    #[serde(deserialize_with = "count")]
+    max_events_per_request: u64,
+    #[serde(deserialize_with = "text")]
+    shutdown_timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(deserialize_with = "text")]
+    base_url: String,
+    #[serde(deserialize_with = "text")]
+    api_version: String,
+    #[serde(deserialize_with = "text")]
+    timeout: String,
+    #[serde(deserialize_with = "flag")]
+    sandbox: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    #[serde(deserialize_with = "count")]
+    max_batch: u64,
+    #[serde(deserialize_with = "text")]
+    linger: String,
+    #[serde(deserialize_with = "text")]
+    max_event_age: String,
+    #[serde(deserialize_with = "text")]
+    dedup_window: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: LogFormat,
+    #[serde(deserialize_with = "text")]
+    level: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    #[serde(default, deserialize_with = "opt_text")]
+    ad_account_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    pixel_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    default_phone_region: Option<String>,
+    #[serde(default)]
+    events: BTreeMap<String, serde_json::Value>,
+    rate_limit: Option<RawRateLimit>,
+    auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    #[serde(default, deserialize_with = "opt_count")]
+    events: Option<u64>,
+    #[serde(default, deserialize_with = "opt_text")]
+    window: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default, deserialize_with = "opt_text")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "opt_text")]
+    consumer_key: Option<String>,
+    consumer_key_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_text")]
+    consumer_secret: Option<String>,
+    consumer_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_text")]
+    access_token: Option<String>,
+    access_token_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_text")]
+    access_token_secret: Option<String>,
+    access_token_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_text")]
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+/// Environment variables are always text; numbers and booleans in TOML are not. Accept both.
+fn scalar_text(v: serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    scalar_text(serde_json::Value::deserialize(d)?).ok_or_else(|| de::Error::custom("expected a string"))
+}
+
+fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v => scalar_text(v).map(Some).ok_or_else(|| de::Error::custom("expected a string")),
+    }
+}
+
+/// A list, or (from the environment) one comma-separated string.
+fn text_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|v| scalar_text(v).ok_or_else(|| de::Error::custom("expected a list of strings")))
+            .collect(),
+        serde_json::Value::String(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()),
+        serde_json::Value::Null => Ok(Vec::new()),
+        _ => Err(de::Error::custom("expected a list of strings")),
+    }
+}
+
+fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Bool(b) => Ok(b),
+        serde_json::Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
+        serde_json::Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
+        _ => Err(de::Error::custom("expected true or false")),
+    }
+}
+
+fn parse_count(v: serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().replace('_', "").parse().ok(),
+        _ => None,
+    }
+}
+
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    parse_count(serde_json::Value::deserialize(d)?).ok_or_else(|| de::Error::custom("expected a whole number of 0 or more"))
+}
+
+fn opt_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v => parse_count(v).map(Some).ok_or_else(|| de::Error::custom("expected a whole number of 0 or more")),
+    }
+}
+
+fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => err(key, "must be longer than zero"),
+        Err(_) => err(key, format!("{text:?} is not a duration; write a number and a unit, e.g. \"500ms\", \"10s\", \"15m\", \"7d\"")),
+    }
+}
+
+fn socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().or_else(|_| err(key, format!("{text:?} is not an address; write host:port, e.g. \"127.0.0.1:8080\"")))
+}
+
+/// A secret given inline or as `<name>_file`; exactly one of the two.
+fn secret(key: &str, inline: Option<String>, file: Option<PathBuf>) -> Result<Option<Secret>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => err(key, format!("give either {key} or {key}_file, not both")),
+        (Some(v), None) if v.trim().is_empty() => err(key, "is empty"),
+        (Some(v), None) => Ok(Some(Secret(v))),
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim().is_empty() => err(format!("{key}_file"), format!("{} is empty", path.display())),
+            Ok(v) => Ok(Some(Secret(v.trim().to_owned()))),
+            Err(e) => err(format!("{key}_file"), format!("cannot read {}: {e}", path.display())),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+fn required_secret(key: &str, inline: Option<String>, file: Option<PathBuf>) -> Result<Secret, ConfigError> {
+    secret(key, inline, file)?.map_or_else(|| err(key, format!("missing; set {key} or {key}_file")), Ok)
+}
+
+fn keys(key: &str, inline: Vec<String>, file: Option<PathBuf>) -> Result<Vec<Secret>, ConfigError> {
+    let mut out: Vec<Secret> = inline.into_iter().map(Secret).collect();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(&path)
+            .or_else(|e| err(format!("{key}_file"), format!("cannot read {}: {e}", path.display())))?;
+        out.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|l| Secret(l.to_owned())));
+    }
+    if out.iter().any(|k| k.0.trim().is_empty()) {
+        return err(key, "contains an empty key");
+    }
+    Ok(out)
+}
+
+impl RawSettings {
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let s = self.server;
+        let api_keys = keys("server.api_keys", s.api_keys, s.api_keys_file)?;
+        if api_keys.is_empty() && !s.allow_unauthenticated {
+            return err("server.api_keys", "is empty; add at least one key, or set server.allow_unauthenticated = true to accept anyone");
+        }
+        let server = Server {
+            listen: socket("server.listen", &s.listen)?,
+            admin_listen: socket("server.admin_listen", &s.admin_listen)?,
+            api_keys,
+            allow_unauthenticated: s.allow_unauthenticated,
+            admin_api_keys: keys("server.admin_api_keys", s.admin_api_keys, s.admin_api_keys_file)?,
+            max_body_bytes: match s.max_body_bytes {
+                0 => return err("server.max_body_bytes", "must be greater than 0"),
+                n => usize::try_from(n).or_else(|_| err("server.max_body_bytes", "is too large"))?,
+            },
+            max_events_per_request: match s.max_events_per_request {
+                0 => return err("server.max_events_per_request", "must be greater than 0"),
+                n => usize::try_from(n).or_else(|_| err("server.max_events_per_request", "is too large"))?,
+            },
+            shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
+        };
+
+        let u = self.upstream;
+        let base_url = u.base_url.trim().trim_end_matches('/').to_owned();
+        match url::Url::parse(&base_url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() && parsed.query().is_none() => {}
+            _ => return err("upstream.base_url", format!("{:?} is not an http(s) URL such as \"https://ads-api.x.com\"", u.base_url)),
+        }
+        let api_version = u.api_version.trim().to_owned();
+        if api_version.is_empty() || !api_version.bytes().all(|b| b.is_ascii_digit()) {
+            return err("upstream.api_version", format!("{:?} is not an API version number such as \"12\"", u.api_version));
+        }
+        let upstream = Upstream { base_url, api_version, timeout: duration("upstream.timeout", &u.timeout)?, sandbox: u.sandbox };
+
+        let d = self.delivery;
+        if !(1..=500).contains(&d.max_batch) {
+            return err("delivery.max_batch", format!("is {}; it must be between 1 and 500 (X accepts at most 500 conversions per request)", d.max_batch));
+        }
+        let delivery = Delivery {
+            max_batch: d.max_batch as usize,
+            linger: duration("delivery.linger", &d.linger)?,
+            max_event_age: duration("delivery.max_event_age", &d.max_event_age)?,
+            dedup_window: duration("delivery.dedup_window", &d.dedup_window)?,
+        };
+
+        let level = self.log.level.trim().to_owned();
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return err("log.level", format!("{level:?} is not a level filter such as \"info\" or \"conversion_gateway=debug,warn\""));
+        }
+        let log = Log { format: self.log.format, level };
+
+        if self.accounts.is_empty() {
+            return err("accounts", "no account is configured; add an [accounts.<name>] section");
+        }
+        let mut accounts = BTreeMap::new();
+        for (name, a) in self.accounts {
+            let account = validate_account(&name, a, &delivery, upstream.sandbox)?;
+            accounts.insert(name, account);
+        }
+
+        Ok(Settings { server, spool: Spool { dir: self.spool.dir }, upstream, delivery, log, accounts })
+    }
+}
+
+fn validate_account(name: &str, a: RawAccount, delivery: &Delivery, sandbox: bool) -> Result<Account, ConfigError> {
+    let p = format!("accounts.{name}");
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return err(&p, "account names use only a-z, 0-9 and _ (they appear in metrics and in GATEWAY_ACCOUNTS__<NAME>__... variables)");
+    }
+    let base36 = |key: &str, v: Option<String>, example: &str| -> Result<String, ConfigError> {
+        let full = format!("{p}.{key}");
+        match v.map(|v| v.trim().to_owned()) {
+            None => err(full, format!("missing; set it to the id from Events Manager, e.g. {example:?}")),
+            Some(v) if is_base36_id(&v) => Ok(v),
+            Some(v) => err(full, format!("{v:?} is not a base-36 id (lower-case letters and digits, e.g. {example:?})")),
+        }
+    };
+    let ad_account_id = base36("ad_account_id", a.ad_account_id, "18ce552mlaq")?;
+    let pixel_id = base36("pixel_id", a.pixel_id, "o9d7n")?;
+    let region = a.default_phone_region.unwrap_or_else(|| "US".into()).trim().to_ascii_uppercase();
+    if region.parse::<phonenumber::country::Id>().is_err() {
+        return err(format!("{p}.default_phone_region"), format!("{region:?} is not an ISO 3166 region code such as \"US\" or \"GB\""));
+    }
+    let mut events = BTreeMap::new();
+    for (event, set) in a.events {
+        let key = format!("{p}.events.{event}");
+        let set = scalar_text(set).map(|s| s.trim().to_owned());
+        match set {
+            Some(set) if is_base36_id(&set) => {
+                events.insert(event, set);
+            }
+            _ => return err(key, "is not a Single Event Tag id (base-36, e.g. \"o9d2g\")"),
+        }
+    }
+    let rl = a.rate_limit.unwrap_or(RawRateLimit { events: None, window: None });
+    let rate_limit = RateLimit {
+        events: rl.events.unwrap_or(60_000),
+        window: duration(&format!("{p}.rate_limit.window"), rl.window.as_deref().unwrap_or("15m"))?,
+    };
+    if rate_limit.events <= delivery.max_batch as u64 {
+        return err(
+            format!("{p}.rate_limit.events"),
+            format!("is {}; it must be larger than delivery.max_batch ({})", rate_limit.events, delivery.max_batch),
+        );
+    }
+    let auth = match a.auth {
+        None if sandbox => None,
+        None => return err(format!("{p}.auth"), "missing; set auth = { kind = \"oauth1\", ... } or { kind = \"pixel_token\", token = \"...\" } (only upstream.sandbox = true runs without)"),
+        Some(auth) => Some(validate_auth(&format!("{p}.auth"), auth)?),
+    };
+    Ok(Account { ad_account_id, pixel_id, default_phone_region: region, events, rate_limit, auth })
+}
+
+fn validate_auth(p: &str, a: RawAuth) -> Result<Auth, ConfigError> {
+    let k = |field: &str| format!("{p}.{field}");
+    match a.kind.as_deref().map(str::trim) {
+        Some("oauth1") => {
+            if a.token.is_some() || a.token_file.is_some() {
+                return err(k("token"), "belongs to kind = \"pixel_token\", not oauth1");
+            }
+            Ok(Auth::Oauth1 {
+                consumer_key: required_secret(&k("consumer_key"), a.consumer_key, a.consumer_key_file)?,
+                consumer_secret: required_secret(&k("consumer_secret"), a.consumer_secret, a.consumer_secret_file)?,
+                access_token: required_secret(&k("access_token"), a.access_token, a.access_token_file)?,
+                access_token_secret: required_secret(&k("access_token_secret"), a.access_token_secret, a.access_token_secret_file)?,
+            })
+        }
+        Some("pixel_token") => Ok(Auth::PixelToken { token: required_secret(&k("token"), a.token, a.token_file)? }),
+        Some(other) => err(k("kind"), format!("{other:?} is not an auth kind; use \"oauth1\" or \"pixel_token\"")),
+        None => err(k("kind"), "missing; use \"oauth1\" or \"pixel_token\""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const GOOD: &str = r#"
+[server]
+api_keys = ["k1"]
+[accounts.acme]
+ad_account_id = "18ce552mlaq"
+pixel_id = "o9d7n"
+events = { purchase = "o9d2g", signup = "o9d2h" }
+auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", access_token = "at-secret", access_token_secret = "ats-secret" }
+"#;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let f = file(text);
+        load(Some(f.path()), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_and_file_merge() {
+        let s = load_str(GOOD, &[]).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.server.max_body_bytes, 1_048_576);
+        assert_eq!(s.delivery.max_batch, 500);
+        assert_eq!(s.delivery.max_event_age, Duration::from_secs(7 * 86400));
+        assert_eq!(s.upstream.base_url, "https://ads-api.x.com");
+        let a = &s.accounts["acme"];
+        assert_eq!(a.rate_limit.events, 60_000);
+        assert_eq!(a.rate_limit.window, Duration::from_secs(900));
+        assert_eq!(a.default_phone_region, "US");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = load_str(
+            GOOD,
+            &[
+                ("GATEWAY_UPSTREAM__BASE_URL", "http://127.0.0.1:18080/"),
+                ("GATEWAY_ACCOUNTS__ACME__AUTH__CONSUMER_SECRET", "from-env"),
+                ("GATEWAY_SERVER__API_KEYS", "a, b"),
+                ("GATEWAY_SERVER__MAX_EVENTS_PER_REQUEST", "10"),
+                ("GATEWAY_UPSTREAM__SANDBOX", "true"),
+                ("GATEWAY_CONFIG", "ignored.toml"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.upstream.base_url, "http://127.0.0.1:18080");
+        assert!(s.upstream.sandbox);
+        assert_eq!(s.server.max_events_per_request, 10);
+        assert_eq!(s.server.api_keys.iter().map(Secret::expose).collect::<Vec<_>>(), ["a", "b"]);
+        match &s.accounts["acme"].auth {
+            Some(Auth::Oauth1 { consumer_secret, .. }) => assert_eq!(consumer_secret.expose(), "from-env"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn secrets_from_files_and_redaction() {
+        let secret = file("s3cr3t-from-file\n");
+        let text = GOOD.replace(
+            "consumer_secret = \"cs-secret\"",
+            &format!("consumer_secret_file = {:?}", secret.path().display().to_string()),
+        );
+        let s = load_str(&text, &[]).unwrap();
+        match &s.accounts["acme"].auth {
+            Some(Auth::Oauth1 { consumer_secret, .. }) => assert_eq!(consumer_secret.expose(), "s3cr3t-from-file"),
+            other => panic!("{other:?}"),
+        }
+        let shown = format!("{}\n{:?}", s.to_redacted_toml(), s);
+        for canary in ["s3cr3t-from-file", "at-secret", "ats-secret", "k1\""] {
+            assert!(!shown.contains(canary), "{canary} leaked:\n{shown}");
+        }
+        assert!(shown.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn bad_configurations_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("", "[upstream]\ntimeout = \"ten\"\n", "upstream.timeout"),
+            ("", "[delivery]\nmax_batch = 501\n", "delivery.max_batch"),
+            ("pixel_id = \"o9d7n\"", "", "accounts.acme.pixel_id"),
+            ("pixel_id = \"o9d7n\"", "pixel_id = \"O9-D7N\"", "accounts.acme.pixel_id"),
+            ("signup = \"o9d2h\"", "signup = \"not a set\"", "accounts.acme.events.signup"),
+            ("consumer_secret = \"cs-secret\", ", "", "accounts.acme.auth.consumer_secret"),
+            ("api_keys = [\"k1\"]", "", "server.api_keys"),
+            ("", "[server.extra]\n", "server"),
+            ("kind = \"oauth1\"", "kind = \"basic\"", "accounts.acme.auth.kind"),
+            ("", "[log]\nformat = \"xml\"\n", "log.format"),
+            ("", "[delivery]\nlinger = \"0s\"\n", "delivery.linger"),
+        ];
+        for (from, to, key) in cases {
+            let text = if from.is_empty() { format!("{GOOD}\n{to}") } else { GOOD.replace(from, to) };
+            let e = load_str(&text, &[]).expect_err(key);
+            assert!(e.to_string().contains(key), "expected {key} in {e}");
+        }
+    }
+
+    #[test]
+    fn no_accounts_and_unauthenticated() {
+        let e = load_str("[server]\nallow_unauthenticated = true\n", &[]).unwrap_err();
+        assert_eq!(e.key, "accounts");
+        let text = GOOD.replace("api_keys = [\"k1\"]", "allow_unauthenticated = true");
+        assert!(load_str(&text, &[]).unwrap().server.api_keys.is_empty());
+    }
+
+    #[test]
+    fn sandbox_runs_without_credentials_but_production_does_not() {
+        let text = GOOD.lines().filter(|l| !l.starts_with("auth")).collect::<Vec<_>>().join("\n");
+        assert_eq!(load_str(&text, &[]).unwrap_err().key, "accounts.acme.auth");
+        let s = load_str(&format!("{text}\n[upstream]\nsandbox = true\n"), &[]).unwrap();
+        assert!(s.accounts["acme"].auth.is_none());
+    }
+}
