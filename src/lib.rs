@@ -6,3 +6,5 @@
 
 pub mod config;
 pub mod conversion;
+pub mod fake_x;
+pub mod upstream;
