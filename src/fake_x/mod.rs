@@ -1,2 +1,475 @@
-//! A faithful fake of the X Conversions endpoint, for tests, local runs and benchmarks.
+//! A faithful fake of the X Conversions endpoint, for tests, local runs and benchmarks (`fake-x-api`).
+//!
+//! It serves `POST /{version}/measurement/conversions/{pixel_id}` like X: the contract checks and seed
+//! messages of `contract`, OAuth 1.0a verification from RFC 5849 (`oauth`, with replayed nonces refused) or
+//! `X-Pixel-Token`, and a per-account rate limit with X's headers. Under `/_fake` it records every request
+//! and takes injected faults. Invariant: every request that reaches the endpoint is recorded, whatever
+//! its outcome, so tests can see exactly what the gateway sent.
+
 pub mod contract;
+pub mod oauth;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// API versions served; the first is current, the others answer with `x-api-warn`.
+    #[serde(default = "default_versions")]
+    pub versions: Vec<String>,
+    /// Seconds an OAuth timestamp may differ from the fake's clock.
+    #[serde(default = "default_skew")]
+    pub max_clock_skew_secs: u64,
+    #[serde(default)]
+    pub accounts: Vec<FakeAccount>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeAccount {
+    pub id: String,
+    pub pixels: Vec<String>,
+    /// SET ids that belong to this account.
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub rate_limit: FakeRateLimit,
+    pub oauth: Option<FakeOauth>,
+    pub pixel_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeRateLimit {
+    pub events: u64,
+    pub window_secs: u64,
+}
+
+impl Default for FakeRateLimit {
+    fn default() -> Self {
+        FakeRateLimit { events: 60_000, window_secs: 900 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeOauth {
+    pub consumer_key: String,
+    pub consumer_secret: String,
+    pub access_token: String,
+    pub access_token_secret: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:18080".into()
+}
+fn default_versions() -> Vec<String> {
+    vec!["12".into(), "11".into()]
+}
+fn default_skew() -> u64 {
+    300
+}
+
+impl FakeConfig {
+    /// One account matching `config/example.toml` and `config/local.toml`.
+    pub fn demo() -> Self {
+        FakeConfig {
+            listen: default_listen(),
+            versions: default_versions(),
+            max_clock_skew_secs: default_skew(),
+            accounts: vec![FakeAccount {
+                id: "18ce552mlaq".into(),
+                pixels: vec!["o9d7n".into()],
+                events: vec!["o9d2g".into(), "o9d2h".into()],
+                rate_limit: FakeRateLimit::default(),
+                oauth: Some(FakeOauth {
+                    consumer_key: "fake-consumer-key".into(),
+                    consumer_secret: "fake-consumer-secret".into(),
+                    access_token: "fake-access-token".into(),
+                    access_token_secret: "fake-access-token-secret".into(),
+                }),
+                pixel_token: Some("fake-pixel-token".into()),
+            }],
+        }
+    }
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recorded {
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub api_version: String,
+    pub pixel_id: String,
+    pub account_id: Option<String>,
+    /// `oauth1`, `pixel_token` or `none`.
+    pub auth: String,
+    pub auth_ok: bool,
+    pub auth_error: Option<String>,
+    pub oauth_nonce: Option<String>,
+    pub oauth_timestamp: Option<String>,
+    pub status: u16,
+    pub debug_id: Option<String>,
+    pub errors: Vec<String>,
+    /// The conversions of the body, when it parsed.
+    pub conversions: Vec<Value>,
+}
+
+/// Faults to inject, set through `POST /_fake/faults`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// Answer this status to the next `count` requests (default 1).
+    pub status: Option<u16>,
+    pub count: Option<u32>,
+    /// Added latency for every request, in milliseconds.
+    pub latency_ms: Option<u64>,
+    /// Answer 429 with `x-rate-limit-reset` this many seconds ahead until then.
+    pub rate_limit_reset_after_secs: Option<u64>,
+    /// Refuse (400) any batch that contains this conversion_id.
+    pub reject_conversion_id: Option<String>,
+    /// The message for `reject_conversion_id`.
+    pub message: Option<String>,
+}
+
+#[derive(Default)]
+struct Faults {
+    status: Option<(u16, u32)>,
+    latency: Duration,
+    rate_limited_until: Option<u64>,
+    reject: HashMap<String, String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<Recorded>,
+    faults: Faults,
+    nonces: HashMap<String, u64>,
+    /// account id -> (window start epoch secs, events counted)
+    windows: HashMap<String, (u64, u64)>,
+}
+
+pub struct FakeX {
+    config: FakeConfig,
+    inner: Mutex<Inner>,
+}
+
+impl FakeX {
+    pub fn new(config: FakeConfig) -> Arc<Self> {
+        Arc::new(FakeX { config, inner: Mutex::new(Inner::default()) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    fn account_for_pixel(&self, pixel: &str) -> Option<&FakeAccount> {
+        self.config.accounts.iter().find(|a| a.pixels.iter().any(|p| p == pixel))
+    }
+}
+
+pub fn app(fake: Arc<FakeX>) -> Router {
+    Router::new()
+        .route("/{version}/measurement/conversions/{pixel_id}", post(conversions))
+        .route("/_fake/requests", get(list_requests))
+        .route("/_fake/conversions", get(list_conversions))
+        .route("/_fake/faults", post(set_faults).delete(clear_faults))
+        .route("/_fake/reset", post(reset))
+        .route("/_fake/health", get(|| async { "ok" }))
+        .with_state(fake)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn x_error(status: u16, errors: &[(&str, String, String)], account_id: Option<&str>) -> Response {
+    let errors: Vec<Value> = errors.iter().map(|(code, message, parameter)| json!({"code": code, "message": message, "parameter": parameter})).collect();
+    let params = account_id.map_or(json!({}), |a| json!({"account_id": a}));
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(json!({"errors": errors, "request": {"params": params}}))).into_response()
+}
+
+fn status_code(status: u16) -> &'static str {
+    match status {
+        400 => "INVALID_PARAMETER",
+        401 => "UNAUTHORIZED_ACCESS",
+        403 => "UNAUTHORIZED_CLIENT_APPLICATION",
+        404 => "NOT_FOUND",
+        408 => "CANCELLED_REQUEST",
+        423 => "LOCK_ACQUISITION_TIMEOUT",
+        429 => "TOO_MANY_REQUESTS",
+        503 => "SERVICE_UNAVAILABLE",
+        _ => "INTERNAL_ERROR",
+    }
+}
+
+fn rate_headers(resp: &mut Response, limit: u64, remaining: u64, reset: u64) {
+    let h = resp.headers_mut();
+    for prefix in ["x-rate-limit", "x-account-rate-limit"] {
+        for (suffix, v) in [("limit", limit), ("remaining", remaining), ("reset", reset)] {
+            if let (Ok(name), Ok(value)) = (axum::http::HeaderName::try_from(format!("{prefix}-{suffix}")), HeaderValue::try_from(v.to_string())) {
+                h.insert(name, value);
+            }
+        }
+    }
+}
+
+async fn conversions(
+    State(fake): State<Arc<FakeX>>,
+    Path((version, pixel_id)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let latency = fake.lock().faults.latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let mut rec = Recorded {
+        seq: 0,
+        received_at_ms: now_ms(),
+        api_version: version.clone(),
+        pixel_id: pixel_id.clone(),
+        account_id: None,
+        auth: "none".into(),
+        auth_ok: false,
+        auth_error: None,
+        oauth_nonce: None,
+        oauth_timestamp: None,
+        status: 0,
+        debug_id: None,
+        errors: Vec::new(),
+        conversions: serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("conversions").and_then(Value::as_array).cloned())
+            .unwrap_or_default(),
+    };
+    let mut resp = handle(&fake, &version, &pixel_id, &uri, &headers, &body, &mut rec);
+    if let Some(current) = fake.config.versions.first() {
+        if let Ok(v) = HeaderValue::try_from(current.as_str()) {
+            resp.headers_mut().insert("x-current-api-version", v);
+        }
+        if current != &version && fake.config.versions.contains(&version) {
+            resp.headers_mut().insert("x-api-warn", HeaderValue::from_static("This API version is deprecated"));
+        }
+    }
+    rec.status = resp.status().as_u16();
+    let mut inner = fake.lock();
+    rec.seq = inner.requests.len() as u64 + 1;
+    inner.requests.push(rec);
+    resp
+}
+
+fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &HeaderMap, body: &[u8], rec: &mut Recorded) -> Response {
+    // Injected faults first: X fails before it looks at anything.
+    {
+        let mut inner = fake.lock();
+        if let Some((status, left)) = inner.faults.status {
+            inner.faults.status = (left > 1).then_some((status, left - 1));
+            drop(inner);
+            rec.errors.push(format!("injected {status}"));
+            let mut resp = x_error(status, &[(status_code(status), format!("Injected fault {status}"), String::new())], None);
+            if status == 429 {
+                rate_headers(&mut resp, 0, 0, now_secs() + 60);
+            }
+            return resp;
+        }
+        if let Some(until) = inner.faults.rate_limited_until {
+            if now_secs() < until {
+                drop(inner);
+                rec.errors.push("injected rate limit".into());
+                let mut resp = x_error(429, &[("TOO_MANY_REQUESTS", "Rate limit exceeded".into(), String::new())], None);
+                rate_headers(&mut resp, 0, 0, until);
+                return resp;
+            }
+            inner.faults.rate_limited_until = None;
+        }
+    }
+    if !fake.config.versions.iter().any(|v| v == version) {
+        rec.errors.push("unknown version".into());
+        return x_error(404, &[("ROUTE_NOT_FOUND", "The requested resource could not be found".into(), String::new())], None);
+    }
+    let Some(account) = fake.account_for_pixel(pixel_id) else {
+        rec.errors.push("unknown pixel".into());
+        return x_error(404, &[("NOT_FOUND", format!("pixel_id ({pixel_id}) was not found"), "pixel_id".into())], None);
+    };
+    rec.account_id = Some(account.id.clone());
+    if let Err(reason) = authenticate(fake, account, uri, headers, rec) {
+        rec.auth_error = Some(reason.clone());
+        rec.errors.push(reason);
+        return x_error(401, &[("UNAUTHORIZED_ACCESS", "This request is not properly authenticated".into(), String::new())], Some(&account.id));
+    }
+    rec.auth_ok = true;
+
+    let sets: HashSet<String> = account.events.iter().cloned().collect();
+    let pixels: HashSet<String> = fake.config.accounts.iter().flat_map(|a| a.pixels.iter().cloned()).collect();
+    let list = match contract::validate(body, &contract::Scope { account_sets: Some(&sets), pixels: &pixels }) {
+        Ok(list) => list,
+        Err(errors) => {
+            rec.errors.extend(errors.iter().map(|e| e.message.clone()));
+            let triples: Vec<_> = errors.iter().map(|e| (e.code, e.message.clone(), e.parameter.clone())).collect();
+            return x_error(contract::status_of(&errors), &triples, Some(&account.id));
+        }
+    };
+    let mut inner = fake.lock();
+    let rejected: Vec<(&str, String, String)> = list
+        .iter()
+        .filter_map(|c| c.get("conversion_id").and_then(Value::as_str))
+        .filter_map(|id| inner.faults.reject.get(id).map(|m| ("INVALID_PARAMETER", m.clone(), "conversion_id".to_string())))
+        .collect();
+    if !rejected.is_empty() {
+        rec.errors.extend(rejected.iter().map(|r| r.1.clone()));
+        return x_error(400, &rejected, Some(&account.id));
+    }
+
+    let now = now_secs();
+    let rl = &account.rate_limit;
+    let window = inner.windows.entry(account.id.clone()).or_insert((now, 0));
+    if now >= window.0 + rl.window_secs {
+        *window = (now, 0);
+    }
+    let reset = window.0 + rl.window_secs;
+    let n = list.len() as u64;
+    if window.1 + n > rl.events {
+        let remaining = rl.events.saturating_sub(window.1);
+        drop(inner);
+        rec.errors.push("rate limit exceeded".into());
+        let mut resp = x_error(429, &[("TOO_MANY_REQUESTS", "Rate limit exceeded".into(), String::new())], Some(&account.id));
+        rate_headers(&mut resp, rl.events, remaining, reset);
+        return resp;
+    }
+    window.1 += n;
+    let remaining = rl.events - window.1;
+    drop(inner);
+
+    let debug_id = format!("{:032x}", rand::random::<u128>());
+    let debug_id = format!("{}-{}-{}-{}-{}", &debug_id[..8], &debug_id[8..12], &debug_id[12..16], &debug_id[16..20], &debug_id[20..]);
+    rec.debug_id = Some(debug_id.clone());
+    let mut resp = (
+        StatusCode::OK,
+        Json(json!({"request": {"params": {"account_id": account.id}}, "data": {"conversions_processed": n, "debug_id": debug_id}})),
+    )
+        .into_response();
+    rate_headers(&mut resp, rl.events, remaining, reset);
+    resp
+}
+
+fn authenticate(fake: &FakeX, account: &FakeAccount, uri: &Uri, headers: &HeaderMap, rec: &mut Recorded) -> Result<(), String> {
+    if let Some(token) = headers.get("x-pixel-token") {
+        rec.auth = "pixel_token".into();
+        return match &account.pixel_token {
+            Some(expected) if token.as_bytes() == expected.as_bytes() => Ok(()),
+            _ => Err("wrong pixel token".into()),
+        };
+    }
+    let Some(header) = headers.get("authorization").and_then(|h| h.to_str().ok()) else {
+        return Err("no credentials".into());
+    };
+    rec.auth = "oauth1".into();
+    let params = oauth::parse_header(header).ok_or("Authorization is not an OAuth header")?;
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    rec.oauth_nonce = get("oauth_nonce").map(String::from);
+    rec.oauth_timestamp = get("oauth_timestamp").map(String::from);
+    let creds = account.oauth.as_ref().ok_or("account has no OAuth credentials")?;
+    if get("oauth_signature_method") != Some("HMAC-SHA1") {
+        return Err("oauth_signature_method must be HMAC-SHA1".into());
+    }
+    if get("oauth_version").is_some_and(|v| v != "1.0") {
+        return Err("oauth_version must be 1.0".into());
+    }
+    if get("oauth_consumer_key") != Some(creds.consumer_key.as_str()) {
+        return Err("unknown consumer key".into());
+    }
+    if get("oauth_token") != Some(creds.access_token.as_str()) {
+        return Err("unknown access token".into());
+    }
+    let timestamp: u64 = get("oauth_timestamp").and_then(|t| t.parse().ok()).ok_or("missing oauth_timestamp")?;
+    if timestamp.abs_diff(now_secs()) > fake.config.max_clock_skew_secs {
+        return Err("oauth_timestamp too far from the server clock".into());
+    }
+    let nonce = get("oauth_nonce").filter(|n| !n.is_empty()).ok_or("missing oauth_nonce")?;
+    let signature = get("oauth_signature").ok_or("missing oauth_signature")?;
+    let mut all = params.clone();
+    if let Some(q) = uri.query() {
+        all.extend(url::form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())));
+    }
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).ok_or("no Host header")?;
+    let base = oauth::base_string("POST", &oauth::base_string_uri("http", host, uri.path()), &all);
+    let expected = oauth::sign(&base, &creds.consumer_secret, &creds.access_token_secret);
+    if expected != signature {
+        return Err("signature does not match".into());
+    }
+    let mut inner = fake.lock();
+    let horizon = now_secs().saturating_sub(2 * fake.config.max_clock_skew_secs);
+    inner.nonces.retain(|_, ts| *ts >= horizon);
+    if inner.nonces.insert(format!("{}:{nonce}", creds.consumer_key), timestamp).is_some() {
+        return Err("replayed nonce".into());
+    }
+    Ok(())
+}
+
+async fn list_requests(State(fake): State<Arc<FakeX>>) -> Json<Value> {
+    Json(json!({"requests": fake.requests()}))
+}
+
+async fn list_conversions(State(fake): State<Arc<FakeX>>) -> Json<Value> {
+    let out: Vec<Value> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| (200..300).contains(&r.status))
+        .flat_map(|r| {
+            let (seq, pixel, debug) = (r.seq, r.pixel_id, r.debug_id);
+            r.conversions.into_iter().map(move |c| json!({"seq": seq, "pixel_id": pixel, "debug_id": debug, "conversion": c}))
+        })
+        .collect();
+    Json(json!({"conversions": out}))
+}
+
+async fn set_faults(State(fake): State<Arc<FakeX>>, Json(spec): Json<FaultSpec>) -> impl IntoResponse {
+    let mut inner = fake.lock();
+    if let Some(status) = spec.status {
+        inner.faults.status = Some((status, spec.count.unwrap_or(1).max(1)));
+    }
+    if let Some(ms) = spec.latency_ms {
+        inner.faults.latency = Duration::from_millis(ms);
+    }
+    if let Some(secs) = spec.rate_limit_reset_after_secs {
+        inner.faults.rate_limited_until = Some(now_secs() + secs);
+    }
+    if let Some(id) = spec.reject_conversion_id {
+        let message = spec.message.unwrap_or_else(|| format!("conversion_id ({id}) was rejected by fake-x-api"));
+        inner.faults.reject.insert(id, message);
+    }
+    let until = inner.faults.rate_limited_until;
+    (StatusCode::OK, Json(json!({"ok": true, "rate_limited_until": until})))
+}
+
+async fn clear_faults(State(fake): State<Arc<FakeX>>) -> StatusCode {
+    fake.lock().faults = Faults::default();
+    StatusCode::NO_CONTENT
+}
+
+async fn reset(State(fake): State<Arc<FakeX>>) -> StatusCode {
+    *fake.lock() = Inner::default();
+    StatusCode::NO_CONTENT
+}
