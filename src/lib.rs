@@ -7,4 +7,5 @@
 pub mod config;
 pub mod conversion;
 pub mod fake_x;
+pub mod spool;
 pub mod upstream;
