@@ -32,7 +32,10 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { key: key.into(), message: message.into() })
+    Err(ConfigError {
+        key: key.into(),
+        message: message.into(),
+    })
 }
 
 /// A secret value. Never printed: `Debug` and `Serialize` show `[REDACTED]`.
@@ -149,8 +152,15 @@ pub struct RateLimit {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Auth {
-    Oauth1 { consumer_key: Secret, consumer_secret: Secret, access_token: Secret, access_token_secret: Secret },
-    PixelToken { token: Secret },
+    Oauth1 {
+        consumer_key: Secret,
+        consumer_secret: Secret,
+        access_token: Secret,
+        access_token_secret: Secret,
+    },
+    PixelToken {
+        token: Secret,
+    },
 }
 
 impl Settings {
@@ -163,17 +173,24 @@ impl Settings {
                 let rules = AccountRules {
                     pixel_id: a.pixel_id.clone(),
                     events: a.events.clone(),
-                    default_phone_region: a.default_phone_region.parse().unwrap_or(phonenumber::country::Id::US),
+                    default_phone_region: a
+                        .default_phone_region
+                        .parse()
+                        .unwrap_or(phonenumber::country::Id::US),
                 };
                 (name.clone(), rules)
             })
             .collect();
-        Rules { accounts, max_event_age: self.delivery.max_event_age }
+        Rules {
+            accounts,
+            max_event_age: self.delivery.max_event_age,
+        }
     }
 
     /// The effective configuration as TOML, every secret shown as `[REDACTED]`.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
     }
 }
 
@@ -213,21 +230,43 @@ level = "info"
 "#;
 
 /// Loads defaults, then `file` (when given), then the `GATEWAY_*` variables of `env`.
-pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
-    let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
     if let Some(path) = file {
         if !path.exists() {
-            return err("--config", format!("file {} does not exist", path.display()));
+            return err(
+                "--config",
+                format!("file {} does not exist", path.display()),
+            );
         }
-        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        builder = builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
     }
     let vars: config::Map<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("GATEWAY_") && k != "GATEWAY_CONFIG")
         .collect();
-    builder = builder.add_source(config::Environment::with_prefix("GATEWAY").prefix_separator("_").separator("__").source(Some(vars)));
-    let merged = builder.build().map_err(|e| ConfigError { key: String::new(), message: e.to_string() })?;
-    let as_json: serde_json::Value = merged.try_deserialize().map_err(|e| ConfigError { key: String::new(), message: e.to_string() })?;
+    builder = builder.add_source(
+        config::Environment::with_prefix("GATEWAY")
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(vars)),
+    );
+    let merged = builder.build().map_err(|e| ConfigError {
+        key: String::new(),
+        message: e.to_string(),
+    })?;
+    let as_json: serde_json::Value = merged.try_deserialize().map_err(|e| ConfigError {
+        key: String::new(),
+        message: e.to_string(),
+    })?;
     let raw: RawSettings = serde_path_to_error::deserialize(as_json).map_err(|e| ConfigError {
         key: e.path().to_string(),
         message: e.inner().to_string(),
@@ -370,13 +409,16 @@ fn scalar_text(v: serde_json::Value) -> Option<String> {
 }
 
 fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    scalar_text(serde_json::Value::deserialize(d)?).ok_or_else(|| de::Error::custom("expected a string"))
+    scalar_text(serde_json::Value::deserialize(d)?)
+        .ok_or_else(|| de::Error::custom("expected a string"))
 }
 
 fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     match serde_json::Value::deserialize(d)? {
         serde_json::Value::Null => Ok(None),
-        v => scalar_text(v).map(Some).ok_or_else(|| de::Error::custom("expected a string")),
+        v => scalar_text(v)
+            .map(Some)
+            .ok_or_else(|| de::Error::custom("expected a string")),
     }
 }
 
@@ -387,7 +429,12 @@ fn text_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
             .into_iter()
             .map(|v| scalar_text(v).ok_or_else(|| de::Error::custom("expected a list of strings")))
             .collect(),
-        serde_json::Value::String(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()),
+        serde_json::Value::String(s) => Ok(s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()),
         serde_json::Value::Null => Ok(Vec::new()),
         _ => Err(de::Error::custom("expected a list of strings")),
     }
@@ -411,13 +458,16 @@ fn parse_count(v: serde_json::Value) -> Option<u64> {
 }
 
 fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    parse_count(serde_json::Value::deserialize(d)?).ok_or_else(|| de::Error::custom("expected a whole number of 0 or more"))
+    parse_count(serde_json::Value::deserialize(d)?)
+        .ok_or_else(|| de::Error::custom("expected a whole number of 0 or more"))
 }
 
 fn opt_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     match serde_json::Value::deserialize(d)? {
         serde_json::Value::Null => Ok(None),
-        v => parse_count(v).map(Some).ok_or_else(|| de::Error::custom("expected a whole number of 0 or more")),
+        v => parse_count(v)
+            .map(Some)
+            .ok_or_else(|| de::Error::custom("expected a whole number of 0 or more")),
     }
 }
 
@@ -430,34 +480,63 @@ fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
 }
 
 fn socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse().or_else(|_| err(key, format!("{text:?} is not an address; write host:port, e.g. \"127.0.0.1:8080\"")))
+    text.parse().or_else(|_| {
+        err(
+            key,
+            format!("{text:?} is not an address; write host:port, e.g. \"127.0.0.1:8080\""),
+        )
+    })
 }
 
 /// A secret given inline or as `<name>_file`; exactly one of the two.
-fn secret(key: &str, inline: Option<String>, file: Option<PathBuf>) -> Result<Option<Secret>, ConfigError> {
+fn secret(
+    key: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
     match (inline, file) {
         (Some(_), Some(_)) => err(key, format!("give either {key} or {key}_file, not both")),
         (Some(v), None) if v.trim().is_empty() => err(key, "is empty"),
         (Some(v), None) => Ok(Some(Secret(v))),
         (None, Some(path)) => match std::fs::read_to_string(&path) {
-            Ok(v) if v.trim().is_empty() => err(format!("{key}_file"), format!("{} is empty", path.display())),
+            Ok(v) if v.trim().is_empty() => err(
+                format!("{key}_file"),
+                format!("{} is empty", path.display()),
+            ),
             Ok(v) => Ok(Some(Secret(v.trim().to_owned()))),
-            Err(e) => err(format!("{key}_file"), format!("cannot read {}: {e}", path.display())),
+            Err(e) => err(
+                format!("{key}_file"),
+                format!("cannot read {}: {e}", path.display()),
+            ),
         },
         (None, None) => Ok(None),
     }
 }
 
-fn required_secret(key: &str, inline: Option<String>, file: Option<PathBuf>) -> Result<Secret, ConfigError> {
-    secret(key, inline, file)?.map_or_else(|| err(key, format!("missing; set {key} or {key}_file")), Ok)
+fn required_secret(
+    key: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Secret, ConfigError> {
+    secret(key, inline, file)?
+        .map_or_else(|| err(key, format!("missing; set {key} or {key}_file")), Ok)
 }
 
 fn keys(key: &str, inline: Vec<String>, file: Option<PathBuf>) -> Result<Vec<Secret>, ConfigError> {
     let mut out: Vec<Secret> = inline.into_iter().map(Secret).collect();
     if let Some(path) = file {
-        let text = std::fs::read_to_string(&path)
-            .or_else(|e| err(format!("{key}_file"), format!("cannot read {}: {e}", path.display())))?;
-        out.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|l| Secret(l.to_owned())));
+        let text = std::fs::read_to_string(&path).or_else(|e| {
+            err(
+                format!("{key}_file"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        out.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| Secret(l.to_owned())),
+        );
     }
     if out.iter().any(|k| k.0.trim().is_empty()) {
         return err(key, "contains an empty key");
@@ -477,14 +556,21 @@ impl RawSettings {
             admin_listen: socket("server.admin_listen", &s.admin_listen)?,
             api_keys,
             allow_unauthenticated: s.allow_unauthenticated,
-            admin_api_keys: keys("server.admin_api_keys", s.admin_api_keys, s.admin_api_keys_file)?,
+            admin_api_keys: keys(
+                "server.admin_api_keys",
+                s.admin_api_keys,
+                s.admin_api_keys_file,
+            )?,
             max_body_bytes: match s.max_body_bytes {
                 0 => return err("server.max_body_bytes", "must be greater than 0"),
-                n => usize::try_from(n).or_else(|_| err("server.max_body_bytes", "is too large"))?,
+                n => {
+                    usize::try_from(n).or_else(|_| err("server.max_body_bytes", "is too large"))?
+                }
             },
             max_events_per_request: match s.max_events_per_request {
                 0 => return err("server.max_events_per_request", "must be greater than 0"),
-                n => usize::try_from(n).or_else(|_| err("server.max_events_per_request", "is too large"))?,
+                n => usize::try_from(n)
+                    .or_else(|_| err("server.max_events_per_request", "is too large"))?,
             },
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         };
@@ -492,14 +578,36 @@ impl RawSettings {
         let u = self.upstream;
         let base_url = u.base_url.trim().trim_end_matches('/').to_owned();
         match url::Url::parse(&base_url) {
-            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() && parsed.query().is_none() => {}
-            _ => return err("upstream.base_url", format!("{:?} is not an http(s) URL such as \"https://ads-api.x.com\"", u.base_url)),
+            Ok(parsed)
+                if matches!(parsed.scheme(), "http" | "https")
+                    && parsed.has_host()
+                    && parsed.query().is_none() => {}
+            _ => {
+                return err(
+                    "upstream.base_url",
+                    format!(
+                        "{:?} is not an http(s) URL such as \"https://ads-api.x.com\"",
+                        u.base_url
+                    ),
+                )
+            }
         }
         let api_version = u.api_version.trim().to_owned();
         if api_version.is_empty() || !api_version.bytes().all(|b| b.is_ascii_digit()) {
-            return err("upstream.api_version", format!("{:?} is not an API version number such as \"12\"", u.api_version));
+            return err(
+                "upstream.api_version",
+                format!(
+                    "{:?} is not an API version number such as \"12\"",
+                    u.api_version
+                ),
+            );
         }
-        let upstream = Upstream { base_url, api_version, timeout: duration("upstream.timeout", &u.timeout)?, sandbox: u.sandbox };
+        let upstream = Upstream {
+            base_url,
+            api_version,
+            timeout: duration("upstream.timeout", &u.timeout)?,
+            sandbox: u.sandbox,
+        };
 
         let d = self.delivery;
         if !(1..=500).contains(&d.max_batch) {
@@ -516,10 +624,16 @@ impl RawSettings {
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return err("log.level", format!("{level:?} is not a level filter such as \"info\" or \"conversion_gateway=debug,warn\""));
         }
-        let log = Log { format: self.log.format, level };
+        let log = Log {
+            format: self.log.format,
+            level,
+        };
 
         if self.accounts.is_empty() {
-            return err("accounts", "no account is configured; add an [accounts.<name>] section");
+            return err(
+                "accounts",
+                "no account is configured; add an [accounts.<name>] section",
+            );
         }
         let mut accounts = BTreeMap::new();
         for (name, a) in self.accounts {
@@ -527,28 +641,61 @@ impl RawSettings {
             accounts.insert(name, account);
         }
 
-        Ok(Settings { server, spool: Spool { dir: self.spool.dir }, upstream, delivery, log, accounts })
+        Ok(Settings {
+            server,
+            spool: Spool {
+                dir: self.spool.dir,
+            },
+            upstream,
+            delivery,
+            log,
+            accounts,
+        })
     }
 }
 
-fn validate_account(name: &str, a: RawAccount, delivery: &Delivery, sandbox: bool) -> Result<Account, ConfigError> {
+fn validate_account(
+    name: &str,
+    a: RawAccount,
+    delivery: &Delivery,
+    sandbox: bool,
+) -> Result<Account, ConfigError> {
     let p = format!("accounts.{name}");
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         return err(&p, "account names use only a-z, 0-9 and _ (they appear in metrics and in GATEWAY_ACCOUNTS__<NAME>__... variables)");
     }
     let base36 = |key: &str, v: Option<String>, example: &str| -> Result<String, ConfigError> {
         let full = format!("{p}.{key}");
         match v.map(|v| v.trim().to_owned()) {
-            None => err(full, format!("missing; set it to the id from Events Manager, e.g. {example:?}")),
+            None => err(
+                full,
+                format!("missing; set it to the id from Events Manager, e.g. {example:?}"),
+            ),
             Some(v) if is_base36_id(&v) => Ok(v),
-            Some(v) => err(full, format!("{v:?} is not a base-36 id (lower-case letters and digits, e.g. {example:?})")),
+            Some(v) => err(
+                full,
+                format!(
+                    "{v:?} is not a base-36 id (lower-case letters and digits, e.g. {example:?})"
+                ),
+            ),
         }
     };
     let ad_account_id = base36("ad_account_id", a.ad_account_id, "18ce552mlaq")?;
     let pixel_id = base36("pixel_id", a.pixel_id, "o9d7n")?;
-    let region = a.default_phone_region.unwrap_or_else(|| "US".into()).trim().to_ascii_uppercase();
+    let region = a
+        .default_phone_region
+        .unwrap_or_else(|| "US".into())
+        .trim()
+        .to_ascii_uppercase();
     if region.parse::<phonenumber::country::Id>().is_err() {
-        return err(format!("{p}.default_phone_region"), format!("{region:?} is not an ISO 3166 region code such as \"US\" or \"GB\""));
+        return err(
+            format!("{p}.default_phone_region"),
+            format!("{region:?} is not an ISO 3166 region code such as \"US\" or \"GB\""),
+        );
     }
     let mut events = BTreeMap::new();
     for (event, set) in a.events {
@@ -558,18 +705,32 @@ fn validate_account(name: &str, a: RawAccount, delivery: &Delivery, sandbox: boo
             Some(set) if is_base36_id(&set) => {
                 events.insert(event, set);
             }
-            _ => return err(key, "is not a Single Event Tag id (base-36, e.g. \"o9d2g\")"),
+            _ => {
+                return err(
+                    key,
+                    "is not a Single Event Tag id (base-36, e.g. \"o9d2g\")",
+                )
+            }
         }
     }
-    let rl = a.rate_limit.unwrap_or(RawRateLimit { events: None, window: None });
+    let rl = a.rate_limit.unwrap_or(RawRateLimit {
+        events: None,
+        window: None,
+    });
     let rate_limit = RateLimit {
         events: rl.events.unwrap_or(60_000),
-        window: duration(&format!("{p}.rate_limit.window"), rl.window.as_deref().unwrap_or("15m"))?,
+        window: duration(
+            &format!("{p}.rate_limit.window"),
+            rl.window.as_deref().unwrap_or("15m"),
+        )?,
     };
     if rate_limit.events <= delivery.max_batch as u64 {
         return err(
             format!("{p}.rate_limit.events"),
-            format!("is {}; it must be larger than delivery.max_batch ({})", rate_limit.events, delivery.max_batch),
+            format!(
+                "is {}; it must be larger than delivery.max_batch ({})",
+                rate_limit.events, delivery.max_batch
+            ),
         );
     }
     let auth = match a.auth {
@@ -577,7 +738,14 @@ fn validate_account(name: &str, a: RawAccount, delivery: &Delivery, sandbox: boo
         None => return err(format!("{p}.auth"), "missing; set auth = { kind = \"oauth1\", ... } or { kind = \"pixel_token\", token = \"...\" } (only upstream.sandbox = true runs without)"),
         Some(auth) => Some(validate_auth(&format!("{p}.auth"), auth)?),
     };
-    Ok(Account { ad_account_id, pixel_id, default_phone_region: region, events, rate_limit, auth })
+    Ok(Account {
+        ad_account_id,
+        pixel_id,
+        default_phone_region: region,
+        events,
+        rate_limit,
+        auth,
+    })
 }
 
 fn validate_auth(p: &str, a: RawAuth) -> Result<Auth, ConfigError> {
@@ -588,14 +756,35 @@ fn validate_auth(p: &str, a: RawAuth) -> Result<Auth, ConfigError> {
                 return err(k("token"), "belongs to kind = \"pixel_token\", not oauth1");
             }
             Ok(Auth::Oauth1 {
-                consumer_key: required_secret(&k("consumer_key"), a.consumer_key, a.consumer_key_file)?,
-                consumer_secret: required_secret(&k("consumer_secret"), a.consumer_secret, a.consumer_secret_file)?,
-                access_token: required_secret(&k("access_token"), a.access_token, a.access_token_file)?,
-                access_token_secret: required_secret(&k("access_token_secret"), a.access_token_secret, a.access_token_secret_file)?,
+                consumer_key: required_secret(
+                    &k("consumer_key"),
+                    a.consumer_key,
+                    a.consumer_key_file,
+                )?,
+                consumer_secret: required_secret(
+                    &k("consumer_secret"),
+                    a.consumer_secret,
+                    a.consumer_secret_file,
+                )?,
+                access_token: required_secret(
+                    &k("access_token"),
+                    a.access_token,
+                    a.access_token_file,
+                )?,
+                access_token_secret: required_secret(
+                    &k("access_token_secret"),
+                    a.access_token_secret,
+                    a.access_token_secret_file,
+                )?,
             })
         }
-        Some("pixel_token") => Ok(Auth::PixelToken { token: required_secret(&k("token"), a.token, a.token_file)? }),
-        Some(other) => err(k("kind"), format!("{other:?} is not an auth kind; use \"oauth1\" or \"pixel_token\"")),
+        Some("pixel_token") => Ok(Auth::PixelToken {
+            token: required_secret(&k("token"), a.token, a.token_file)?,
+        }),
+        Some(other) => err(
+            k("kind"),
+            format!("{other:?} is not an auth kind; use \"oauth1\" or \"pixel_token\""),
+        ),
         None => err(k("kind"), "missing; use \"oauth1\" or \"pixel_token\""),
     }
 }
@@ -623,7 +812,10 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
 
     fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let f = file(text);
-        load(Some(f.path()), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        load(
+            Some(f.path()),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
     }
 
     #[test]
@@ -657,9 +849,18 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(s.upstream.base_url, "http://127.0.0.1:18080");
         assert!(s.upstream.sandbox);
         assert_eq!(s.server.max_events_per_request, 10);
-        assert_eq!(s.server.api_keys.iter().map(Secret::expose).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            s.server
+                .api_keys
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         match &s.accounts["acme"].auth {
-            Some(Auth::Oauth1 { consumer_secret, .. }) => assert_eq!(consumer_secret.expose(), "from-env"),
+            Some(Auth::Oauth1 {
+                consumer_secret, ..
+            }) => assert_eq!(consumer_secret.expose(), "from-env"),
             other => panic!("{other:?}"),
         }
     }
@@ -669,11 +870,16 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         let secret = file("s3cr3t-from-file\n");
         let text = GOOD.replace(
             "consumer_secret = \"cs-secret\"",
-            &format!("consumer_secret_file = {:?}", secret.path().display().to_string()),
+            &format!(
+                "consumer_secret_file = {:?}",
+                secret.path().display().to_string()
+            ),
         );
         let s = load_str(&text, &[]).unwrap();
         match &s.accounts["acme"].auth {
-            Some(Auth::Oauth1 { consumer_secret, .. }) => assert_eq!(consumer_secret.expose(), "s3cr3t-from-file"),
+            Some(Auth::Oauth1 {
+                consumer_secret, ..
+            }) => assert_eq!(consumer_secret.expose(), "s3cr3t-from-file"),
             other => panic!("{other:?}"),
         }
         let shown = format!("{}\n{:?}", s.to_redacted_toml(), s);
@@ -689,17 +895,37 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
             ("", "[upstream]\ntimeout = \"ten\"\n", "upstream.timeout"),
             ("", "[delivery]\nmax_batch = 501\n", "delivery.max_batch"),
             ("pixel_id = \"o9d7n\"", "", "accounts.acme.pixel_id"),
-            ("pixel_id = \"o9d7n\"", "pixel_id = \"O9-D7N\"", "accounts.acme.pixel_id"),
-            ("signup = \"o9d2h\"", "signup = \"not a set\"", "accounts.acme.events.signup"),
-            ("consumer_secret = \"cs-secret\", ", "", "accounts.acme.auth.consumer_secret"),
+            (
+                "pixel_id = \"o9d7n\"",
+                "pixel_id = \"O9-D7N\"",
+                "accounts.acme.pixel_id",
+            ),
+            (
+                "signup = \"o9d2h\"",
+                "signup = \"not a set\"",
+                "accounts.acme.events.signup",
+            ),
+            (
+                "consumer_secret = \"cs-secret\", ",
+                "",
+                "accounts.acme.auth.consumer_secret",
+            ),
             ("api_keys = [\"k1\"]", "", "server.api_keys"),
             ("", "[server.extra]\n", "server"),
-            ("kind = \"oauth1\"", "kind = \"basic\"", "accounts.acme.auth.kind"),
+            (
+                "kind = \"oauth1\"",
+                "kind = \"basic\"",
+                "accounts.acme.auth.kind",
+            ),
             ("", "[log]\nformat = \"xml\"\n", "log.format"),
             ("", "[delivery]\nlinger = \"0s\"\n", "delivery.linger"),
         ];
         for (from, to, key) in cases {
-            let text = if from.is_empty() { format!("{GOOD}\n{to}") } else { GOOD.replace(from, to) };
+            let text = if from.is_empty() {
+                format!("{GOOD}\n{to}")
+            } else {
+                GOOD.replace(from, to)
+            };
             let e = load_str(&text, &[]).expect_err(key);
             assert!(e.to_string().contains(key), "expected {key} in {e}");
         }
@@ -715,7 +941,11 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
 
     #[test]
     fn sandbox_runs_without_credentials_but_production_does_not() {
-        let text = GOOD.lines().filter(|l| !l.starts_with("auth")).collect::<Vec<_>>().join("\n");
+        let text = GOOD
+            .lines()
+            .filter(|l| !l.starts_with("auth"))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(load_str(&text, &[]).unwrap_err().key, "accounts.acme.auth");
         let s = load_str(&format!("{text}\n[upstream]\nsandbox = true\n"), &[]).unwrap();
         assert!(s.accounts["acme"].auth.is_none());

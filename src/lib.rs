@@ -4,8 +4,11 @@
 //! `dispatch` (batch per account) -> `upstream` (sign, send, classify). `fake_x` is a faithful stand-in for X.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod conversion;
+pub mod dispatch;
 pub mod fake_x;
 pub mod spool;
+pub mod telemetry;
 pub mod upstream;

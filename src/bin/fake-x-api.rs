@@ -6,7 +6,11 @@ use conversion_gateway::fake_x::{app, FakeConfig, FakeX};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "fake-x-api", version, about = "A fake of the X Ads Conversions API for tests and local runs")]
+#[command(
+    name = "fake-x-api",
+    version,
+    about = "A fake of the X Ads Conversions API for tests and local runs"
+)]
 struct Args {
     /// TOML file with `listen`, `versions` and `[[accounts]]`; without it, one demo account is served.
     #[arg(long, env = "FAKE_X_CONFIG")]
@@ -21,7 +25,10 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let mut config = match &args.config {
         None => FakeConfig::demo(),
-        Some(path) => match std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| toml::from_str::<FakeConfig>(&t).map_err(|e| e.to_string())) {
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<FakeConfig>(&t).map_err(|e| e.to_string()))
+        {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("fake-x-api: {}: {e}", path.display());

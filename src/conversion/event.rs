@@ -40,30 +40,48 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError { field: field.into(), message: message.into() }
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
+// Made once per event and consumed at once; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Judgement {
-    Accepted { account: String, conversion: Conversion },
+    Accepted {
+        account: String,
+        conversion: Conversion,
+    },
     /// The user opted out: never stored, never sent.
-    Suppressed { account: Option<String> },
+    Suppressed {
+        account: Option<String>,
+    },
     Rejected(Vec<FieldError>),
 }
 
 /// Maps one event as the caller sent it.
 pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
     let Some(obj) = raw.as_object() else {
-        return Judgement::Rejected(vec![FieldError::new("", "each event must be a JSON object")]);
+        return Judgement::Rejected(vec![FieldError::new(
+            "",
+            "each event must be a JSON object",
+        )]);
     };
     let mut errs = Vec::new();
-    let mut fields = Fields { obj, errs: &mut errs };
+    let mut fields = Fields {
+        obj,
+        errs: &mut errs,
+    };
 
     match obj.get("opt_out") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => {}
         Some(Value::Bool(true)) => {
-            let account = fields.string("account").filter(|a| rules.accounts.contains_key(a));
+            let account = fields
+                .string("account")
+                .filter(|a| rules.accounts.contains_key(a));
             return Judgement::Suppressed { account };
         }
         Some(_) => {
@@ -77,15 +95,23 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         Some(a) => {
             return Judgement::Rejected(vec![FieldError::new(
                 "account",
-                format!("unknown account {a:?}; configured accounts: {}", names(rules.accounts.keys())),
+                format!(
+                    "unknown account {a:?}; configured accounts: {}",
+                    names(rules.accounts.keys())
+                ),
             )])
         }
-        None if rules.accounts.len() == 1 => rules.accounts.keys().next().cloned().unwrap_or_default(),
+        None if rules.accounts.len() == 1 => {
+            rules.accounts.keys().next().cloned().unwrap_or_default()
+        }
         None if !fields.errs.is_empty() => return Judgement::Rejected(errs),
         None => {
             return Judgement::Rejected(vec![FieldError::new(
                 "account",
-                format!("required when several accounts are configured: one of {}", names(rules.accounts.keys())),
+                format!(
+                    "required when several accounts are configured: one of {}",
+                    names(rules.accounts.keys())
+                ),
             )])
         }
     };
@@ -97,28 +123,44 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         None => Some(now),
         Some(s) => match parse_time(&s) {
             Err(e) => fields.err("conversion_time", e),
-            Ok(t) if t > now + MAX_FUTURE => {
-                fields.err("conversion_time", "is more than 5 minutes in the future; check the sender's clock")
-            }
-            Ok(t) if now.signed_duration_since(t).to_std().is_ok_and(|age| age > rules.max_event_age) => fields.err(
+            Ok(t) if t > now + MAX_FUTURE => fields.err(
                 "conversion_time",
-                format!(
-                    "is older than delivery.max_event_age ({}); X would not attribute it",
-                    humantime::format_duration(rules.max_event_age)
-                ),
+                "is more than 5 minutes in the future; check the sender's clock",
             ),
+            Ok(t)
+                if now
+                    .signed_duration_since(t)
+                    .to_std()
+                    .is_ok_and(|age| age > rules.max_event_age) =>
+            {
+                fields.err(
+                    "conversion_time",
+                    format!(
+                        "is older than delivery.max_event_age ({}); X would not attribute it",
+                        humantime::format_duration(rules.max_event_age)
+                    ),
+                )
+            }
             Ok(t) => Some(t),
         },
     };
 
-    let event_source_url = fields.string("event_source_url").and_then(|s| match url::Url::parse(&s) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Some(u),
-        _ => fields.err("event_source_url", "must be an absolute http(s) URL such as https://shop.example/checkout"),
-    });
+    let event_source_url =
+        fields
+            .string("event_source_url")
+            .and_then(|s| match url::Url::parse(&s) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Some(u),
+                _ => fields.err(
+                    "event_source_url",
+                    "must be an absolute http(s) URL such as https://shop.example/checkout",
+                ),
+            });
 
     let mut identifiers = Vec::new();
     let identifier_errors_before = fields.errs.len();
-    let twclid = fields.string("twclid").or_else(|| event_source_url.as_ref().and_then(twclid_from_url));
+    let twclid = fields
+        .string("twclid")
+        .or_else(|| event_source_url.as_ref().and_then(twclid_from_url));
     if let Some(t) = twclid {
         identifiers.push(Identifier::Twclid { twclid: t });
     }
@@ -127,9 +169,13 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
     if let Some(h) = email {
         identifiers.push(Identifier::HashedEmail { hashed_email: h });
     }
-    let phone = fields.hashed_pair("phone", "hashed_phone_number", |raw| hashed_phone(raw, region));
+    let phone = fields.hashed_pair("phone", "hashed_phone_number", |raw| {
+        hashed_phone(raw, region)
+    });
     if let Some(h) = phone {
-        identifiers.push(Identifier::HashedPhoneNumber { hashed_phone_number: h });
+        identifiers.push(Identifier::HashedPhoneNumber {
+            hashed_phone_number: h,
+        });
     }
     if identifiers.is_empty() && fields.errs.len() == identifier_errors_before {
         fields.err::<()>(
@@ -137,23 +183,41 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
             "at least one of twclid (or a twclid in event_source_url), email, hashed_email, phone or hashed_phone_number is required; ip_address and user_agent do not count alone",
         );
     }
-    let ip_address = fields.string("ip_address").and_then(|ip| match ip.parse::<std::net::IpAddr>() {
-        Ok(addr) => Some(addr.to_string()),
-        Err(_) => fields.err("ip_address", "must be an IPv4 or IPv6 address"),
-    });
+    let ip_address =
+        fields
+            .string("ip_address")
+            .and_then(|ip| match ip.parse::<std::net::IpAddr>() {
+                Ok(addr) => Some(addr.to_string()),
+                Err(_) => fields.err("ip_address", "must be an IPv4 or IPv6 address"),
+            });
     let user_agent = fields.string("user_agent");
     if ip_address.is_some() || user_agent.is_some() {
-        identifiers.push(Identifier::Device { ip_address, user_agent });
+        identifiers.push(Identifier::Device {
+            ip_address,
+            user_agent,
+        });
     }
 
-    let value = fields.present("value").and_then(|v| money(v).map_err(|e| fields.errs.push(FieldError::new("value", e))).ok());
-    let price_currency = fields.string("price_currency").and_then(|c| currency(&c).map_err(|e| fields.errs.push(FieldError::new("price_currency", e))).ok());
-    let number_items = fields
-        .present("number_items")
-        .and_then(|v| positive_int(v).map_err(|e| fields.errs.push(FieldError::new("number_items", e))).ok());
+    let value = fields.present("value").and_then(|v| {
+        money(v)
+            .map_err(|e| fields.errs.push(FieldError::new("value", e)))
+            .ok()
+    });
+    let price_currency = fields.string("price_currency").and_then(|c| {
+        currency(&c)
+            .map_err(|e| fields.errs.push(FieldError::new("price_currency", e)))
+            .ok()
+    });
+    let number_items = fields.present("number_items").and_then(|v| {
+        positive_int(v)
+            .map_err(|e| fields.errs.push(FieldError::new("number_items", e)))
+            .ok()
+    });
     let description = fields.string("description");
     let contents = fields.contents();
-    let conversion_id = fields.string("conversion_id").unwrap_or_else(|| derive_conversion_id(&account_name, raw));
+    let conversion_id = fields
+        .string("conversion_id")
+        .unwrap_or_else(|| derive_conversion_id(&account_name, raw));
 
     match (event_id, conversion_time) {
         (Some(event_id), Some(t)) if errs.is_empty() => Judgement::Accepted {
@@ -219,7 +283,10 @@ fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
 
 /// A base-36 tag id as X issues them (`o9d2g`).
 pub fn is_base36_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
 }
 
 /// Reads fields of one event object, recording errors as it goes.
@@ -257,19 +324,27 @@ impl<'a> Fields<'a, '_> {
     }
 
     /// A raw field that is hashed (`email`) and its pre-hashed twin (`hashed_email`).
-    fn hashed_pair(&mut self, raw_key: &str, hashed_key: &str, hash: impl Fn(&str) -> Result<String, &'static str>) -> Option<String> {
+    fn hashed_pair(
+        &mut self,
+        raw_key: &str,
+        hashed_key: &str,
+        hash: impl Fn(&str) -> Result<String, &'static str>,
+    ) -> Option<String> {
         let from_raw = self.strict_string(raw_key).and_then(|r| match hash(&r) {
             Ok(h) => Some(h),
             Err(e) => self.err(raw_key, e),
         });
-        let from_hashed = self.strict_string(hashed_key).and_then(|r| match prehashed(&r) {
-            Ok(h) => Some(h),
-            Err(e) => self.err(hashed_key, format!("{e}; send raw values in {raw_key}")),
-        });
+        let from_hashed = self
+            .strict_string(hashed_key)
+            .and_then(|r| match prehashed(&r) {
+                Ok(h) => Some(h),
+                Err(e) => self.err(hashed_key, format!("{e}; send raw values in {raw_key}")),
+            });
         match (from_raw, from_hashed) {
-            (Some(a), Some(b)) if a != b => {
-                self.err(hashed_key, format!("does not match the hash of {raw_key}; send one of the two"))
-            }
+            (Some(a), Some(b)) if a != b => self.err(
+                hashed_key,
+                format!("does not match the hash of {raw_key}; send one of the two"),
+            ),
             (a, b) => a.or(b),
         }
     }
@@ -333,20 +408,476 @@ impl<'a> Fields<'a, '_> {
                 self.err::<()>(&format!("contents[{i}]"), "must be an object");
                 continue;
             };
-            let mut f = Fields { obj, errs: &mut *self.errs };
+            let mut f = Fields {
+                obj,
+                errs: &mut *self.errs,
+            };
             let before = f.errs.len();
             let mut sub = |key: &str| f.string(key);
             let content_id = sub("content_id");
             let content_name = sub("content_name");
             let content_type = sub("content_type");
             let content_group_id = sub("content_group_id");
-            let content_price = f.present("content_price").and_then(|v| price(v).map_err(|e| f.errs.push(FieldError::new("content_price", e))).ok());
-            let num_items = f.present("num_items").and_then(|v| positive_int(v).map_err(|e| f.errs.push(FieldError::new("num_items", e))).ok());
+            let content_price = f.present("content_price").and_then(|v| {
+                price(v)
+                    .map_err(|e| f.errs.push(FieldError::new("content_price", e)))
+                    .ok()
+            });
+            let num_items = f.present("num_items").and_then(|v| {
+                positive_int(v)
+                    .map_err(|e| f.errs.push(FieldError::new("num_items", e)))
+                    .ok()
+            });
             for e in &mut f.errs[before..] {
                 e.field = format!("contents[{i}].{}", e.field);
             }
-            out.push(Content { content_id, content_name, content_type, content_price, num_items, content_group_id });
+            out.push(Content {
+                content_id,
+                content_name,
+                content_type,
+                content_price,
+                num_items,
+                content_group_id,
+            });
         }
         Some(out).filter(|c| !c.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn rules(accounts: &[&str]) -> Rules {
+        let accounts = accounts
+            .iter()
+            .map(|name| {
+                let events = [
+                    ("purchase".to_string(), "o9d2g".to_string()),
+                    ("signup".to_string(), "o9d2h".to_string()),
+                ]
+                .into();
+                (
+                    name.to_string(),
+                    AccountRules {
+                        pixel_id: "o9d7n".into(),
+                        events,
+                        default_phone_region: phonenumber::country::Id::US,
+                    },
+                )
+            })
+            .collect();
+        Rules {
+            accounts,
+            max_event_age: Duration::from_secs(7 * 86400),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap()
+    }
+
+    fn accept(raw: Value) -> Conversion {
+        match map_event(&raw, &rules(&["acme"]), now()) {
+            Judgement::Accepted { conversion, .. } => conversion,
+            other => panic!("{raw} -> {other:?}"),
+        }
+    }
+
+    fn reject(raw: Value) -> Vec<FieldError> {
+        reject_with(raw, &rules(&["acme"]))
+    }
+
+    fn reject_with(raw: Value, rules: &Rules) -> Vec<FieldError> {
+        match map_event(&raw, rules, now()) {
+            Judgement::Rejected(e) => e,
+            other => panic!("{raw} -> {other:?}"),
+        }
+    }
+
+    fn fields(errs: &[FieldError]) -> Vec<&str> {
+        errs.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    #[test]
+    fn account_is_required_only_with_several() {
+        let two = rules(&["acme", "beta"]);
+        let e = reject_with(json!({"event": "purchase", "twclid": "t"}), &two);
+        assert_eq!(fields(&e), ["account"]);
+        assert!(e[0].message.contains("acme, beta"));
+        let e = reject_with(
+            json!({"account": "gamma", "event": "purchase", "twclid": "t"}),
+            &two,
+        );
+        assert!(e[0].message.contains("unknown account \"gamma\""));
+        match map_event(
+            &json!({"account": "beta", "event": "purchase", "twclid": "t"}),
+            &two,
+            now(),
+        ) {
+            Judgement::Accepted { account, .. } => assert_eq!(account, "beta"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            accept(json!({"event": "purchase", "twclid": "t"})).event_id,
+            "o9d2g"
+        );
+    }
+
+    #[test]
+    fn event_name_or_set_id() {
+        assert_eq!(
+            accept(json!({"event": "signup", "twclid": "t"})).event_id,
+            "o9d2h"
+        );
+        assert_eq!(
+            accept(json!({"event": "SignUp", "twclid": "t"})).event_id,
+            "o9d2h"
+        );
+        assert_eq!(
+            accept(json!({"event_id": "o9d2z", "twclid": "t"})).event_id,
+            "o9d2z"
+        );
+        assert_eq!(
+            accept(json!({"event_id": "tw-o9d7n-o9d2g", "twclid": "t"})).event_id,
+            "o9d2g"
+        );
+        assert_eq!(
+            accept(json!({"event": "purchase", "event_id": "o9d2g", "twclid": "t"})).event_id,
+            "o9d2g"
+        );
+        assert_eq!(fields(&reject(json!({"twclid": "t"}))), ["event"]);
+        assert_eq!(
+            fields(&reject(json!({"event": "refund", "twclid": "t"}))),
+            ["event"]
+        );
+        assert_eq!(
+            fields(&reject(json!({"event_id": "o9-d2g", "twclid": "t"}))),
+            ["event_id"]
+        );
+        assert_eq!(
+            fields(&reject(
+                json!({"event_id": "tw-zzzzz-o9d2g", "twclid": "t"})
+            )),
+            ["event_id"]
+        );
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "event_id": "o9d2h", "twclid": "t"})
+            )),
+            ["event_id"]
+        );
+    }
+
+    #[test]
+    fn conversion_time_rules() {
+        assert_eq!(
+            accept(json!({"event": "purchase", "twclid": "t"})).conversion_time,
+            "2026-11-28T12:00:00.000Z"
+        );
+        assert_eq!(
+            accept(json!({"event": "purchase", "twclid": "t", "conversion_time": "2026-11-28T12:54:00.6034567+01:00"})).conversion_time,
+            "2026-11-28T11:54:00.603Z"
+        );
+        assert_eq!(accept(json!({"event": "purchase", "twclid": "t", "conversion_time": "2026-11-28T12:04:59Z"})).conversion_time, "2026-11-28T12:04:59.000Z");
+        for (t, needle) in [
+            ("2026-11-28T12:05:01Z", "future"),
+            ("2026-11-21T11:59:59Z", "max_event_age"),
+            ("2026-11-28T12:00:00", "offset"),
+            ("yesterday", "RFC 3339"),
+        ] {
+            let e = reject(json!({"event": "purchase", "twclid": "t", "conversion_time": t}));
+            assert_eq!(fields(&e), ["conversion_time"], "{t}");
+            assert!(e[0].message.contains(needle), "{t}: {}", e[0].message);
+        }
+    }
+
+    #[test]
+    fn identifiers_raw_prehashed_and_from_url() {
+        let c = accept(
+            json!({"event": "purchase", "email": "  Test-Email@Test.com ", "phone": "+1 (123) 456-7890"}),
+        );
+        assert_eq!(
+            c.identifiers,
+            [
+                Identifier::HashedEmail {
+                    hashed_email:
+                        "e586883b2b4faf78d48300a79e0e15138d664cdf796ffb86e533170a9893eda8".into()
+                },
+                Identifier::HashedPhoneNumber {
+                    hashed_phone_number:
+                        "1fa6b8d986d9b9cd01bf36951815158bbde9f520c0567c835dfe34783d0a4231".into()
+                },
+            ]
+        );
+        let digest = "355BE7E68E2F3A0CA64E397F0F811E6CC93FE253E4DFFD044605107AF99E9912";
+        let c = accept(
+            json!({"event": "purchase", "hashed_email": digest, "hashed_phone_number": digest}),
+        );
+        assert_eq!(
+            c.identifiers[0],
+            Identifier::HashedEmail {
+                hashed_email: digest.to_lowercase()
+            }
+        );
+        assert_eq!(
+            c.identifiers[1],
+            Identifier::HashedPhoneNumber {
+                hashed_phone_number: digest.to_lowercase()
+            }
+        );
+        // A digest in the raw field is passed through, never hashed twice.
+        assert_eq!(
+            accept(json!({"event": "purchase", "email": digest})).identifiers[0],
+            Identifier::HashedEmail {
+                hashed_email: digest.to_lowercase()
+            }
+        );
+
+        let c = accept(
+            json!({"event": "purchase", "event_source_url": "https://shop.example/p?utm_source=x&twclid=abc123&x=1"}),
+        );
+        assert_eq!(
+            c.identifiers,
+            [Identifier::Twclid {
+                twclid: "abc123".into()
+            }]
+        );
+        assert_eq!(
+            c.event_source_url.as_deref(),
+            Some("https://shop.example/p?utm_source=x&twclid=abc123&x=1")
+        );
+        let c = accept(
+            json!({"event": "purchase", "twclid": "explicit", "event_source_url": "https://shop.example/?twclid=url"}),
+        );
+        assert_eq!(
+            c.identifiers,
+            [Identifier::Twclid {
+                twclid: "explicit".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn identifier_errors_are_clear_and_never_echo_pii() {
+        let e = reject(
+            json!({"event": "purchase", "email": "jane.doe.secret@", "phone": "555-CALL-JANE-12345678"}),
+        );
+        assert_eq!(fields(&e), ["email", "phone"]);
+        for err in &e {
+            assert!(!err.message.contains("jane"), "{}", err.message);
+        }
+        let e = reject(json!({"event": "purchase", "hashed_email": "jane@example.com"}));
+        assert_eq!(fields(&e), ["hashed_email"]);
+        assert!(!e[0].message.contains("jane"));
+        let e = reject(
+            json!({"event": "purchase", "email": "a@example.com", "hashed_email": "0".repeat(64)}),
+        );
+        assert_eq!(fields(&e), ["hashed_email"]);
+        assert_eq!(
+            fields(&reject(json!({"event": "purchase", "email": 42}))),
+            ["email"]
+        );
+    }
+
+    #[test]
+    fn empty_strings_are_absent_and_ip_ua_never_count_alone() {
+        let e = reject(
+            json!({"event": "purchase", "twclid": "", "email": "  ", "phone": "", "ip_address": "1.2.3.4", "user_agent": "Mozilla/5.0"}),
+        );
+        assert_eq!(fields(&e), ["identifiers"]);
+        let c = accept(
+            json!({"event": "purchase", "twclid": "t", "ip_address": " 2001:db8::1 ", "user_agent": " Mozilla/5.0 "}),
+        );
+        assert_eq!(
+            c.identifiers[1],
+            Identifier::Device {
+                ip_address: Some("2001:db8::1".into()),
+                user_agent: Some("Mozilla/5.0".into())
+            }
+        );
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "ip_address": "1.2.3"})
+            )),
+            ["ip_address"]
+        );
+        let c = accept(json!({"event": "purchase", "twclid": "t", "user_agent": "ua"}));
+        assert_eq!(
+            c.identifiers[1],
+            Identifier::Device {
+                ip_address: None,
+                user_agent: Some("ua".into())
+            }
+        );
+    }
+
+    #[test]
+    fn money_counts_text_and_contents() {
+        let c = accept(json!({
+            "event": "purchase", "twclid": "t", "value": 20, "price_currency": "eur", "number_items": 3,
+            "description": " Pet supplies ",
+            "contents": [{"content_id": 1, "content_name": "Blankets", "content_type": "Pet supplies", "content_price": 100, "num_items": "2", "content_group_id": "123"}]
+        }));
+        assert_eq!(c.value.as_deref(), Some("20.00"));
+        assert_eq!(c.price_currency.as_deref(), Some("EUR"));
+        assert_eq!(c.number_items, Some(3));
+        assert_eq!(c.description.as_deref(), Some("Pet supplies"));
+        let content = &c.contents.as_ref().unwrap()[0];
+        assert_eq!(content.content_id.as_deref(), Some("1"));
+        assert_eq!(content.num_items, Some(2));
+        let wire = serde_json::to_string(&c).unwrap();
+        assert!(wire.contains("\"content_price\":100.0"), "{wire}");
+        assert_eq!(
+            accept(json!({"event": "purchase", "twclid": "t", "value": "20.5"}))
+                .value
+                .as_deref(),
+            Some("20.50")
+        );
+
+        let e = reject(json!({
+            "event": "purchase", "twclid": "t", "value": "twenty", "price_currency": "ABC", "number_items": 0,
+            "contents": [{"content_price": "free", "num_items": -1}], "event_source_url": "not a url"
+        }));
+        assert_eq!(
+            fields(&e),
+            [
+                "event_source_url",
+                "value",
+                "price_currency",
+                "number_items",
+                "contents[0].content_price",
+                "contents[0].num_items"
+            ]
+        );
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "contents": {"a": 1}})
+            )),
+            ["contents"]
+        );
+    }
+
+    #[test]
+    fn opt_out_suppresses_before_anything_else() {
+        assert!(matches!(
+            map_event(&json!({"opt_out": true}), &rules(&["acme"]), now()),
+            Judgement::Suppressed { .. }
+        ));
+        assert!(matches!(
+            map_event(
+                &json!({"event": "purchase", "twclid": "t", "opt_out": false}),
+                &rules(&["acme"]),
+                now()
+            ),
+            Judgement::Accepted { .. }
+        ));
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "opt_out": "yes"})
+            )),
+            ["opt_out"]
+        );
+        assert_eq!(fields(&reject(json!([1, 2]))), [""]);
+    }
+
+    #[test]
+    fn conversion_id_is_kept_or_derived_stably() {
+        assert_eq!(
+            accept(json!({"event": "purchase", "twclid": "t", "conversion_id": "order-1"}))
+                .conversion_id,
+            "order-1"
+        );
+        assert_eq!(
+            accept(json!({"event": "purchase", "twclid": "t", "conversion_id": 23294827}))
+                .conversion_id,
+            "23294827"
+        );
+        let a = json!({"event": "purchase", "twclid": "t", "value": 5});
+        let b = json!({"value": 5, "twclid": "t", "event": "purchase"});
+        let id = accept(a.clone()).conversion_id;
+        assert!(id.starts_with("cg-") && id.len() == 35);
+        assert_eq!(id, accept(b).conversion_id, "key order does not matter");
+        // A defaulted time is not part of it: the same event a minute later keeps its id.
+        match map_event(&a, &rules(&["acme"]), now() + chrono::Duration::minutes(1)) {
+            Judgement::Accepted { conversion, .. } => assert_eq!(conversion.conversion_id, id),
+            other => panic!("{other:?}"),
+        }
+        assert_ne!(
+            id,
+            accept(json!({"event": "purchase", "twclid": "t", "value": 6})).conversion_id
+        );
+    }
+
+    fn arb_event() -> impl Strategy<Value = Value> {
+        let opt = |s: BoxedStrategy<Value>| prop_oneof![Just(Value::Null), s].boxed();
+        (
+            opt(prop_oneof![
+                Just(json!("purchase")),
+                Just(json!("signup")),
+                Just(json!("x")),
+                Just(json!(""))
+            ]
+            .boxed()),
+            opt("[a-z0-9]{0,8}".prop_map(Value::from).boxed()),
+            opt("[ A-Za-z0-9@.]{0,20}".prop_map(Value::from).boxed()),
+            opt("[ +0-9()-]{0,16}".prop_map(Value::from).boxed()),
+            opt("[0-9a-fA-F]{60,66}".prop_map(Value::from).boxed()),
+            opt(prop_oneof![
+                Just(json!("https://s.example/?twclid=q")),
+                Just(json!("https://s.example/?twclid=")),
+                Just(json!("x"))
+            ]
+            .boxed()),
+            opt(prop_oneof![Just(json!("1.2.3.4")), Just(json!(""))].boxed()),
+        )
+            .prop_map(|(event, twclid, email, phone, hashed, url, ip)| {
+                let mut m = Map::new();
+                for (k, v) in [
+                    ("event", event),
+                    ("twclid", twclid),
+                    ("email", email),
+                    ("phone", phone),
+                    ("hashed_email", hashed),
+                    ("event_source_url", url),
+                    ("ip_address", ip),
+                ] {
+                    if !v.is_null() {
+                        m.insert(k.to_string(), v);
+                    }
+                }
+                Value::Object(m)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn accepted_conversions_keep_the_wire_invariants(raw in arb_event()) {
+            if let Judgement::Accepted { conversion, .. } = map_event(&raw, &rules(&["acme"]), now()) {
+                prop_assert!(conversion.identifiers.iter().any(Identifier::is_strong));
+                for id in &conversion.identifiers {
+                    match id {
+                        Identifier::Twclid { twclid } => prop_assert!(!twclid.is_empty()),
+                        Identifier::HashedEmail { hashed_email: h } | Identifier::HashedPhoneNumber { hashed_phone_number: h } => {
+                            prop_assert!(h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                        }
+                        Identifier::Device { ip_address, user_agent } => {
+                            prop_assert!(ip_address.as_deref().map_or(true, |v| !v.is_empty()));
+                            prop_assert!(user_agent.as_deref().map_or(true, |v| !v.is_empty()));
+                            prop_assert!(ip_address.is_some() || user_agent.is_some());
+                        }
+                    }
+                }
+                // What the gateway sends passes X's own checks.
+                let body = serde_json::to_vec(&crate::conversion::Batch { conversions: std::slice::from_ref(&conversion) }).unwrap();
+                let pixels = ["o9d7n".to_string()].into();
+                let scope = crate::fake_x::contract::Scope { account_sets: None, pixels: &pixels };
+                let checked = crate::fake_x::contract::validate(&body, &scope);
+                prop_assert!(checked.is_ok(), "{:?}", checked);
+            }
+        }
     }
 }

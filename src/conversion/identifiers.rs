@@ -33,7 +33,11 @@ pub fn normalize_email(input: &str) -> Result<String, &'static str> {
     if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("is not an email address: it contains whitespace");
     }
-    if domain.contains('@') || !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') {
+    if domain.contains('@')
+        || !domain.contains('.')
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+    {
         return Err("is not an email address: the domain after '@' must look like example.com");
     }
     Ok(email)
@@ -57,7 +61,10 @@ pub fn prehashed(raw: &str) -> Result<String, &'static str> {
 /// Accepts every *possible* number (its national number has a length the numbering plan allows), not only
 /// numbers in current allocation metadata, which lags new ranges (X's own example `+11234567890` is possible,
 /// not valid).
-pub fn normalize_phone(input: &str, default_region: phonenumber::country::Id) -> Result<String, &'static str> {
+pub fn normalize_phone(
+    input: &str,
+    default_region: phonenumber::country::Id,
+) -> Result<String, &'static str> {
     let trimmed = input.trim();
     if trimmed.is_empty() {
         return Err("is empty; send the number or leave the field out");
@@ -74,7 +81,10 @@ pub fn normalize_phone(input: &str, default_region: phonenumber::country::Id) ->
     let digits: String = trimmed.chars().filter(char::is_ascii_digit).collect();
     let unstripped = if trimmed.starts_with('+') {
         digits.strip_prefix(&code.to_string()).map(str::to_owned)
-    } else if phonenumber::metadata::DATABASE.by_id(default_region.as_ref()).is_some_and(|m| m.country_code() == code) {
+    } else if phonenumber::metadata::DATABASE
+        .by_id(default_region.as_ref())
+        .is_some_and(|m| m.country_code() == code)
+    {
         Some(digits)
     } else {
         None
@@ -85,13 +95,21 @@ pub fn normalize_phone(input: &str, default_region: phonenumber::country::Id) ->
         // `+44 (0)20 ...`: a national prefix written inside an international number.
         let without_trunk_prefix = phonenumber::metadata::DATABASE
             .by_code(&code)
-            .and_then(|metas| metas.into_iter().find_map(|m| m.national_prefix().and_then(|p| parsed.strip_prefix(p))))
+            .and_then(|metas| {
+                metas
+                    .into_iter()
+                    .find_map(|m| m.national_prefix().and_then(|p| parsed.strip_prefix(p)))
+            })
             .filter(|rest| is_possible(code, rest))
             .map(str::to_owned);
         match (unstripped, without_trunk_prefix) {
             (Some(u), _) if u.ends_with(&parsed) && is_possible(code, &u) => u,
             (_, Some(rest)) => rest,
-            _ => return Err("is not a possible phone number: wrong number of digits for its country"),
+            _ => {
+                return Err(
+                    "is not a possible phone number: wrong number of digits for its country",
+                )
+            }
         }
     };
     Ok(format!("+{code}{national}"))
@@ -125,7 +143,10 @@ fn is_possible(code: u16, national: &str) -> bool {
 }
 
 /// `hashed_phone_number` for a raw number or an existing digest.
-pub fn hashed_phone(raw: &str, default_region: phonenumber::country::Id) -> Result<String, &'static str> {
+pub fn hashed_phone(
+    raw: &str,
+    default_region: phonenumber::country::Id,
+) -> Result<String, &'static str> {
     match as_sha256_digest(raw) {
         Some(d) => Ok(d),
         None => normalize_phone(raw, default_region).map(|e| sha256_hex(&e)),
@@ -151,15 +172,27 @@ mod tests {
 
     #[test]
     fn possible_but_unallocated_numbers_are_kept_whole() {
-        assert_eq!(normalize_phone("(123) 456-7890", us()).unwrap(), "+11234567890");
-        assert_eq!(normalize_phone("1 (650) 253-0000", us()).unwrap(), "+16502530000");
-        assert_eq!(normalize_phone("+44 (0)20 7946 0958", us()).unwrap(), "+442079460958");
+        assert_eq!(
+            normalize_phone("(123) 456-7890", us()).unwrap(),
+            "+11234567890"
+        );
+        assert_eq!(
+            normalize_phone("1 (650) 253-0000", us()).unwrap(),
+            "+16502530000"
+        );
+        assert_eq!(
+            normalize_phone("+44 (0)20 7946 0958", us()).unwrap(),
+            "+442079460958"
+        );
         assert!(normalize_phone("+1 650 253 00001234", us()).is_err());
     }
 
     #[test]
     fn national_number_keeps_italian_leading_zero() {
-        assert_eq!(normalize_phone("+39 06 1234 5678", us()).unwrap(), "+390612345678");
+        assert_eq!(
+            normalize_phone("+39 06 1234 5678", us()).unwrap(),
+            "+390612345678"
+        );
     }
 
     #[test]

@@ -29,9 +29,13 @@ pub fn money(v: &Value) -> Result<String, String> {
     };
     let d = Decimal::from_str(&text)
         .or_else(|_| Decimal::from_scientific(&text))
-        .map_err(|_| format!("{text:?} is not a decimal number; send e.g. 20, 20.5 or \"20.00\""))?;
+        .map_err(|_| {
+            format!("{text:?} is not a decimal number; send e.g. 20, 20.5 or \"20.00\"")
+        })?;
     if d.is_sign_negative() && !d.is_zero() {
-        return Err(format!("{text} is negative; a conversion value must be zero or more"));
+        return Err(format!(
+            "{text} is negative; a conversion value must be zero or more"
+        ));
     }
     let mut d = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
     d.rescale(2);
@@ -64,7 +68,11 @@ pub fn currency(input: &str) -> Result<String, String> {
 /// A positive integer, given as a JSON integer or a string of digits.
 pub fn positive_int(v: &Value) -> Result<u64, String> {
     let n = match v {
-        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
         Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
@@ -104,8 +112,14 @@ mod tests {
 
     #[test]
     fn prices_carry_a_decimal_point() {
-        assert_eq!(serde_json::to_string(&price(&json!(20)).unwrap()).unwrap(), "20.0");
-        assert_eq!(serde_json::to_string(&price(&json!(100.99)).unwrap()).unwrap(), "100.99");
+        assert_eq!(
+            serde_json::to_string(&price(&json!(20)).unwrap()).unwrap(),
+            "20.0"
+        );
+        assert_eq!(
+            serde_json::to_string(&price(&json!(100.99)).unwrap()).unwrap(),
+            "100.99"
+        );
     }
 
     proptest! {

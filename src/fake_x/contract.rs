@@ -19,7 +19,12 @@ pub struct ContractError {
 }
 
 fn invalid(parameter: &str, message: impl Into<String>) -> ContractError {
-    ContractError { status: 400, code: "INVALID_PARAMETER", message: message.into(), parameter: parameter.into() }
+    ContractError {
+        status: 400,
+        code: "INVALID_PARAMETER",
+        message: message.into(),
+        parameter: parameter.into(),
+    }
 }
 
 /// Which event ids the account owns. `None` skips the ownership check (sandbox: no account lookup).
@@ -40,19 +45,36 @@ const CONVERSION_KEYS: &[&str] = &[
     "contents",
     "event_source_url",
 ];
-const CONTENT_KEYS: &[&str] = &["content_id", "content_name", "content_type", "content_price", "num_items", "content_group_id"];
+const CONTENT_KEYS: &[&str] = &[
+    "content_id",
+    "content_name",
+    "content_type",
+    "content_price",
+    "num_items",
+    "content_group_id",
+];
 
 /// Validates a request body; `Ok(conversions)` or every applicable error (X reports them all).
 pub fn validate(body: &[u8], scope: &Scope<'_>) -> Result<Vec<Value>, Vec<ContractError>> {
-    let parsed: Value = serde_json::from_slice(body).map_err(|_| vec![invalid("", "Request body is not valid JSON")])?;
+    let parsed: Value = serde_json::from_slice(body)
+        .map_err(|_| vec![invalid("", "Request body is not valid JSON")])?;
     let Some(list) = parsed.get("conversions").and_then(Value::as_array) else {
-        return Err(vec![invalid("conversions", "Missing required parameter conversions")]);
+        return Err(vec![invalid(
+            "conversions",
+            "Missing required parameter conversions",
+        )]);
     };
     if list.len() > MAX_CONVERSIONS {
-        return Err(vec![invalid("conversions", "Conversion count limit is 500")]);
+        return Err(vec![invalid(
+            "conversions",
+            "Conversion count limit is 500",
+        )]);
     }
     if list.is_empty() {
-        return Err(vec![invalid("conversions", "At least one conversion must be provided")]);
+        return Err(vec![invalid(
+            "conversions",
+            "At least one conversion must be provided",
+        )]);
     }
     let mut errors = Vec::new();
     for c in list {
@@ -75,15 +97,21 @@ pub fn status_of(errors: &[ContractError]) -> u16 {
 }
 
 fn is_wire_time(s: &str) -> bool {
-    s.len() == 24 && chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.3fZ").is_ok() && s.as_bytes()[19] == b'.'
+    s.len() == 24
+        && chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.3fZ").is_ok()
+        && s.as_bytes()[19] == b'.'
 }
 
 fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn is_base36(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
 }
 
 fn check_conversion(c: &Value, scope: &Scope<'_>, errors: &mut Vec<ContractError>) {
@@ -106,13 +134,22 @@ fn check_conversion(c: &Value, scope: &Scope<'_>, errors: &mut Vec<ContractError
             "conversion_time",
             format!("Expected Time in yyyy-MM-ddTHH:mm:ss.SSSZ, got {other} for conversion_time"),
         )),
-        None => errors.push(invalid("conversion_time", "Missing required parameter conversion_time")),
+        None => errors.push(invalid(
+            "conversion_time",
+            "Missing required parameter conversion_time",
+        )),
     }
     match obj.get("event_id") {
         Some(Value::String(id)) => {
-            let set = id.strip_prefix("tw-").and_then(|r| r.split_once('-')).map_or(id.as_str(), |(_, s)| s);
+            let set = id
+                .strip_prefix("tw-")
+                .and_then(|r| r.split_once('-'))
+                .map_or(id.as_str(), |(_, s)| s);
             if scope.pixels.contains(set) || !is_base36(set) {
-                errors.push(invalid("event_id", format!("event_id ({id}) is not a single event tag (SET)")));
+                errors.push(invalid(
+                    "event_id",
+                    format!("event_id ({id}) is not a single event tag (SET)"),
+                ));
             } else if scope.account_sets.is_some_and(|sets| !sets.contains(set)) {
                 errors.push(ContractError {
                     status: 404,
@@ -132,20 +169,36 @@ fn check_conversion(c: &Value, scope: &Scope<'_>, errors: &mut Vec<ContractError
     }
     if let Some(v) = obj.get("value") {
         let ok = v.as_str().is_some_and(|s| {
-            s.split_once('.').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && (a.bytes().chain(b.bytes())).all(|x| x.is_ascii_digit()))
+            s.split_once('.').is_some_and(|(a, b)| {
+                !a.is_empty()
+                    && !b.is_empty()
+                    && (a.bytes().chain(b.bytes())).all(|x| x.is_ascii_digit())
+            })
         });
         if !ok {
-            errors.push(invalid("value", format!("Expected a decimal string for value, got {v}")));
+            errors.push(invalid(
+                "value",
+                format!("Expected a decimal string for value, got {v}"),
+            ));
         }
     }
     if let Some(v) = obj.get("price_currency") {
-        if !v.as_str().is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase())) {
-            errors.push(invalid("price_currency", format!("price_currency ({v}) is not an ISO 4217 currency code")));
+        if !v
+            .as_str()
+            .is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            errors.push(invalid(
+                "price_currency",
+                format!("price_currency ({v}) is not an ISO 4217 currency code"),
+            ));
         }
     }
     if let Some(v) = obj.get("number_items") {
         if !v.as_u64().is_some_and(|n| n > 0) {
-            errors.push(invalid("number_items", format!("Expected a positive integer for number_items, got {v}")));
+            errors.push(invalid(
+                "number_items",
+                format!("Expected a positive integer for number_items, got {v}"),
+            ));
         }
     }
     if let Some(v) = obj.get("contents") {
@@ -176,10 +229,18 @@ fn check_identifiers(v: Option<&Value>, errors: &mut Vec<ContractError>) {
                 "hashed_email" | "hashed_phone_number" => match text {
                     Some("") => {}
                     Some(t) if is_sha256(t) => strong_here += 1,
-                    _ => errors.push(invalid(key, format!("{key} ({}) is not a valid SHA-256 hash", text.unwrap_or_default()))),
+                    _ => errors.push(invalid(
+                        key,
+                        format!(
+                            "{key} ({}) is not a valid SHA-256 hash",
+                            text.unwrap_or_default()
+                        ),
+                    )),
                 },
                 "ip_address" | "user_agent" if text.is_some_and(|t| !t.is_empty()) => {}
-                "ip_address" | "user_agent" => errors.push(invalid(key, format!("{key} must be a non-empty string"))),
+                "ip_address" | "user_agent" => {
+                    errors.push(invalid(key, format!("{key} must be a non-empty string")))
+                }
                 _ => errors.push(invalid(key, format!("Unknown identifier {key}"))),
             }
         }
@@ -200,14 +261,18 @@ fn check_content(item: &Value, errors: &mut Vec<ContractError>) {
     };
     for (key, value) in obj {
         match key.as_str() {
-            "content_price" if !value.is_number() => {
-                errors.push(invalid("content_price", format!("Expected a number for content_price, got {value}")))
-            }
-            "num_items" if !value.as_u64().is_some_and(|n| n > 0) => {
-                errors.push(invalid("num_items", format!("Expected a positive integer for num_items, got {value}")))
-            }
+            "content_price" if !value.is_number() => errors.push(invalid(
+                "content_price",
+                format!("Expected a number for content_price, got {value}"),
+            )),
+            "num_items" if !value.as_u64().is_some_and(|n| n > 0) => errors.push(invalid(
+                "num_items",
+                format!("Expected a positive integer for num_items, got {value}"),
+            )),
             "content_price" | "num_items" => {}
-            k if CONTENT_KEYS.contains(&k) && !value.is_string() => errors.push(invalid(k, format!("{k} must be a string"))),
+            k if CONTENT_KEYS.contains(&k) && !value.is_string() => {
+                errors.push(invalid(k, format!("{k} must be a string")))
+            }
             k if CONTENT_KEYS.contains(&k) => {}
             k => errors.push(invalid(k, format!("Unknown parameter {k}"))),
         }
@@ -219,12 +284,22 @@ mod tests {
     use super::*;
 
     fn scope_sets() -> (HashSet<String>, HashSet<String>) {
-        (["o9d2g".to_string()].into(), ["o9d7n".to_string(), "o6dkt".to_string()].into())
+        (
+            ["o9d2g".to_string()].into(),
+            ["o9d7n".to_string(), "o6dkt".to_string()].into(),
+        )
     }
 
     fn check(body: &str) -> Result<usize, Vec<ContractError>> {
         let (sets, pixels) = scope_sets();
-        validate(body.as_bytes(), &Scope { account_sets: Some(&sets), pixels: &pixels }).map(|v| v.len())
+        validate(
+            body.as_bytes(),
+            &Scope {
+                account_sets: Some(&sets),
+                pixels: &pixels,
+            },
+        )
+        .map(|v| v.len())
     }
 
     fn one(conversion: &str) -> String {
@@ -259,7 +334,10 @@ mod tests {
     fn more_than_500_is_refused() {
         let c = r#"{"conversion_time":"2022-06-16T01:14:00.603Z","event_id":"o9d2g","identifiers":[{"twclid":"x"}]}"#;
         let body = format!(r#"{{"conversions":[{}]}}"#, vec![c; 501].join(","));
-        assert_eq!(check(&body).unwrap_err()[0].message, "Conversion count limit is 500");
+        assert_eq!(
+            check(&body).unwrap_err()[0].message,
+            "Conversion count limit is 500"
+        );
         let body = format!(r#"{{"conversions":[{}]}}"#, vec![c; 500].join(","));
         assert_eq!(check(&body), Ok(500));
     }
@@ -267,7 +345,10 @@ mod tests {
     #[test]
     fn ip_and_user_agent_never_count_alone() {
         let c = r#"{"conversion_time":"2022-06-16T01:14:00.603Z","event_id":"o9d2g","identifiers":[{"ip_address":"1.2.3.4","user_agent":"ua"}]}"#;
-        assert_eq!(check(&one(c)).unwrap_err()[0].message, "At least one user identifier must be provided");
+        assert_eq!(
+            check(&one(c)).unwrap_err()[0].message,
+            "At least one user identifier must be provided"
+        );
     }
 
     #[test]
@@ -278,6 +359,11 @@ mod tests {
         );
         let errs = check(&one(&c)).unwrap_err();
         let params: Vec<_> = errs.iter().map(|e| e.parameter.as_str()).collect();
-        assert!(params.contains(&"hashed_phone_number") && params.contains(&"value") && params.contains(&"number_items"), "{errs:?}");
+        assert!(
+            params.contains(&"hashed_phone_number")
+                && params.contains(&"value")
+                && params.contains(&"number_items"),
+            "{errs:?}"
+        );
     }
 }

@@ -58,7 +58,10 @@ pub struct FakeRateLimit {
 
 impl Default for FakeRateLimit {
     fn default() -> Self {
-        FakeRateLimit { events: 60_000, window_secs: 900 }
+        FakeRateLimit {
+            events: 60_000,
+            window_secs: 900,
+        }
     }
 }
 
@@ -167,7 +170,10 @@ pub struct FakeX {
 
 impl FakeX {
     pub fn new(config: FakeConfig) -> Arc<Self> {
-        Arc::new(FakeX { config, inner: Mutex::new(Inner::default()) })
+        Arc::new(FakeX {
+            config,
+            inner: Mutex::new(Inner::default()),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -179,13 +185,19 @@ impl FakeX {
     }
 
     fn account_for_pixel(&self, pixel: &str) -> Option<&FakeAccount> {
-        self.config.accounts.iter().find(|a| a.pixels.iter().any(|p| p == pixel))
+        self.config
+            .accounts
+            .iter()
+            .find(|a| a.pixels.iter().any(|p| p == pixel))
     }
 }
 
 pub fn app(fake: Arc<FakeX>) -> Router {
     Router::new()
-        .route("/{version}/measurement/conversions/{pixel_id}", post(conversions))
+        .route(
+            "/{version}/measurement/conversions/{pixel_id}",
+            post(conversions),
+        )
         .route("/_fake/requests", get(list_requests))
         .route("/_fake/conversions", get(list_conversions))
         .route("/_fake/faults", post(set_faults).delete(clear_faults))
@@ -195,18 +207,28 @@ pub fn app(fake: Arc<FakeX>) -> Router {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn x_error(status: u16, errors: &[(&str, String, String)], account_id: Option<&str>) -> Response {
     let errors: Vec<Value> = errors.iter().map(|(code, message, parameter)| json!({"code": code, "message": message, "parameter": parameter})).collect();
     let params = account_id.map_or(json!({}), |a| json!({"account_id": a}));
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(json!({"errors": errors, "request": {"params": params}}))).into_response()
+    (
+        status,
+        Json(json!({"errors": errors, "request": {"params": params}})),
+    )
+        .into_response()
 }
 
 fn status_code(status: u16) -> &'static str {
@@ -227,7 +249,10 @@ fn rate_headers(resp: &mut Response, limit: u64, remaining: u64, reset: u64) {
     let h = resp.headers_mut();
     for prefix in ["x-rate-limit", "x-account-rate-limit"] {
         for (suffix, v) in [("limit", limit), ("remaining", remaining), ("reset", reset)] {
-            if let (Ok(name), Ok(value)) = (axum::http::HeaderName::try_from(format!("{prefix}-{suffix}")), HeaderValue::try_from(v.to_string())) {
+            if let (Ok(name), Ok(value)) = (
+                axum::http::HeaderName::try_from(format!("{prefix}-{suffix}")),
+                HeaderValue::try_from(v.to_string()),
+            ) {
                 h.insert(name, value);
             }
         }
@@ -270,7 +295,10 @@ async fn conversions(
             resp.headers_mut().insert("x-current-api-version", v);
         }
         if current != &version && fake.config.versions.contains(&version) {
-            resp.headers_mut().insert("x-api-warn", HeaderValue::from_static("This API version is deprecated"));
+            resp.headers_mut().insert(
+                "x-api-warn",
+                HeaderValue::from_static("This API version is deprecated"),
+            );
         }
     }
     rec.status = resp.status().as_u16();
@@ -280,7 +308,15 @@ async fn conversions(
     resp
 }
 
-fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &HeaderMap, body: &[u8], rec: &mut Recorded) -> Response {
+fn handle(
+    fake: &FakeX,
+    version: &str,
+    pixel_id: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    rec: &mut Recorded,
+) -> Response {
     // Injected faults first: X fails before it looks at anything.
     {
         let mut inner = fake.lock();
@@ -288,7 +324,15 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
             inner.faults.status = (left > 1).then_some((status, left - 1));
             drop(inner);
             rec.errors.push(format!("injected {status}"));
-            let mut resp = x_error(status, &[(status_code(status), format!("Injected fault {status}"), String::new())], None);
+            let mut resp = x_error(
+                status,
+                &[(
+                    status_code(status),
+                    format!("Injected fault {status}"),
+                    String::new(),
+                )],
+                None,
+            );
             if status == 429 {
                 rate_headers(&mut resp, 0, 0, now_secs() + 60);
             }
@@ -298,7 +342,15 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
             if now_secs() < until {
                 drop(inner);
                 rec.errors.push("injected rate limit".into());
-                let mut resp = x_error(429, &[("TOO_MANY_REQUESTS", "Rate limit exceeded".into(), String::new())], None);
+                let mut resp = x_error(
+                    429,
+                    &[(
+                        "TOO_MANY_REQUESTS",
+                        "Rate limit exceeded".into(),
+                        String::new(),
+                    )],
+                    None,
+                );
                 rate_headers(&mut resp, 0, 0, until);
                 return resp;
             }
@@ -307,27 +359,65 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
     }
     if !fake.config.versions.iter().any(|v| v == version) {
         rec.errors.push("unknown version".into());
-        return x_error(404, &[("ROUTE_NOT_FOUND", "The requested resource could not be found".into(), String::new())], None);
+        return x_error(
+            404,
+            &[(
+                "ROUTE_NOT_FOUND",
+                "The requested resource could not be found".into(),
+                String::new(),
+            )],
+            None,
+        );
     }
     let Some(account) = fake.account_for_pixel(pixel_id) else {
         rec.errors.push("unknown pixel".into());
-        return x_error(404, &[("NOT_FOUND", format!("pixel_id ({pixel_id}) was not found"), "pixel_id".into())], None);
+        return x_error(
+            404,
+            &[(
+                "NOT_FOUND",
+                format!("pixel_id ({pixel_id}) was not found"),
+                "pixel_id".into(),
+            )],
+            None,
+        );
     };
     rec.account_id = Some(account.id.clone());
     if let Err(reason) = authenticate(fake, account, uri, headers, rec) {
         rec.auth_error = Some(reason.clone());
         rec.errors.push(reason);
-        return x_error(401, &[("UNAUTHORIZED_ACCESS", "This request is not properly authenticated".into(), String::new())], Some(&account.id));
+        return x_error(
+            401,
+            &[(
+                "UNAUTHORIZED_ACCESS",
+                "This request is not properly authenticated".into(),
+                String::new(),
+            )],
+            Some(&account.id),
+        );
     }
     rec.auth_ok = true;
 
     let sets: HashSet<String> = account.events.iter().cloned().collect();
-    let pixels: HashSet<String> = fake.config.accounts.iter().flat_map(|a| a.pixels.iter().cloned()).collect();
-    let list = match contract::validate(body, &contract::Scope { account_sets: Some(&sets), pixels: &pixels }) {
+    let pixels: HashSet<String> = fake
+        .config
+        .accounts
+        .iter()
+        .flat_map(|a| a.pixels.iter().cloned())
+        .collect();
+    let list = match contract::validate(
+        body,
+        &contract::Scope {
+            account_sets: Some(&sets),
+            pixels: &pixels,
+        },
+    ) {
         Ok(list) => list,
         Err(errors) => {
             rec.errors.extend(errors.iter().map(|e| e.message.clone()));
-            let triples: Vec<_> = errors.iter().map(|e| (e.code, e.message.clone(), e.parameter.clone())).collect();
+            let triples: Vec<_> = errors
+                .iter()
+                .map(|e| (e.code, e.message.clone(), e.parameter.clone()))
+                .collect();
             return x_error(contract::status_of(&errors), &triples, Some(&account.id));
         }
     };
@@ -335,7 +425,13 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
     let rejected: Vec<(&str, String, String)> = list
         .iter()
         .filter_map(|c| c.get("conversion_id").and_then(Value::as_str))
-        .filter_map(|id| inner.faults.reject.get(id).map(|m| ("INVALID_PARAMETER", m.clone(), "conversion_id".to_string())))
+        .filter_map(|id| {
+            inner
+                .faults
+                .reject
+                .get(id)
+                .map(|m| ("INVALID_PARAMETER", m.clone(), "conversion_id".to_string()))
+        })
         .collect();
     if !rejected.is_empty() {
         rec.errors.extend(rejected.iter().map(|r| r.1.clone()));
@@ -354,7 +450,15 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
         let remaining = rl.events.saturating_sub(window.1);
         drop(inner);
         rec.errors.push("rate limit exceeded".into());
-        let mut resp = x_error(429, &[("TOO_MANY_REQUESTS", "Rate limit exceeded".into(), String::new())], Some(&account.id));
+        let mut resp = x_error(
+            429,
+            &[(
+                "TOO_MANY_REQUESTS",
+                "Rate limit exceeded".into(),
+                String::new(),
+            )],
+            Some(&account.id),
+        );
         rate_headers(&mut resp, rl.events, remaining, reset);
         return resp;
     }
@@ -363,7 +467,14 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
     drop(inner);
 
     let debug_id = format!("{:032x}", rand::random::<u128>());
-    let debug_id = format!("{}-{}-{}-{}-{}", &debug_id[..8], &debug_id[8..12], &debug_id[12..16], &debug_id[16..20], &debug_id[20..]);
+    let debug_id = format!(
+        "{}-{}-{}-{}-{}",
+        &debug_id[..8],
+        &debug_id[8..12],
+        &debug_id[12..16],
+        &debug_id[16..20],
+        &debug_id[20..]
+    );
     rec.debug_id = Some(debug_id.clone());
     let mut resp = (
         StatusCode::OK,
@@ -374,7 +485,13 @@ fn handle(fake: &FakeX, version: &str, pixel_id: &str, uri: &Uri, headers: &Head
     resp
 }
 
-fn authenticate(fake: &FakeX, account: &FakeAccount, uri: &Uri, headers: &HeaderMap, rec: &mut Recorded) -> Result<(), String> {
+fn authenticate(
+    fake: &FakeX,
+    account: &FakeAccount,
+    uri: &Uri,
+    headers: &HeaderMap,
+    rec: &mut Recorded,
+) -> Result<(), String> {
     if let Some(token) = headers.get("x-pixel-token") {
         rec.auth = "pixel_token".into();
         return match &account.pixel_token {
@@ -390,7 +507,10 @@ fn authenticate(fake: &FakeX, account: &FakeAccount, uri: &Uri, headers: &Header
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     rec.oauth_nonce = get("oauth_nonce").map(String::from);
     rec.oauth_timestamp = get("oauth_timestamp").map(String::from);
-    let creds = account.oauth.as_ref().ok_or("account has no OAuth credentials")?;
+    let creds = account
+        .oauth
+        .as_ref()
+        .ok_or("account has no OAuth credentials")?;
     if get("oauth_signature_method") != Some("HMAC-SHA1") {
         return Err("oauth_signature_method must be HMAC-SHA1".into());
     }
@@ -403,18 +523,32 @@ fn authenticate(fake: &FakeX, account: &FakeAccount, uri: &Uri, headers: &Header
     if get("oauth_token") != Some(creds.access_token.as_str()) {
         return Err("unknown access token".into());
     }
-    let timestamp: u64 = get("oauth_timestamp").and_then(|t| t.parse().ok()).ok_or("missing oauth_timestamp")?;
+    let timestamp: u64 = get("oauth_timestamp")
+        .and_then(|t| t.parse().ok())
+        .ok_or("missing oauth_timestamp")?;
     if timestamp.abs_diff(now_secs()) > fake.config.max_clock_skew_secs {
         return Err("oauth_timestamp too far from the server clock".into());
     }
-    let nonce = get("oauth_nonce").filter(|n| !n.is_empty()).ok_or("missing oauth_nonce")?;
+    let nonce = get("oauth_nonce")
+        .filter(|n| !n.is_empty())
+        .ok_or("missing oauth_nonce")?;
     let signature = get("oauth_signature").ok_or("missing oauth_signature")?;
     let mut all = params.clone();
     if let Some(q) = uri.query() {
-        all.extend(url::form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())));
+        all.extend(
+            url::form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned())),
+        );
     }
-    let host = headers.get("host").and_then(|h| h.to_str().ok()).ok_or("no Host header")?;
-    let base = oauth::base_string("POST", &oauth::base_string_uri("http", host, uri.path()), &all);
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .ok_or("no Host header")?;
+    let base = oauth::base_string(
+        "POST",
+        &oauth::base_string_uri("http", host, uri.path()),
+        &all,
+    );
     let expected = oauth::sign(&base, &creds.consumer_secret, &creds.access_token_secret);
     if expected != signature {
         return Err("signature does not match".into());
@@ -422,7 +556,11 @@ fn authenticate(fake: &FakeX, account: &FakeAccount, uri: &Uri, headers: &Header
     let mut inner = fake.lock();
     let horizon = now_secs().saturating_sub(2 * fake.config.max_clock_skew_secs);
     inner.nonces.retain(|_, ts| *ts >= horizon);
-    if inner.nonces.insert(format!("{}:{nonce}", creds.consumer_key), timestamp).is_some() {
+    if inner
+        .nonces
+        .insert(format!("{}:{nonce}", creds.consumer_key), timestamp)
+        .is_some()
+    {
         return Err("replayed nonce".into());
     }
     Ok(())
@@ -439,13 +577,18 @@ async fn list_conversions(State(fake): State<Arc<FakeX>>) -> Json<Value> {
         .filter(|r| (200..300).contains(&r.status))
         .flat_map(|r| {
             let (seq, pixel, debug) = (r.seq, r.pixel_id, r.debug_id);
-            r.conversions.into_iter().map(move |c| json!({"seq": seq, "pixel_id": pixel, "debug_id": debug, "conversion": c}))
+            r.conversions.into_iter().map(
+                move |c| json!({"seq": seq, "pixel_id": pixel, "debug_id": debug, "conversion": c}),
+            )
         })
         .collect();
     Json(json!({"conversions": out}))
 }
 
-async fn set_faults(State(fake): State<Arc<FakeX>>, Json(spec): Json<FaultSpec>) -> impl IntoResponse {
+async fn set_faults(
+    State(fake): State<Arc<FakeX>>,
+    Json(spec): Json<FaultSpec>,
+) -> impl IntoResponse {
     let mut inner = fake.lock();
     if let Some(status) = spec.status {
         inner.faults.status = Some((status, spec.count.unwrap_or(1).max(1)));
@@ -457,11 +600,16 @@ async fn set_faults(State(fake): State<Arc<FakeX>>, Json(spec): Json<FaultSpec>)
         inner.faults.rate_limited_until = Some(now_secs() + secs);
     }
     if let Some(id) = spec.reject_conversion_id {
-        let message = spec.message.unwrap_or_else(|| format!("conversion_id ({id}) was rejected by fake-x-api"));
+        let message = spec
+            .message
+            .unwrap_or_else(|| format!("conversion_id ({id}) was rejected by fake-x-api"));
         inner.faults.reject.insert(id, message);
     }
     let until = inner.faults.rate_limited_until;
-    (StatusCode::OK, Json(json!({"ok": true, "rate_limited_until": until})))
+    (
+        StatusCode::OK,
+        Json(json!({"ok": true, "rate_limited_until": until})),
+    )
 }
 
 async fn clear_faults(State(fake): State<Arc<FakeX>>) -> StatusCode {

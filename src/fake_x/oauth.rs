@@ -7,7 +7,11 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use sha1::Sha1;
 
 /// RFC 5849 §3.6: everything but ALPHA, DIGIT, '-', '.', '_', '~' is encoded.
-const RFC3986: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const RFC3986: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 pub fn encode(s: &str) -> String {
     utf8_percent_encode(s, RFC3986).to_string()
@@ -24,7 +28,13 @@ pub fn parse_header(header: &str) -> Option<Vec<(String, String)>> {
         }
         let (k, v) = part.split_once('=')?;
         let v = v.trim().strip_prefix('"')?.strip_suffix('"')?;
-        out.push((percent_decode_str(k.trim()).decode_utf8().ok()?.into_owned(), percent_decode_str(v).decode_utf8().ok()?.into_owned()));
+        out.push((
+            percent_decode_str(k.trim())
+                .decode_utf8()
+                .ok()?
+                .into_owned(),
+            percent_decode_str(v).decode_utf8().ok()?.into_owned(),
+        ));
     }
     Some(out)
 }
@@ -38,14 +48,24 @@ pub fn base_string(method: &str, base_uri: &str, params: &[(String, String)]) ->
         .map(|(k, v)| (encode(k), encode(v)))
         .collect();
     pairs.sort();
-    let normalized = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
-    format!("{}&{}&{}", method.to_ascii_uppercase(), encode(base_uri), encode(&normalized))
+    let normalized = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    format!(
+        "{}&{}&{}",
+        method.to_ascii_uppercase(),
+        encode(base_uri),
+        encode(&normalized)
+    )
 }
 
 /// HMAC-SHA1 over the base string with key `enc(consumer_secret)&enc(token_secret)`, base64.
 pub fn sign(base: &str, consumer_secret: &str, token_secret: &str) -> String {
     let key = format!("{}&{}", encode(consumer_secret), encode(token_secret));
-    let mut mac = Hmac::<Sha1>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac =
+        Hmac::<Sha1>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(base.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
@@ -68,7 +88,8 @@ mod tests {
 
     #[test]
     fn known_answers() {
-        let v: Value = serde_json::from_str(include_str!("../../tests/vectors/oauth1.json")).unwrap();
+        let v: Value =
+            serde_json::from_str(include_str!("../../tests/vectors/oauth1.json")).unwrap();
         for case in v["cases"].as_array().unwrap() {
             let uri = url::Url::parse(case["uri"].as_str().unwrap()).unwrap();
             let mut params: Vec<(String, String)> = case["oauth_params"]
@@ -78,7 +99,10 @@ mod tests {
                 .chain(case["form_body_params"].as_object().unwrap())
                 .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
                 .collect();
-            params.extend(uri.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())));
+            params.extend(
+                uri.query_pairs()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned())),
+            );
             let host = match uri.port() {
                 Some(p) => format!("{}:{p}", uri.host_str().unwrap()),
                 None => uri.host_str().unwrap().to_owned(),
@@ -88,9 +112,23 @@ mod tests {
                 &base_string_uri(uri.scheme(), &host, uri.path()),
                 &params,
             );
-            assert_eq!(base, case["signature_base_string"].as_str().unwrap(), "{}", case["name"]);
-            let sig = sign(&base, case["consumer_secret"].as_str().unwrap(), case["token_secret"].as_str().unwrap());
-            assert_eq!(sig, case["oauth_signature"].as_str().unwrap(), "{}", case["name"]);
+            assert_eq!(
+                base,
+                case["signature_base_string"].as_str().unwrap(),
+                "{}",
+                case["name"]
+            );
+            let sig = sign(
+                &base,
+                case["consumer_secret"].as_str().unwrap(),
+                case["token_secret"].as_str().unwrap(),
+            );
+            assert_eq!(
+                sig,
+                case["oauth_signature"].as_str().unwrap(),
+                "{}",
+                case["name"]
+            );
         }
     }
 
@@ -105,7 +143,13 @@ mod tests {
 
     #[test]
     fn default_ports_are_dropped() {
-        assert_eq!(base_string_uri("HTTP", "Example.COM:80", "/r"), "http://example.com/r");
-        assert_eq!(base_string_uri("http", "127.0.0.1:18080", "/r"), "http://127.0.0.1:18080/r");
+        assert_eq!(
+            base_string_uri("HTTP", "Example.COM:80", "/r"),
+            "http://example.com/r"
+        );
+        assert_eq!(
+            base_string_uri("http", "127.0.0.1:18080", "/r"),
+            "http://127.0.0.1:18080/r"
+        );
     }
 }

@@ -30,7 +30,11 @@ pub struct MemorySpool {
 
 impl MemorySpool {
     pub fn new(dedup_window: Duration, capacity: usize) -> Self {
-        MemorySpool { dedup_window, capacity, inner: Mutex::new(Inner::default()) }
+        MemorySpool {
+            dedup_window,
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -40,7 +44,10 @@ impl MemorySpool {
 
 impl Inner {
     fn notifier(&mut self, account: &str) -> Arc<Notify> {
-        self.notifiers.entry(account.to_owned()).or_default().clone()
+        self.notifiers
+            .entry(account.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn expire(&mut self, horizon_ms: i64) {
@@ -82,7 +89,11 @@ impl Spool for MemorySpool {
                 if !touched.contains(&record.account) {
                     touched.push(record.account.clone());
                 }
-                inner.queues.entry(record.account.clone()).or_default().insert(id, record);
+                inner
+                    .queues
+                    .entry(record.account.clone())
+                    .or_default()
+                    .insert(id, record);
                 out.push(Admission::Queued);
             }
             for account in touched {
@@ -93,17 +104,33 @@ impl Spool for MemorySpool {
         async move { result }.boxed()
     }
 
-    fn peek<'a>(&'a self, account: &'a str, max: usize) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
+    fn peek<'a>(
+        &'a self,
+        account: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
         let entries = self
             .lock()
             .queues
             .get(account)
-            .map(|q| q.iter().take(max).map(|(id, r)| Entry { id: *id, record: r.clone() }).collect())
+            .map(|q| {
+                q.iter()
+                    .take(max)
+                    .map(|(id, r)| Entry {
+                        id: *id,
+                        record: r.clone(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         async move { Ok(entries) }.boxed()
     }
 
-    fn ack<'a>(&'a self, account: &'a str, ids: &'a [u64]) -> BoxFuture<'a, Result<(), SpoolError>> {
+    fn ack<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<(), SpoolError>> {
         if let Some(q) = self.lock().queues.get_mut(account) {
             for id in ids {
                 q.remove(id);
@@ -148,10 +175,32 @@ mod tests {
     #[tokio::test]
     async fn order_ack_and_dedup() {
         let spool = MemorySpool::new(Duration::from_secs(10), 100);
-        let got = spool.append(vec![record("a", "1", 0), record("a", "2", 0), record("b", "1", 0), record("a", "1", 5)]).await.unwrap();
-        assert_eq!(got, [Admission::Queued, Admission::Queued, Admission::Queued, Admission::Duplicate]);
+        let got = spool
+            .append(vec![
+                record("a", "1", 0),
+                record("a", "2", 0),
+                record("b", "1", 0),
+                record("a", "1", 5),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            [
+                Admission::Queued,
+                Admission::Queued,
+                Admission::Queued,
+                Admission::Duplicate
+            ]
+        );
         let batch = spool.peek("a", 10).await.unwrap();
-        assert_eq!(batch.iter().map(|e| e.record.conversion.conversion_id.as_str()).collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(
+            batch
+                .iter()
+                .map(|e| e.record.conversion.conversion_id.as_str())
+                .collect::<Vec<_>>(),
+            ["1", "2"]
+        );
         spool.ack("a", &[batch[0].id]).await.unwrap();
         assert_eq!(spool.backlog("a"), 1);
         assert_eq!(spool.backlog("b"), 1);
@@ -163,7 +212,16 @@ mod tests {
     #[tokio::test]
     async fn full_spool_refuses_whole_call() {
         let spool = MemorySpool::new(Duration::from_secs(10), 2);
-        assert_eq!(spool.append(vec![record("a", "1", 0), record("a", "2", 0), record("a", "3", 0)]).await, Err(SpoolError::Full));
+        assert_eq!(
+            spool
+                .append(vec![
+                    record("a", "1", 0),
+                    record("a", "2", 0),
+                    record("a", "3", 0)
+                ])
+                .await,
+            Err(SpoolError::Full)
+        );
         assert_eq!(spool.backlog("a"), 0);
     }
 }

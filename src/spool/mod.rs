@@ -29,7 +29,11 @@ pub struct Record {
 impl Record {
     /// The key X deduplicates on, scoped to the account.
     pub fn dedup_key(&self) -> (String, String, String) {
-        (self.account.clone(), self.conversion.event_id.clone(), self.conversion.conversion_id.clone())
+        (
+            self.account.clone(),
+            self.conversion.event_id.clone(),
+            self.conversion.conversion_id.clone(),
+        )
     }
 }
 
@@ -71,10 +75,15 @@ pub trait Spool: Send + Sync + 'static {
     fn append(&self, records: Vec<Record>) -> BoxFuture<'_, Result<Vec<Admission>, SpoolError>>;
 
     /// Up to `max` of the oldest waiting records of `account`, oldest first; nothing is removed.
-    fn peek<'a>(&'a self, account: &'a str, max: usize) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>>;
+    fn peek<'a>(
+        &'a self,
+        account: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>>;
 
     /// Removes the given records of `account` (delivered, or moved to dead letters).
-    fn ack<'a>(&'a self, account: &'a str, ids: &'a [u64]) -> BoxFuture<'a, Result<(), SpoolError>>;
+    fn ack<'a>(&'a self, account: &'a str, ids: &'a [u64])
+        -> BoxFuture<'a, Result<(), SpoolError>>;
 
     /// How many records of `account` are waiting.
     fn backlog(&self, account: &str) -> usize;

@@ -32,9 +32,21 @@ pub fn oauth1_header(
 /// Adds the account's credentials to a request.
 pub fn apply(request: reqwest::RequestBuilder, auth: &Auth, uri: &str) -> reqwest::RequestBuilder {
     match auth {
-        Auth::Oauth1 { consumer_key, consumer_secret, access_token, access_token_secret } => request.header(
+        Auth::Oauth1 {
+            consumer_key,
+            consumer_secret,
+            access_token,
+            access_token_secret,
+        } => request.header(
             reqwest::header::AUTHORIZATION,
-            oauth1_header(consumer_key, consumer_secret, access_token, access_token_secret, uri, None),
+            oauth1_header(
+                consumer_key,
+                consumer_secret,
+                access_token,
+                access_token_secret,
+                uri,
+                None,
+            ),
         ),
         Auth::PixelToken { token } => request.header("x-pixel-token", token.expose()),
     }
@@ -54,7 +66,8 @@ mod tests {
     /// The conversions-endpoint cases of `shared/vectors/oauth1.json` (no form body, JSON not signed).
     #[test]
     fn signatures_match_the_known_answers() {
-        let v: Value = serde_json::from_str(include_str!("../../tests/vectors/oauth1.json")).unwrap();
+        let v: Value =
+            serde_json::from_str(include_str!("../../tests/vectors/oauth1.json")).unwrap();
         let mut checked = 0;
         for case in v["cases"].as_array().unwrap() {
             if !case["form_body_params"].as_object().unwrap().is_empty() {
@@ -68,10 +81,20 @@ mod tests {
                 &s(&p["oauth_token"]),
                 &s(&case["token_secret"]),
                 case["uri"].as_str().unwrap(),
-                Some((p["oauth_nonce"].as_str().unwrap(), p["oauth_timestamp"].as_str().unwrap().parse().unwrap())),
+                Some((
+                    p["oauth_nonce"].as_str().unwrap(),
+                    p["oauth_timestamp"].as_str().unwrap().parse().unwrap(),
+                )),
             );
-            let sig = percent_encoding::percent_decode_str(param(&header, "oauth_signature")).decode_utf8().unwrap();
-            assert_eq!(sig, case["oauth_signature"].as_str().unwrap(), "{}", case["name"]);
+            let sig = percent_encoding::percent_decode_str(param(&header, "oauth_signature"))
+                .decode_utf8()
+                .unwrap();
+            assert_eq!(
+                sig,
+                case["oauth_signature"].as_str().unwrap(),
+                "{}",
+                case["name"]
+            );
             assert_eq!(param(&header, "oauth_version"), "1.0");
             checked += 1;
         }
@@ -81,8 +104,22 @@ mod tests {
     #[test]
     fn every_call_draws_a_fresh_nonce() {
         let s = Secret::new("x");
-        let a = oauth1_header(&s, &s, &s, &s, "https://ads-api.x.com/12/measurement/conversions/o9d7n", None);
-        let b = oauth1_header(&s, &s, &s, &s, "https://ads-api.x.com/12/measurement/conversions/o9d7n", None);
+        let a = oauth1_header(
+            &s,
+            &s,
+            &s,
+            &s,
+            "https://ads-api.x.com/12/measurement/conversions/o9d7n",
+            None,
+        );
+        let b = oauth1_header(
+            &s,
+            &s,
+            &s,
+            &s,
+            "https://ads-api.x.com/12/measurement/conversions/o9d7n",
+            None,
+        );
         assert_ne!(param(&a, "oauth_nonce"), param(&b, "oauth_nonce"));
         assert_ne!(param(&a, "oauth_signature"), param(&b, "oauth_signature"));
     }

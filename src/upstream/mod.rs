@@ -48,12 +48,19 @@ impl Client {
             .connect_timeout(settings.timeout)
             .user_agent(concat!("conversion-gateway/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Client { http, settings, sandbox_log: Mutex::new(VecDeque::new()) })
+        Ok(Client {
+            http,
+            settings,
+            sandbox_log: Mutex::new(VecDeque::new()),
+        })
     }
 
     /// `{base_url}/{api_version}/measurement/conversions/{pixel_id}`
     pub fn endpoint(&self, pixel_id: &str) -> String {
-        format!("{}/{}/measurement/conversions/{}", self.settings.base_url, self.settings.api_version, pixel_id)
+        format!(
+            "{}/{}/measurement/conversions/{}",
+            self.settings.base_url, self.settings.api_version, pixel_id
+        )
     }
 
     /// Sends one batch (at most 500 conversions) and classifies the response.
@@ -61,15 +68,25 @@ impl Client {
         let url = self.endpoint(&target.pixel_id);
         let body = match serde_json::to_vec(&Batch { conversions }) {
             Ok(b) => b,
-            Err(e) => return Outcome::Transport { message: format!("could not encode the batch: {e}") },
+            Err(e) => {
+                return Outcome::Transport {
+                    message: format!("could not encode the batch: {e}"),
+                }
+            }
         };
         if self.settings.sandbox {
             return self.record_sandbox(target, url, &body, conversions);
         }
         let Some(auth) = &target.auth else {
-            return Outcome::Transport { message: "account has no credentials (only sandbox mode runs without)".into() };
+            return Outcome::Transport {
+                message: "account has no credentials (only sandbox mode runs without)".into(),
+            };
         };
-        let request = self.http.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        let request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         let request = auth::apply(request, auth, &url);
         let response = match request.send().await {
             Ok(r) => r,
@@ -78,25 +95,59 @@ impl Client {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         match response.bytes().await {
-            Ok(bytes) => classify(status, |name| headers.get(name).and_then(|v| v.to_str().ok()), &bytes),
+            Ok(bytes) => classify(
+                status,
+                |name| headers.get(name).and_then(|v| v.to_str().ok()),
+                &bytes,
+            ),
             Err(e) if e.is_timeout() => Outcome::Timeout,
             // The status arrived; a broken body does not change what it means.
-            Err(_) => classify(status, |name| headers.get(name).and_then(|v| v.to_str().ok()), b""),
+            Err(_) => classify(
+                status,
+                |name| headers.get(name).and_then(|v| v.to_str().ok()),
+                b"",
+            ),
         }
     }
 
-    fn record_sandbox(&self, target: &Target, url: String, body: &[u8], conversions: &[Conversion]) -> Outcome {
+    fn record_sandbox(
+        &self,
+        target: &Target,
+        url: String,
+        body: &[u8],
+        conversions: &[Conversion],
+    ) -> Outcome {
         let pixels: HashSet<String> = [target.pixel_id.clone()].into();
-        if let Err(errors) = contract::validate(body, &contract::Scope { account_sets: None, pixels: &pixels }) {
+        if let Err(errors) = contract::validate(
+            body,
+            &contract::Scope {
+                account_sets: None,
+                pixels: &pixels,
+            },
+        ) {
             let status = contract::status_of(&errors);
             let errors = errors
                 .into_iter()
-                .map(|e| XError { code: e.code.into(), message: e.message, parameter: Some(e.parameter) })
+                .map(|e| XError {
+                    code: e.code.into(),
+                    message: e.message,
+                    parameter: Some(e.parameter),
+                })
                 .collect();
-            return Outcome::Refused { status, errors, rate_limit: RateLimitInfo::default(), body_excerpt: None };
+            return Outcome::Refused {
+                status,
+                errors,
+                rate_limit: RateLimitInfo::default(),
+                body_excerpt: None,
+            };
         }
         let debug_id = format!("sandbox-{:032x}", rand::random::<u128>());
-        let batch = SandboxBatch { account: target.account.clone(), url, debug_id: debug_id.clone(), conversions: conversions.to_vec() };
+        let batch = SandboxBatch {
+            account: target.account.clone(),
+            url,
+            debug_id: debug_id.clone(),
+            conversions: conversions.to_vec(),
+        };
         if let Ok(mut log) = self.sandbox_log.lock() {
             if log.len() == SANDBOX_KEEP {
                 log.pop_front();
@@ -113,7 +164,10 @@ impl Client {
 
     /// The most recent batches built in sandbox mode, oldest first.
     pub fn sandbox_batches(&self) -> Vec<SandboxBatch> {
-        self.sandbox_log.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default()
+        self.sandbox_log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

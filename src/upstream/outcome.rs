@@ -45,7 +45,12 @@ impl RateLimitInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// 2xx: X took the batch.
-    Accepted { status: u16, conversions_processed: Option<u64>, debug_id: Option<String>, rate_limit: RateLimitInfo },
+    Accepted {
+        status: u16,
+        conversions_processed: Option<u64>,
+        debug_id: Option<String>,
+        rate_limit: RateLimitInfo,
+    },
     /// Any other status, with whatever the body said.
     Refused {
         status: u16,
@@ -64,7 +69,9 @@ impl Outcome {
     /// A short, fixed label for metrics and logs: the status code, `timeout` or `connect_error`.
     pub fn status_label(&self) -> String {
         match self {
-            Outcome::Accepted { status, .. } | Outcome::Refused { status, .. } => status.to_string(),
+            Outcome::Accepted { status, .. } | Outcome::Refused { status, .. } => {
+                status.to_string()
+            }
             Outcome::Timeout => "timeout".into(),
             Outcome::Transport { .. } => "connect_error".into(),
         }
@@ -74,10 +81,19 @@ impl Outcome {
     pub fn message(&self) -> String {
         match self {
             Outcome::Accepted { .. } => "accepted".into(),
-            Outcome::Refused { errors, body_excerpt, status, .. } if errors.is_empty() => {
-                body_excerpt.clone().unwrap_or_else(|| format!("HTTP {status} without a body"))
-            }
-            Outcome::Refused { errors, .. } => errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
+            Outcome::Refused {
+                errors,
+                body_excerpt,
+                status,
+                ..
+            } if errors.is_empty() => body_excerpt
+                .clone()
+                .unwrap_or_else(|| format!("HTTP {status} without a body")),
+            Outcome::Refused { errors, .. } => errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
             Outcome::Timeout => "no response within upstream.timeout".into(),
             Outcome::Transport { message } => message.clone(),
         }
@@ -114,7 +130,9 @@ pub fn classify<'a>(status: u16, header: impl Fn(&str) -> Option<&'a str>, body:
         retry_after: num("retry-after").map(Duration::from_secs),
     };
     if (200..300).contains(&status) {
-        let data = serde_json::from_slice::<SuccessBody>(body).ok().and_then(|b| b.data);
+        let data = serde_json::from_slice::<SuccessBody>(body)
+            .ok()
+            .and_then(|b| b.data);
         return Outcome::Accepted {
             status,
             conversions_processed: data.as_ref().and_then(|d| d.conversions_processed),
@@ -123,12 +141,22 @@ pub fn classify<'a>(status: u16, header: impl Fn(&str) -> Option<&'a str>, body:
         };
     }
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(b) if !b.errors.is_empty() => Outcome::Refused { status, errors: b.errors, rate_limit, body_excerpt: None },
+        Ok(b) if !b.errors.is_empty() => Outcome::Refused {
+            status,
+            errors: b.errors,
+            rate_limit,
+            body_excerpt: None,
+        },
         _ => {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
             let excerpt = (!text.is_empty()).then(|| text.chars().take(200).collect::<String>());
-            Outcome::Refused { status, errors: Vec::new(), rate_limit, body_excerpt: excerpt }
+            Outcome::Refused {
+                status,
+                errors: Vec::new(),
+                rate_limit,
+                body_excerpt: excerpt,
+            }
         }
     }
 }
@@ -146,9 +174,16 @@ mod tests {
     fn success_keeps_debug_id() {
         let body = br#"{"request":{"params":{"account_id":"18ce552mlaq"}},"data":{"conversions_processed":1,"debug_id":"ff02e052-36e4-47d6-bdf0-6d8986446562"}}"#;
         match classify(200, no_headers, body) {
-            Outcome::Accepted { conversions_processed, debug_id, .. } => {
+            Outcome::Accepted {
+                conversions_processed,
+                debug_id,
+                ..
+            } => {
                 assert_eq!(conversions_processed, Some(1));
-                assert_eq!(debug_id.as_deref(), Some("ff02e052-36e4-47d6-bdf0-6d8986446562"));
+                assert_eq!(
+                    debug_id.as_deref(),
+                    Some("ff02e052-36e4-47d6-bdf0-6d8986446562")
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -159,7 +194,10 @@ mod tests {
         let body = br#"{"errors":[{"code":"INVALID_PARAMETER","message":"event_id (o6dkt) is not a single event tag (SET)","parameter":"event_id"}],"request":{"params":{"account_id":"18ce552mlaq"}}}"#;
         let o = classify(400, no_headers, body);
         assert_eq!(o.status_label(), "400");
-        assert_eq!(o.message(), "event_id (o6dkt) is not a single event tag (SET)");
+        assert_eq!(
+            o.message(),
+            "event_id (o6dkt) is not a single event tag (SET)"
+        );
         match o {
             Outcome::Refused { errors, .. } => {
                 assert_eq!(errors[0].code, "INVALID_PARAMETER");
@@ -171,8 +209,14 @@ mod tests {
 
     #[test]
     fn html_and_empty_bodies_still_classify() {
-        let o = classify(404, no_headers, b"<html><body>Sorry, that page does not exist</body></html>");
-        assert!(matches!(&o, Outcome::Refused { status: 404, errors, body_excerpt: Some(_), .. } if errors.is_empty()));
+        let o = classify(
+            404,
+            no_headers,
+            b"<html><body>Sorry, that page does not exist</body></html>",
+        );
+        assert!(
+            matches!(&o, Outcome::Refused { status: 404, errors, body_excerpt: Some(_), .. } if errors.is_empty())
+        );
         let o = classify(503, no_headers, b"");
         assert_eq!(o.message(), "HTTP 503 without a body");
     }
@@ -186,7 +230,11 @@ mod tests {
             "retry-after" => Some("30"),
             _ => None,
         };
-        match classify(429, h, br#"{"errors":[{"code":"TOO_MANY_REQUESTS","message":"Rate limit exceeded"}]}"#) {
+        match classify(
+            429,
+            h,
+            br#"{"errors":[{"code":"TOO_MANY_REQUESTS","message":"Rate limit exceeded"}]}"#,
+        ) {
             Outcome::Refused { rate_limit, .. } => {
                 assert!(rate_limit.exhausted());
                 assert_eq!(rate_limit.latest_reset(), Some(1764331260));

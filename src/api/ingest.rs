@@ -1,0 +1,207 @@
+//! `POST /v1/events`: authenticate, bound and parse the body, judge every event on its own, spool the
+//! accepted ones, answer with counts and per-event errors.
+//!
+//! Invariants: raw email and phone numbers live only in this request's memory; `202` is answered only
+//! after the spool took the accepted events; one bad event never affects the others of the request.
+
+use super::{AppState, Problem};
+use crate::conversion::{map_event, FieldError, Judgement};
+use crate::spool::{Admission, Record};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http_body_util::BodyExt;
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct IngestResponse {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub suppressed: usize,
+    pub rejected: Vec<RejectedEvent>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct RejectedEvent {
+    pub index: usize,
+    pub errors: Vec<FieldError>,
+}
+
+pub async fn ingest(State(st): State<Arc<AppState>>, request: Request) -> Response {
+    match handle(&st, request).await {
+        Ok(r) => r,
+        Err(p) => p.into_response(),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+async fn read_body(
+    body: Body,
+    limit: usize,
+    headers: &HeaderMap,
+) -> Result<axum::body::Bytes, Problem> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Payload too large",
+            format!("the body is larger than server.max_body_bytes ({limit} bytes); send fewer events per request"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    // Limited stops reading as soon as the limit is passed: an oversized body is never buffered whole.
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(_) => Err(Problem::bad_request("the request body could not be read")),
+    }
+}
+
+async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
+    if st.is_shutting_down() {
+        return Err(Problem::unavailable(
+            "the gateway is shutting down; retry against another instance or in a moment",
+            5,
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    st.keys
+        .check(&parts.headers)
+        .map_err(Problem::unauthorized)?;
+    if !is_json(&parts.headers) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "send the events as JSON with Content-Type: application/json",
+        ));
+    }
+    let bytes = read_body(body, st.max_body_bytes, &parts.headers).await?;
+    let parsed: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let events: Vec<Value> = match parsed {
+        Value::Object(mut obj) if obj.contains_key("events") => {
+            if let Some(extra) = obj.keys().find(|k| *k != "events") {
+                return Err(Problem::bad_request(format!(
+                    "unexpected top-level field {extra:?}: a batch is {{\"events\": [...]}} and nothing else; put fields inside each event"
+                )));
+            }
+            match obj.remove("events") {
+                Some(Value::Array(list)) => list,
+                _ => {
+                    return Err(Problem::bad_request(
+                        "events must be an array of event objects",
+                    ))
+                }
+            }
+        }
+        obj @ Value::Object(_) => vec![obj],
+        _ => {
+            return Err(Problem::bad_request(
+                "the body must be one event object or {\"events\": [ ... ]}",
+            ))
+        }
+    };
+    if events.is_empty() {
+        return Err(Problem::bad_request(
+            "events is empty; send at least one event",
+        ));
+    }
+    if events.len() > st.max_events_per_request {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-many-events",
+            "Too many events",
+            format!(
+                "{} events in one request; at most {} are accepted (server.max_events_per_request): split the request",
+                events.len(),
+                st.max_events_per_request
+            ),
+        ));
+    }
+
+    let now = (st.now)();
+    let received_at_ms = now.timestamp_millis();
+    let mut out = IngestResponse {
+        accepted: 0,
+        duplicates: 0,
+        suppressed: 0,
+        rejected: Vec::new(),
+    };
+    let mut records = Vec::new();
+    for (index, raw) in events.iter().enumerate() {
+        match map_event(raw, &st.rules, now) {
+            Judgement::Accepted {
+                account,
+                conversion,
+            } => records.push(Record {
+                account,
+                conversion,
+                received_at_ms,
+            }),
+            Judgement::Suppressed { .. } => out.suppressed += 1,
+            Judgement::Rejected(errors) => out.rejected.push(RejectedEvent { index, errors }),
+        }
+    }
+    drop(events);
+    if !records.is_empty() {
+        let admissions = st.spool.append(records).await.map_err(|e| {
+            tracing::error!(error = %e, "spool refused events");
+            Problem::unavailable(
+                format!("{e}; nothing of this request was accepted, retry later"),
+                1,
+            )
+        })?;
+        for a in admissions {
+            match a {
+                Admission::Queued => out.accepted += 1,
+                Admission::Duplicate => out.duplicates += 1,
+            }
+        }
+    }
+    tracing::debug!(
+        accepted = out.accepted,
+        duplicates = out.duplicates,
+        suppressed = out.suppressed,
+        rejected = out.rejected.len(),
+        "ingest"
+    );
+    let total = out.accepted + out.duplicates + out.suppressed + out.rejected.len();
+    let status = if out.rejected.len() == total {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(out)).into_response())
+}
