@@ -1,0 +1,232 @@
+//! The ingest router driven with `oneshot`: every status and shape of `POST /v1/events`.
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use conversion_gateway::api::{self, ApiKeys, AppState};
+use conversion_gateway::config::Secret;
+use conversion_gateway::conversion::{AccountRules, Rules};
+use conversion_gateway::spool::{MemorySpool, Spool};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+const KEY: &str = "test-key-1";
+
+fn state_with(spool: Arc<dyn Spool>, accounts: &[&str]) -> Arc<AppState> {
+    let accounts = accounts
+        .iter()
+        .map(|n| {
+            let events = [("purchase".to_string(), "o9d2g".to_string())].into();
+            (n.to_string(), AccountRules { pixel_id: "o9d7n".into(), events, default_phone_region: phonenumber::country::Id::US })
+        })
+        .collect();
+    Arc::new(AppState {
+        rules: Rules { accounts, max_event_age: Duration::from_secs(7 * 86400) },
+        spool,
+        keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),
+        max_body_bytes: 4096,
+        max_events_per_request: 5,
+        shutting_down: Default::default(),
+        now: chrono::Utc::now,
+    })
+}
+
+fn setup() -> (Router, Arc<MemorySpool>, Arc<AppState>) {
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    let st = state_with(spool.clone(), &["acme"]);
+    (api::app(st.clone()), spool, st)
+}
+
+fn post() -> axum::http::request::Builder {
+    Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}")).header(header::CONTENT_TYPE, "application/json")
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+async fn post_json(app: &Router, body: Value) -> (StatusCode, Value, axum::http::HeaderMap) {
+    send(app, post().body(Body::from(body.to_string())).unwrap()).await
+}
+
+fn assert_problem(status: StatusCode, body: &Value, headers: &axum::http::HeaderMap, want: StatusCode, needle: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+    assert_eq!(body["status"], want.as_u16());
+    assert!(body["detail"].as_str().unwrap().contains(needle), "{body}");
+}
+
+#[tokio::test]
+async fn single_event_is_accepted_and_spooled_hashed() {
+    let (app, spool, _) = setup();
+    let (status, body, _) = post_json(&app, json!({"event": "purchase", "email": "Jane.Doe@Example.com", "phone": "(650) 253-0000"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body, json!({"accepted": 1, "duplicates": 0, "suppressed": 0, "rejected": []}));
+    let waiting = spool.peek("acme", 10).await.unwrap();
+    assert_eq!(waiting.len(), 1);
+    let stored = serde_json::to_string(&waiting[0].record).unwrap();
+    assert!(!stored.to_lowercase().contains("jane") && !stored.contains("253"), "{stored}");
+}
+
+#[tokio::test]
+async fn batch_counts_every_outcome_and_keeps_indexes() {
+    let (app, spool, _) = setup();
+    let events = json!({"events": [
+        {"event": "purchase", "twclid": "a", "conversion_id": "1"},
+        {"event": "purchase", "twclid": "a", "conversion_id": "1"},
+        {"event": "purchase", "twclid": "b", "opt_out": true},
+        {"event": "nope", "twclid": "c"},
+        "not an object",
+    ]});
+    let (status, body, _) = post_json(&app, events).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["duplicates"], 1);
+    assert_eq!(body["suppressed"], 1);
+    let rejected = body["rejected"].as_array().unwrap();
+    assert_eq!(rejected.iter().map(|r| r["index"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(rejected[0]["errors"][0]["field"], "event");
+    assert_eq!(spool.backlog("acme"), 1);
+
+    // The identical POST again: recognised, nothing queued twice.
+    let (status, body, _) = post_json(&app, json!({"event": "purchase", "twclid": "a", "conversion_id": "1"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["duplicates"], 1);
+    assert_eq!(spool.backlog("acme"), 1);
+}
+
+#[tokio::test]
+async fn identical_retry_without_conversion_id_is_a_duplicate() {
+    let (app, spool, _) = setup();
+    let ev = json!({"event": "purchase", "email": "a@example.com", "value": 10});
+    assert_eq!(post_json(&app, ev.clone()).await.1["accepted"], 1);
+    assert_eq!(post_json(&app, ev).await.1["duplicates"], 1);
+    assert_eq!(spool.backlog("acme"), 1);
+}
+
+#[tokio::test]
+async fn all_rejected_is_422_with_the_same_body() {
+    let (app, spool, _) = setup();
+    let (status, body, _) = post_json(&app, json!({"events": [{"event": "purchase"}, {"twclid": "x"}]})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["accepted"], 0);
+    assert_eq!(body["rejected"][0]["errors"][0]["field"], "identifiers");
+    assert_eq!(body["rejected"][1]["errors"][0]["field"], "event");
+    assert_eq!(spool.backlog("acme"), 0);
+}
+
+#[tokio::test]
+async fn authentication() {
+    let (app, _, _) = setup();
+    let no_auth = Request::post("/v1/events").header(header::CONTENT_TYPE, "application/json").body(Body::from("{}")).unwrap();
+    let (s, b, h) = send(&app, no_auth).await;
+    assert_problem(s, &b, &h, StatusCode::UNAUTHORIZED, "Authorization");
+    assert_eq!(h[header::WWW_AUTHENTICATE], "Bearer");
+    for bad in ["Bearer wrong", "Bearer test-key-", "Basic dGVzdA==", "Bearer "] {
+        let req = Request::post("/v1/events").header(header::AUTHORIZATION, bad).header(header::CONTENT_TYPE, "application/json").body(Body::from("{}")).unwrap();
+        assert_eq!(send(&app, req).await.0, StatusCode::UNAUTHORIZED, "{bad}");
+    }
+    let second = Request::post("/v1/events")
+        .header(header::AUTHORIZATION, "bearer other-key")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"event": "purchase", "twclid": "t"}).to_string()))
+        .unwrap();
+    assert_eq!(send(&app, second).await.0, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn unauthenticated_mode_accepts_without_key() {
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    let mut st = Arc::try_unwrap(state_with(spool, &["acme"])).ok().unwrap();
+    st.keys = ApiKeys::new(&[], true);
+    let app = api::app(Arc::new(st));
+    let req = Request::post("/v1/events").header(header::CONTENT_TYPE, "application/json").body(Body::from(json!({"event": "purchase", "twclid": "t"}).to_string())).unwrap();
+    assert_eq!(send(&app, req).await.0, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn media_type_size_method_and_shape() {
+    let (app, _, _) = setup();
+    let req = Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}")).header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).unwrap();
+    let (s, b, h) = send(&app, req).await;
+    assert_problem(s, &b, &h, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json");
+    let req = Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}")).body(Body::from("{}")).unwrap();
+    assert_eq!(send(&app, req).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let req = post().header(header::CONTENT_TYPE, "application/json; charset=utf-8").body(Body::from(json!({"event": "purchase", "twclid": "t"}).to_string())).unwrap();
+    assert_eq!(send(&app, req).await.0, StatusCode::ACCEPTED);
+
+    // Declared too large, and streamed too large without a length: both 413.
+    let big = format!("{{\"event\":\"purchase\",\"twclid\":\"{}\"}}", "x".repeat(5000));
+    let (s, b, h) = send(&app, post().body(Body::from(big.clone())).unwrap()).await;
+    assert_problem(s, &b, &h, StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes");
+    let chunks: Vec<Result<String, std::io::Error>> = big.as_bytes().chunks(100).map(|c| Ok(String::from_utf8(c.to_vec()).unwrap())).collect();
+    let streamed = Body::from_stream(futures_util::stream::iter(chunks));
+    assert_eq!(send(&app, post().body(streamed).unwrap()).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+
+    for method in ["GET", "PUT", "DELETE", "PATCH"] {
+        let req = Request::builder().method(method).uri("/v1/events").body(Body::empty()).unwrap();
+        let (s, b, h) = send(&app, req).await;
+        assert_problem(s, &b, &h, StatusCode::METHOD_NOT_ALLOWED, "POST");
+        assert_eq!(h[header::ALLOW], "POST");
+    }
+    let (s, b, h) = send(&app, Request::get("/v2/nothing").body(Body::empty()).unwrap()).await;
+    assert_problem(s, &b, &h, StatusCode::NOT_FOUND, "/v1/events");
+
+    for (body, needle) in [
+        ("{\"event\": ", "not valid JSON"),
+        ("[1,2]", "one event object"),
+        ("\"text\"", "one event object"),
+        ("{\"events\": {}}", "array"),
+        ("{\"events\": []}", "at least one"),
+        ("{\"events\": [], \"account\": \"acme\"}", "unexpected top-level field"),
+    ] {
+        let (s, b, h) = send(&app, post().body(Body::from(body)).unwrap()).await;
+        assert_problem(s, &b, &h, StatusCode::BAD_REQUEST, needle);
+    }
+}
+
+#[tokio::test]
+async fn too_many_events() {
+    let (app, spool, _) = setup();
+    let events: Vec<Value> = (0..6).map(|i| json!({"event": "purchase", "twclid": format!("t{i}")})).collect();
+    let (s, b, h) = post_json(&app, json!({ "events": events })).await;
+    assert_problem(s, &b, &h, StatusCode::PAYLOAD_TOO_LARGE, "max_events_per_request");
+    assert_eq!(spool.backlog("acme"), 0);
+}
+
+#[tokio::test]
+async fn full_spool_and_shutdown_answer_503_with_retry_after() {
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1));
+    let st = state_with(spool.clone(), &["acme"]);
+    let app = api::app(st.clone());
+    let two = json!({"events": [{"event": "purchase", "twclid": "a"}, {"event": "purchase", "twclid": "b"}]});
+    let (s, b, h) = post_json(&app, two).await;
+    assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "full");
+    assert!(h.contains_key(header::RETRY_AFTER));
+    assert_eq!(spool.backlog("acme"), 0);
+    st.shutting_down.store(true, Ordering::Relaxed);
+    let (s, b, h) = post_json(&app, json!({"event": "purchase", "twclid": "a"})).await;
+    assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    let admin = api::admin_app(st);
+    assert_eq!(send(&admin, Request::get("/readyz").body(Body::empty()).unwrap()).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(send(&admin, Request::get("/livez").body(Body::empty()).unwrap()).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn several_accounts_route_by_name() {
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    let app = api::app(state_with(spool.clone(), &["acme", "beta"]));
+    let (s, b, _) = post_json(&app, json!({"events": [{"account": "beta", "event": "purchase", "twclid": "a"}, {"event": "purchase", "twclid": "b"}]})).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(b["rejected"][0]["errors"][0]["field"], "account");
+    assert_eq!((spool.backlog("acme"), spool.backlog("beta")), (0, 1));
+}
