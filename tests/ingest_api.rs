@@ -21,11 +21,21 @@ fn state_with(spool: Arc<dyn Spool>, accounts: &[&str]) -> Arc<AppState> {
         .iter()
         .map(|n| {
             let events = [("purchase".to_string(), "o9d2g".to_string())].into();
-            (n.to_string(), AccountRules { pixel_id: "o9d7n".into(), events, default_phone_region: phonenumber::country::Id::US })
+            (
+                n.to_string(),
+                AccountRules {
+                    pixel_id: "o9d7n".into(),
+                    events,
+                    default_phone_region: phonenumber::country::Id::US,
+                },
+            )
         })
         .collect();
     Arc::new(AppState {
-        rules: Rules { accounts, max_event_age: Duration::from_secs(7 * 86400) },
+        rules: Rules {
+            accounts,
+            max_event_age: Duration::from_secs(7 * 86400),
+        },
         spool,
         keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),
         max_body_bytes: 4096,
@@ -42,7 +52,9 @@ fn setup() -> (Router, Arc<MemorySpool>, Arc<AppState>) {
 }
 
 fn post() -> axum::http::request::Builder {
-    Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}")).header(header::CONTENT_TYPE, "application/json")
+    Request::post("/v1/events")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .header(header::CONTENT_TYPE, "application/json")
 }
 
 async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
@@ -58,7 +70,13 @@ async fn post_json(app: &Router, body: Value) -> (StatusCode, Value, axum::http:
     send(app, post().body(Body::from(body.to_string())).unwrap()).await
 }
 
-fn assert_problem(status: StatusCode, body: &Value, headers: &axum::http::HeaderMap, want: StatusCode, needle: &str) {
+fn assert_problem(
+    status: StatusCode,
+    body: &Value,
+    headers: &axum::http::HeaderMap,
+    want: StatusCode,
+    needle: &str,
+) {
     assert_eq!(status, want, "{body}");
     assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
     assert_eq!(body["status"], want.as_u16());
@@ -68,13 +86,23 @@ fn assert_problem(status: StatusCode, body: &Value, headers: &axum::http::Header
 #[tokio::test]
 async fn single_event_is_accepted_and_spooled_hashed() {
     let (app, spool, _) = setup();
-    let (status, body, _) = post_json(&app, json!({"event": "purchase", "email": "Jane.Doe@Example.com", "phone": "(650) 253-0000"})).await;
+    let (status, body, _) = post_json(
+        &app,
+        json!({"event": "purchase", "email": "Jane.Doe@Example.com", "phone": "(650) 253-0000"}),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    assert_eq!(body, json!({"accepted": 1, "duplicates": 0, "suppressed": 0, "rejected": []}));
+    assert_eq!(
+        body,
+        json!({"accepted": 1, "duplicates": 0, "suppressed": 0, "rejected": []})
+    );
     let waiting = spool.peek("acme", 10).await.unwrap();
     assert_eq!(waiting.len(), 1);
     let stored = serde_json::to_string(&waiting[0].record).unwrap();
-    assert!(!stored.to_lowercase().contains("jane") && !stored.contains("253"), "{stored}");
+    assert!(
+        !stored.to_lowercase().contains("jane") && !stored.contains("253"),
+        "{stored}"
+    );
 }
 
 #[tokio::test]
@@ -93,12 +121,22 @@ async fn batch_counts_every_outcome_and_keeps_indexes() {
     assert_eq!(body["duplicates"], 1);
     assert_eq!(body["suppressed"], 1);
     let rejected = body["rejected"].as_array().unwrap();
-    assert_eq!(rejected.iter().map(|r| r["index"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(
+        rejected
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 4]
+    );
     assert_eq!(rejected[0]["errors"][0]["field"], "event");
     assert_eq!(spool.backlog("acme"), 1);
 
     // The identical POST again: recognised, nothing queued twice.
-    let (status, body, _) = post_json(&app, json!({"event": "purchase", "twclid": "a", "conversion_id": "1"})).await;
+    let (status, body, _) = post_json(
+        &app,
+        json!({"event": "purchase", "twclid": "a", "conversion_id": "1"}),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["duplicates"], 1);
     assert_eq!(spool.backlog("acme"), 1);
@@ -116,7 +154,11 @@ async fn identical_retry_without_conversion_id_is_a_duplicate() {
 #[tokio::test]
 async fn all_rejected_is_422_with_the_same_body() {
     let (app, spool, _) = setup();
-    let (status, body, _) = post_json(&app, json!({"events": [{"event": "purchase"}, {"twclid": "x"}]})).await;
+    let (status, body, _) = post_json(
+        &app,
+        json!({"events": [{"event": "purchase"}, {"twclid": "x"}]}),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["accepted"], 0);
     assert_eq!(body["rejected"][0]["errors"][0]["field"], "identifiers");
@@ -127,18 +169,32 @@ async fn all_rejected_is_422_with_the_same_body() {
 #[tokio::test]
 async fn authentication() {
     let (app, _, _) = setup();
-    let no_auth = Request::post("/v1/events").header(header::CONTENT_TYPE, "application/json").body(Body::from("{}")).unwrap();
+    let no_auth = Request::post("/v1/events")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{}"))
+        .unwrap();
     let (s, b, h) = send(&app, no_auth).await;
     assert_problem(s, &b, &h, StatusCode::UNAUTHORIZED, "Authorization");
     assert_eq!(h[header::WWW_AUTHENTICATE], "Bearer");
-    for bad in ["Bearer wrong", "Bearer test-key-", "Basic dGVzdA==", "Bearer "] {
-        let req = Request::post("/v1/events").header(header::AUTHORIZATION, bad).header(header::CONTENT_TYPE, "application/json").body(Body::from("{}")).unwrap();
+    for bad in [
+        "Bearer wrong",
+        "Bearer test-key-",
+        "Basic dGVzdA==",
+        "Bearer ",
+    ] {
+        let req = Request::post("/v1/events")
+            .header(header::AUTHORIZATION, bad)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap();
         assert_eq!(send(&app, req).await.0, StatusCode::UNAUTHORIZED, "{bad}");
     }
     let second = Request::post("/v1/events")
         .header(header::AUTHORIZATION, "bearer other-key")
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(json!({"event": "purchase", "twclid": "t"}).to_string()))
+        .body(Body::from(
+            json!({"event": "purchase", "twclid": "t"}).to_string(),
+        ))
         .unwrap();
     assert_eq!(send(&app, second).await.0, StatusCode::ACCEPTED);
 }
@@ -149,36 +205,77 @@ async fn unauthenticated_mode_accepts_without_key() {
     let mut st = Arc::try_unwrap(state_with(spool, &["acme"])).ok().unwrap();
     st.keys = ApiKeys::new(&[], true);
     let app = api::app(Arc::new(st));
-    let req = Request::post("/v1/events").header(header::CONTENT_TYPE, "application/json").body(Body::from(json!({"event": "purchase", "twclid": "t"}).to_string())).unwrap();
+    let req = Request::post("/v1/events")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"event": "purchase", "twclid": "t"}).to_string(),
+        ))
+        .unwrap();
     assert_eq!(send(&app, req).await.0, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]
 async fn media_type_size_method_and_shape() {
     let (app, _, _) = setup();
-    let req = Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}")).header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).unwrap();
+    let req = Request::post("/v1/events")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
     let (s, b, h) = send(&app, req).await;
-    assert_problem(s, &b, &h, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json");
-    let req = Request::post("/v1/events").header(header::AUTHORIZATION, format!("Bearer {KEY}")).body(Body::from("{}")).unwrap();
+    assert_problem(
+        s,
+        &b,
+        &h,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "application/json",
+    );
+    let req = Request::post("/v1/events")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .body(Body::from("{}"))
+        .unwrap();
     assert_eq!(send(&app, req).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let req = post().header(header::CONTENT_TYPE, "application/json; charset=utf-8").body(Body::from(json!({"event": "purchase", "twclid": "t"}).to_string())).unwrap();
+    let req = post()
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .body(Body::from(
+            json!({"event": "purchase", "twclid": "t"}).to_string(),
+        ))
+        .unwrap();
     assert_eq!(send(&app, req).await.0, StatusCode::ACCEPTED);
 
     // Declared too large, and streamed too large without a length: both 413.
-    let big = format!("{{\"event\":\"purchase\",\"twclid\":\"{}\"}}", "x".repeat(5000));
+    let big = format!(
+        "{{\"event\":\"purchase\",\"twclid\":\"{}\"}}",
+        "x".repeat(5000)
+    );
     let (s, b, h) = send(&app, post().body(Body::from(big.clone())).unwrap()).await;
     assert_problem(s, &b, &h, StatusCode::PAYLOAD_TOO_LARGE, "max_body_bytes");
-    let chunks: Vec<Result<String, std::io::Error>> = big.as_bytes().chunks(100).map(|c| Ok(String::from_utf8(c.to_vec()).unwrap())).collect();
+    let chunks: Vec<Result<String, std::io::Error>> = big
+        .as_bytes()
+        .chunks(100)
+        .map(|c| Ok(String::from_utf8(c.to_vec()).unwrap()))
+        .collect();
     let streamed = Body::from_stream(futures_util::stream::iter(chunks));
-    assert_eq!(send(&app, post().body(streamed).unwrap()).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        send(&app, post().body(streamed).unwrap()).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
 
     for method in ["GET", "PUT", "DELETE", "PATCH"] {
-        let req = Request::builder().method(method).uri("/v1/events").body(Body::empty()).unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri("/v1/events")
+            .body(Body::empty())
+            .unwrap();
         let (s, b, h) = send(&app, req).await;
         assert_problem(s, &b, &h, StatusCode::METHOD_NOT_ALLOWED, "POST");
         assert_eq!(h[header::ALLOW], "POST");
     }
-    let (s, b, h) = send(&app, Request::get("/v2/nothing").body(Body::empty()).unwrap()).await;
+    let (s, b, h) = send(
+        &app,
+        Request::get("/v2/nothing").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_problem(s, &b, &h, StatusCode::NOT_FOUND, "/v1/events");
 
     for (body, needle) in [
@@ -187,7 +284,10 @@ async fn media_type_size_method_and_shape() {
         ("\"text\"", "one event object"),
         ("{\"events\": {}}", "array"),
         ("{\"events\": []}", "at least one"),
-        ("{\"events\": [], \"account\": \"acme\"}", "unexpected top-level field"),
+        (
+            "{\"events\": [], \"account\": \"acme\"}",
+            "unexpected top-level field",
+        ),
     ] {
         let (s, b, h) = send(&app, post().body(Body::from(body)).unwrap()).await;
         assert_problem(s, &b, &h, StatusCode::BAD_REQUEST, needle);
@@ -197,9 +297,17 @@ async fn media_type_size_method_and_shape() {
 #[tokio::test]
 async fn too_many_events() {
     let (app, spool, _) = setup();
-    let events: Vec<Value> = (0..6).map(|i| json!({"event": "purchase", "twclid": format!("t{i}")})).collect();
+    let events: Vec<Value> = (0..6)
+        .map(|i| json!({"event": "purchase", "twclid": format!("t{i}")}))
+        .collect();
     let (s, b, h) = post_json(&app, json!({ "events": events })).await;
-    assert_problem(s, &b, &h, StatusCode::PAYLOAD_TOO_LARGE, "max_events_per_request");
+    assert_problem(
+        s,
+        &b,
+        &h,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "max_events_per_request",
+    );
     assert_eq!(spool.backlog("acme"), 0);
 }
 
@@ -217,8 +325,18 @@ async fn full_spool_and_shutdown_answer_503_with_retry_after() {
     let (s, b, h) = post_json(&app, json!({"event": "purchase", "twclid": "a"})).await;
     assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     let admin = api::admin_app(st);
-    assert_eq!(send(&admin, Request::get("/readyz").body(Body::empty()).unwrap()).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(send(&admin, Request::get("/livez").body(Body::empty()).unwrap()).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&admin, Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        send(&admin, Request::get("/livez").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

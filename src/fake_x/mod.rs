@@ -289,6 +289,19 @@ async fn conversions(
             .and_then(|v| v.get("conversions").and_then(Value::as_array).cloned())
             .unwrap_or_default(),
     };
+    // What the request carried is recorded even when a fault answers before authentication.
+    if headers.contains_key("x-pixel-token") {
+        rec.auth = "pixel_token".into();
+    } else if let Some(params) = headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(oauth::parse_header)
+    {
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        rec.auth = "oauth1".into();
+        rec.oauth_nonce = get("oauth_nonce");
+        rec.oauth_timestamp = get("oauth_timestamp");
+    }
     let mut resp = handle(&fake, &version, &pixel_id, &uri, &headers, &body, &mut rec);
     if let Some(current) = fake.config.versions.first() {
         if let Ok(v) = HeaderValue::try_from(current.as_str()) {
@@ -382,7 +395,7 @@ fn handle(
         );
     };
     rec.account_id = Some(account.id.clone());
-    if let Err(reason) = authenticate(fake, account, uri, headers, rec) {
+    if let Err(reason) = authenticate(fake, account, uri, headers) {
         rec.auth_error = Some(reason.clone());
         rec.errors.push(reason);
         return x_error(
@@ -490,10 +503,8 @@ fn authenticate(
     account: &FakeAccount,
     uri: &Uri,
     headers: &HeaderMap,
-    rec: &mut Recorded,
 ) -> Result<(), String> {
     if let Some(token) = headers.get("x-pixel-token") {
-        rec.auth = "pixel_token".into();
         return match &account.pixel_token {
             Some(expected) if token.as_bytes() == expected.as_bytes() => Ok(()),
             _ => Err("wrong pixel token".into()),
@@ -502,11 +513,8 @@ fn authenticate(
     let Some(header) = headers.get("authorization").and_then(|h| h.to_str().ok()) else {
         return Err("no credentials".into());
     };
-    rec.auth = "oauth1".into();
     let params = oauth::parse_header(header).ok_or("Authorization is not an OAuth header")?;
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    rec.oauth_nonce = get("oauth_nonce").map(String::from);
-    rec.oauth_timestamp = get("oauth_timestamp").map(String::from);
     let creds = account
         .oauth
         .as_ref()

@@ -1,0 +1,264 @@
+//! Helpers for tests that run the real binaries on free ports.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_conversion-gateway");
+pub const FAKE: &str = env!("CARGO_BIN_EXE_fake-x-api");
+pub const API_KEY: &str = "e2e-api-key";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    path
+}
+
+pub fn spawn(bin: &str, args: &[&str], envs: &[(&str, &str)], log: PathBuf) -> Proc {
+    let out = std::fs::File::create(&log).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        log,
+    }
+}
+
+pub fn wait_http(url: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(r) = rawhttp::get_ok(url) {
+            if r {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{url} did not come up");
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub async fn eventually<T>(limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub mod rawhttp {
+    /// A tiny blocking GET over std, for readiness polling outside a runtime.
+    pub fn get_ok(url: &str) -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest
+            .split_once('/')
+            .map(|(h, p)| (h, format!("/{p}")))
+            .unwrap_or((rest, "/".into()));
+        let mut s = std::net::TcpStream::connect(host)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf.starts_with("HTTP/1.1 200"))
+    }
+}
+
+/// The fake's configuration for two accounts: one OAuth 1.0a, one pixel token.
+pub fn fake_config(port: u16) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:{port}"
+
+[[accounts]]
+id = "18ce552mlaq"
+pixels = ["o9d7n"]
+events = ["o9d2g", "o9d2h"]
+oauth = {{ consumer_key = "ck-e2e", consumer_secret = "CANARY-consumer-secret", access_token = "CANARY-access-token", access_token_secret = "CANARY-token-secret" }}
+
+[[accounts]]
+id = "5kx2bq9t0a"
+pixels = ["p4x1l"]
+events = ["e1v2t"]
+pixel_token = "CANARY-pixel-token"
+"#
+    )
+}
+
+/// The gateway's configuration pointing at the fake on `fake_port`.
+pub fn gateway_config(port: u16, admin_port: u16, fake_port: u16, consumer_secret: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+api_keys = ["{API_KEY}"]
+shutdown_timeout = "10s"
+
+[upstream]
+base_url = "http://127.0.0.1:{fake_port}"
+timeout = "2s"
+
+[delivery]
+linger = "200ms"
+
+[log]
+format = "json"
+level = "trace"
+
+[accounts.acme]
+ad_account_id = "18ce552mlaq"
+pixel_id = "o9d7n"
+events = {{ purchase = "o9d2g", signup = "o9d2h" }}
+auth = {{ kind = "oauth1", consumer_key = "ck-e2e", consumer_secret = "{consumer_secret}", access_token = "CANARY-access-token", access_token_secret = "CANARY-token-secret" }}
+
+[accounts.beta]
+ad_account_id = "5kx2bq9t0a"
+pixel_id = "p4x1l"
+default_phone_region = "GB"
+events = {{ lead = "e1v2t" }}
+auth = {{ kind = "pixel_token", token = "CANARY-pixel-token" }}
+"#
+    )
+}
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub fake: Proc,
+    pub gateway: Proc,
+    pub fake_url: String,
+    pub ingest_url: String,
+    pub admin_url: String,
+}
+
+/// Starts fake-x-api and the gateway in front of it.
+pub fn start_stack() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
+    let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
+    let fake = spawn(
+        FAKE,
+        &["--config", fake_cfg.to_str().unwrap()],
+        &[],
+        dir.path().join("fake.log"),
+    );
+    let fake_url = format!("http://127.0.0.1:{fake_port}");
+    wait_http(&format!("{fake_url}/_fake/health"));
+    let gw_cfg = write(
+        dir.path(),
+        "gateway.toml",
+        &gateway_config(port, admin_port, fake_port, "CANARY-consumer-secret"),
+    );
+    let gateway = spawn(
+        GATEWAY,
+        &["--config", gw_cfg.to_str().unwrap()],
+        &[(
+            "GATEWAY_SPOOL__DIR",
+            dir.path().join("spool").to_str().unwrap(),
+        )],
+        dir.path().join("gateway.log"),
+    );
+    let admin_url = format!("http://127.0.0.1:{admin_port}");
+    wait_http(&format!("{admin_url}/readyz"));
+    Stack {
+        dir,
+        fake,
+        gateway,
+        fake_url,
+        ingest_url: format!("http://127.0.0.1:{port}/v1/events"),
+        admin_url,
+    }
+}
+
+pub async fn fake_conversions(client: &reqwest::Client, fake_url: &str) -> Vec<Value> {
+    let v: Value = client
+        .get(format!("{fake_url}/_fake/conversions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["conversions"].as_array().cloned().unwrap_or_default()
+}
+
+pub async fn fake_requests(client: &reqwest::Client, fake_url: &str) -> Vec<Value> {
+    let v: Value = client
+        .get(format!("{fake_url}/_fake/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["requests"].as_array().cloned().unwrap_or_default()
+}
