@@ -1,0 +1,213 @@
+//! The gateway binary's command line: check-config, refusal to start half-configured, the shipped
+//! configurations, sandbox runs, and graceful shutdown.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::Duration;
+
+fn check_config(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(GATEWAY);
+    cmd.arg("check-config").args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_config_prints_redacted_effective_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = write(dir.path(), "cs", "SECRET-FROM-FILE\n");
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        &format!(
+            r#"
+[server]
+api_keys = ["SECRET-API-KEY"]
+[accounts.acme]
+ad_account_id = "18ce552mlaq"
+pixel_id = "o9d7n"
+auth = {{ kind = "oauth1", consumer_key = "SECRET-CK", consumer_secret_file = "{}", access_token = "SECRET-AT", access_token_secret = "SECRET-ATS" }}
+"#,
+            secret_file.display()
+        ),
+    );
+    let (code, out, err) = check_config(
+        &["--config", cfg.to_str().unwrap()],
+        &[("GATEWAY_UPSTREAM__TIMEOUT", "3s")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("timeout = \"3s\""), "{out}");
+    assert!(out.contains("[REDACTED]"));
+    assert!(
+        !out.contains("SECRET") && !err.contains("SECRET"),
+        "{out}{err}"
+    );
+    // GATEWAY_CONFIG works like --config.
+    let (code, out, _) = check_config(&[], &[("GATEWAY_CONFIG", cfg.to_str().unwrap())]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ad_account_id = \"18ce552mlaq\""));
+}
+
+#[test]
+fn bad_configuration_exits_1_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "g.toml", "[server]\napi_keys = [\"k\"]\n[delivery]\nmax_batch = 900\n[accounts.acme]\nad_account_id = \"a1\"\npixel_id = \"o9d7n\"\nauth = { kind = \"pixel_token\", token = \"t\" }\n");
+    let (code, _, err) = check_config(&["--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("delivery.max_batch"), "{err}");
+    // `run` refuses the same way, before listening on anything.
+    let out = Command::new(GATEWAY)
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("delivery.max_batch"));
+    // Environment overrides are validated too.
+    let ok = write(dir.path(), "ok.toml", "[server]\napi_keys = [\"k\"]\n[accounts.acme]\nad_account_id = \"a1\"\npixel_id = \"o9d7n\"\nauth = { kind = \"pixel_token\", token = \"t\" }\n");
+    let (code, _, err) = check_config(
+        &["--config", ok.to_str().unwrap()],
+        &[("GATEWAY_ACCOUNTS__ACME__PIXEL_ID", "Not Base36")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("accounts.acme.pixel_id"), "{err}");
+    let (code, _, err) = check_config(
+        &[
+            "--config",
+            dir.path().join("missing.toml").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist"), "{err}");
+    let (code, _, err) = check_config(&[], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("server.api_keys") || err.contains("accounts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shipped_configurations_are_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for name in ["local.toml", "fake-x.toml"] {
+        let (code, _, err) = check_config(&["--config", &format!("{root}/config/{name}")], &[]);
+        assert_eq!(code, 0, "{name}: {err}");
+    }
+    // The production template differs only in where its secrets live.
+    let (code, _, err) = check_config(&["--config", &format!("{root}/config/example.toml")], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("server.api_keys_file"), "{err}");
+    let fake: conversion_gateway::fake_x::FakeConfig =
+        toml::from_str(&std::fs::read_to_string(format!("{root}/config/fake-x-api.toml")).unwrap())
+            .unwrap();
+    assert_eq!(fake.accounts[0].pixels, ["o9d7n"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_runs_without_credentials_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let root = env!("CARGO_MANIFEST_DIR");
+    let gw = spawn(
+        GATEWAY,
+        &["--config", &format!("{root}/config/local.toml")],
+        &[
+            ("GATEWAY_SERVER__LISTEN", &format!("127.0.0.1:{port}")),
+            (
+                "GATEWAY_SERVER__ADMIN_LISTEN",
+                &format!("127.0.0.1:{admin}"),
+            ),
+            ("GATEWAY_DELIVERY__LINGER", "50ms"),
+            ("GATEWAY_LOG__FORMAT", "json"),
+            // Unroutable on purpose: sandbox mode must not even try.
+            ("GATEWAY_UPSTREAM__BASE_URL", "http://127.0.0.1:9"),
+        ],
+        dir.path().join("gw.log"),
+    );
+    wait_http(&format!("http://127.0.0.1:{admin}/readyz"));
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/events"))
+        .bearer_auth("dev-key")
+        .json(
+            &json!({"event": "purchase", "email": "someone@example.com", "conversion_id": "sb-1"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let line = eventually(Duration::from_secs(10), async || {
+        gw.log_text()
+            .lines()
+            .find(|l| l.contains("batch delivered"))
+            .map(String::from)
+    })
+    .await
+    .expect("the sandbox records the batch");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        v["debug_id"].as_str().unwrap().starts_with("sandbox-"),
+        "{line}"
+    );
+    assert_eq!(v["batch_size"], 1);
+    assert!(!gw.log_text().contains("someone@example.com"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_intake_flushes_and_exits_0() {
+    let http = reqwest::Client::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
+    let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
+    let _fake = spawn(
+        FAKE,
+        &["--config", fake_cfg.to_str().unwrap()],
+        &[],
+        dir.path().join("fake.log"),
+    );
+    let fake_url = format!("http://127.0.0.1:{fake_port}");
+    wait_http(&format!("{fake_url}/_fake/health"));
+    let cfg = write(
+        dir.path(),
+        "gw.toml",
+        &gateway_config(port, admin_port, fake_port, "CANARY-consumer-secret"),
+    );
+    // A long linger: without the shutdown the partial batch would wait for an hour.
+    let mut gw = spawn(
+        GATEWAY,
+        &["--config", cfg.to_str().unwrap()],
+        &[("GATEWAY_DELIVERY__LINGER", "1h")],
+        dir.path().join("gw.log"),
+    );
+    wait_http(&format!("http://127.0.0.1:{admin_port}/readyz"));
+    let events: Vec<Value> = (0..50).map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("c{i}"), "conversion_id": format!("s-{i}")})).collect();
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/events"))
+        .bearer_auth(API_KEY)
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits within shutdown_timeout");
+    assert!(status.success(), "{status:?}\n{}", gw.log_text());
+    assert_eq!(
+        fake_conversions(&http, &fake_url).await.len(),
+        50,
+        "what was accepted went out before exit"
+    );
+    assert!(gw.log_text().contains("shutdown requested"));
+}

@@ -1,0 +1,334 @@
+//! fake-x-api behaves like X: authentication, replay protection, contract errors, rate limit, faults.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use conversion_gateway::config::Secret;
+use conversion_gateway::fake_x::{app, FakeConfig, FakeRateLimit, FakeX};
+use conversion_gateway::upstream::auth::oauth1_header;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const HOST: &str = "fake.test:18080";
+
+fn fake(rate: Option<FakeRateLimit>) -> (Router, Arc<FakeX>) {
+    let mut cfg = FakeConfig::demo();
+    if let Some(r) = rate {
+        cfg.accounts[0].rate_limit = r;
+    }
+    let f = FakeX::new(cfg);
+    (app(f.clone()), f)
+}
+
+fn conversion(id: &str) -> Value {
+    json!({"conversion_time": "2026-11-28T12:00:00.000Z", "event_id": "o9d2g", "identifiers": [{"twclid": "t"}], "conversion_id": id})
+}
+
+fn body(n: usize) -> String {
+    json!({"conversions": (0..n).map(|i| conversion(&format!("c{i}"))).collect::<Vec<_>>()})
+        .to_string()
+}
+
+fn signed_header(version: &str, secret: &str, fixed: Option<(&str, u64)>) -> String {
+    let s = Secret::new;
+    oauth1_header(
+        &s("fake-consumer-key"),
+        &s(secret),
+        &s("fake-access-token"),
+        &s("fake-access-token-secret"),
+        &format!("http://{HOST}/{version}/measurement/conversions/o9d7n"),
+        fixed,
+    )
+}
+
+fn request(path: &str, auth: Option<(&str, String)>, body: String) -> Request<Body> {
+    let mut b = Request::post(path)
+        .header("host", HOST)
+        .header("content-type", "application/json");
+    if let Some((name, value)) = auth {
+        b = b.header(name, value);
+    }
+    b.body(Body::from(body)).unwrap()
+}
+
+fn oauth_request(n: usize) -> Request<Body> {
+    request(
+        "/12/measurement/conversions/o9d7n",
+        Some((
+            "authorization",
+            signed_header("12", "fake-consumer-secret", None),
+        )),
+        body(n),
+    )
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn control(app: &Router, method: &str, path: &str, body: Value) -> Value {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    send(app, req).await.2
+}
+
+#[tokio::test]
+async fn signed_request_is_accepted_like_x() {
+    let (app, _) = fake(None);
+    let (status, headers, body) = send(&app, oauth_request(2)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["conversions_processed"], 2);
+    assert_eq!(body["request"]["params"]["account_id"], "18ce552mlaq");
+    assert_eq!(body["data"]["debug_id"].as_str().unwrap().len(), 36);
+    assert_eq!(headers["x-current-api-version"], "12");
+    assert_eq!(headers["x-rate-limit-remaining"], "59998");
+    assert!(headers.contains_key("x-account-rate-limit-reset"));
+    let received = control(&app, "GET", "/_fake/conversions", Value::Null).await;
+    assert_eq!(received["conversions"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn bad_signatures_replays_and_stale_timestamps_get_401() {
+    let (app, fake) = fake(None);
+    let header = signed_header("12", "fake-consumer-secret", None);
+    let path = "/12/measurement/conversions/o9d7n";
+    assert_eq!(
+        send(
+            &app,
+            request(path, Some(("authorization", header.clone())), body(1))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let (status, _, body401) = send(
+        &app,
+        request(path, Some(("authorization", header)), body(1)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body401["errors"][0]["code"], "UNAUTHORIZED_ACCESS");
+    let wrong = signed_header("12", "not-the-secret", None);
+    assert_eq!(
+        send(&app, request(path, Some(("authorization", wrong)), body(1)))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let stale = signed_header(
+        "12",
+        "fake-consumer-secret",
+        Some(("n0nce-stale", 1_000_000_000)),
+    );
+    assert_eq!(
+        send(&app, request(path, Some(("authorization", stale)), body(1)))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Signed for another path: the signature covers the URL.
+    let other = signed_header("11", "fake-consumer-secret", None);
+    assert_eq!(
+        send(&app, request(path, Some(("authorization", other)), body(1)))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, request(path, None, body(1))).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let reasons: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.auth_error)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "replayed nonce",
+            "signature does not match",
+            "oauth_timestamp too far from the server clock",
+            "signature does not match",
+            "no credentials"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pixel_token_auth() {
+    let (app, _) = fake(None);
+    let path = "/12/measurement/conversions/o9d7n";
+    assert_eq!(
+        send(
+            &app,
+            request(
+                path,
+                Some(("x-pixel-token", "fake-pixel-token".into())),
+                body(1)
+            )
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(
+            &app,
+            request(path, Some(("x-pixel-token", "nope".into())), body(1))
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn routes_versions_and_contract_errors() {
+    let (app, _) = fake(None);
+    let token = || Some(("x-pixel-token", "fake-pixel-token".to_string()));
+    let (s, _, b) = send(
+        &app,
+        request("/12/measurement/conversions/zzzzz", token(), body(1)),
+    )
+    .await;
+    assert_eq!(
+        (s, b["errors"][0]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NOT_FOUND"))
+    );
+    let (s, _, b) = send(
+        &app,
+        request("/9/measurement/conversions/o9d7n", token(), body(1)),
+    )
+    .await;
+    assert_eq!(
+        (s, b["errors"][0]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("ROUTE_NOT_FOUND"))
+    );
+    let (s, h, _) = send(
+        &app,
+        request("/11/measurement/conversions/o9d7n", token(), body(1)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h.contains_key("x-api-warn"));
+    let (s, _, b) = send(
+        &app,
+        request("/12/measurement/conversions/o9d7n", token(), body(501)),
+    )
+    .await;
+    assert_eq!(
+        (s, b["errors"][0]["message"].as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            Some("Conversion count limit is 500")
+        )
+    );
+    let bad = json!({"conversions": [{"conversion_time": "2022-06-16T01:14:00.603", "event_id": "o9d2g", "identifiers": [{"twclid": "t"}]}]}).to_string();
+    let (s, _, b) = send(
+        &app,
+        request("/12/measurement/conversions/o9d7n", token(), bad),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["errors"][0]["parameter"], "conversion_time");
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_headers() {
+    let (app, _) = fake(Some(FakeRateLimit {
+        events: 10,
+        window_secs: 60,
+    }));
+    let (s, h, _) = send(&app, oauth_request(6)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["x-rate-limit-remaining"], "4");
+    let (s, h, b) = send(&app, oauth_request(6)).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(b["errors"][0]["code"], "TOO_MANY_REQUESTS");
+    assert_eq!(h["x-rate-limit-limit"], "10");
+    assert_eq!(h["x-rate-limit-remaining"], "4");
+    let reset: u64 = h["x-rate-limit-reset"].to_str().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(reset > now && reset <= now + 60);
+    assert_eq!(send(&app, oauth_request(4)).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn injected_faults() {
+    let (app, fake) = fake(None);
+    control(
+        &app,
+        "POST",
+        "/_fake/faults",
+        json!({"status": 503, "count": 2}),
+    )
+    .await;
+    assert_eq!(
+        send(&app, oauth_request(1)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        send(&app, oauth_request(1)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(send(&app, oauth_request(1)).await.0, StatusCode::OK);
+
+    control(
+        &app,
+        "POST",
+        "/_fake/faults",
+        json!({"reject_conversion_id": "c1", "message": "poison"}),
+    )
+    .await;
+    let (s, _, b) = send(&app, oauth_request(3)).await;
+    assert_eq!(
+        (s, b["errors"][0]["message"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("poison"))
+    );
+    assert_eq!(
+        send(&app, oauth_request(1)).await.0,
+        StatusCode::OK,
+        "a batch without c1 passes"
+    );
+
+    let set = control(
+        &app,
+        "POST",
+        "/_fake/faults",
+        json!({"rate_limit_reset_after_secs": 30}),
+    )
+    .await;
+    let (s, h, _) = send(&app, oauth_request(1)).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        h["x-rate-limit-reset"].to_str().unwrap(),
+        set["rate_limited_until"].to_string()
+    );
+
+    control(&app, "DELETE", "/_fake/faults", Value::Null).await;
+    control(&app, "POST", "/_fake/faults", json!({"latency_ms": 150})).await;
+    let started = std::time::Instant::now();
+    assert_eq!(send(&app, oauth_request(1)).await.0, StatusCode::OK);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(150));
+
+    assert_eq!(fake.requests().len(), 7);
+    control(&app, "POST", "/_fake/reset", Value::Null).await;
+    assert!(fake.requests().is_empty());
+}
