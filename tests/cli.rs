@@ -166,48 +166,24 @@ async fn sandbox_runs_without_credentials_and_sends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_intake_flushes_and_exits_0() {
     let http = reqwest::Client::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
-    let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
-    let _fake = spawn(
-        FAKE,
-        &["--config", fake_cfg.to_str().unwrap()],
-        &[],
-        dir.path().join("fake.log"),
-    );
-    let fake_url = format!("http://127.0.0.1:{fake_port}");
-    wait_http(&format!("{fake_url}/_fake/health"));
-    let cfg = write(
-        dir.path(),
-        "gw.toml",
-        &gateway_config(port, admin_port, fake_port, "CANARY-consumer-secret"),
-    );
     // A long linger: without the shutdown the partial batch would wait for an hour.
-    let mut gw = spawn(
-        GATEWAY,
-        &["--config", cfg.to_str().unwrap()],
+    let mut stack = start_stack_with(
+        "CANARY-consumer-secret",
         &[("GATEWAY_DELIVERY__LINGER", "1h")],
-        dir.path().join("gw.log"),
     );
-    wait_http(&format!("http://127.0.0.1:{admin_port}/readyz"));
     let events: Vec<Value> = (0..50).map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("c{i}"), "conversion_id": format!("s-{i}")})).collect();
-    let resp = http
-        .post(format!("http://127.0.0.1:{port}/v1/events"))
-        .bearer_auth(API_KEY)
-        .json(&json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_events(&http, &stack.ingest_url, &json!({ "events": events })).await;
     assert_eq!(resp.status(), 202);
-    gw.signal("TERM");
-    let status = gw
+    stack.gateway.signal("TERM");
+    let status = stack
+        .gateway
         .wait_exit(Duration::from_secs(15))
         .expect("exits within shutdown_timeout");
-    assert!(status.success(), "{status:?}\n{}", gw.log_text());
+    assert!(status.success(), "{status:?}\n{}", stack.gateway.log_text());
     assert_eq!(
-        fake_conversions(&http, &fake_url).await.len(),
+        fake_conversions(&http, &stack.fake_url).await.len(),
         50,
         "what was accepted went out before exit"
     );
-    assert!(gw.log_text().contains("shutdown requested"));
+    assert!(stack.gateway.log_text().contains("shutdown requested"));
 }

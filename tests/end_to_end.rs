@@ -254,32 +254,11 @@ async fn a_failed_batch_is_resent_unchanged_and_signed_afresh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_refused_by_the_fake() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
-    let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
-    let _fake = spawn(
-        FAKE,
-        &["--config", fake_cfg.to_str().unwrap()],
-        &[],
-        dir.path().join("fake.log"),
-    );
-    let fake_url = format!("http://127.0.0.1:{fake_port}");
-    wait_http(&format!("{fake_url}/_fake/health"));
-    let cfg = write(
-        dir.path(),
-        "gw.toml",
-        &gateway_config(port, admin_port, fake_port, "wrong-secret"),
-    );
-    let _gw = spawn(
-        GATEWAY,
-        &["--config", cfg.to_str().unwrap()],
-        &[],
-        dir.path().join("gw.log"),
-    );
-    wait_http(&format!("http://127.0.0.1:{admin_port}/readyz"));
+    let stack = start_stack_with("wrong-secret", &[]);
+    let (fake_url, ingest_url) = (&stack.fake_url, &stack.ingest_url);
     let http = reqwest::Client::new();
     let resp = http
-        .post(format!("http://127.0.0.1:{port}/v1/events"))
+        .post(ingest_url)
         .bearer_auth(API_KEY)
         .json(&json!({"account": "acme", "event": "purchase", "twclid": "t"}))
         .send()
@@ -287,45 +266,56 @@ async fn wrong_secret_is_refused_by_the_fake() {
         .unwrap();
     assert_eq!(resp.status(), 202);
     let refused = eventually(Duration::from_secs(10), async || {
-        let r = fake_requests(&http, &fake_url).await;
+        let r = fake_requests(&http, fake_url).await;
         r.into_iter().find(|r| r["status"] == 401)
     })
     .await
     .expect("the fake saw the badly signed request");
     assert_eq!(refused["auth_error"], "signature does not match");
-    assert!(fake_conversions(&http, &fake_url).await.is_empty());
+    assert!(fake_conversions(&http, fake_url).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_hold_at_most_max_batch_and_partial_batches_linger() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
-    let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
-    let _fake = spawn(FAKE, &["--config", fake_cfg.to_str().unwrap()], &[], dir.path().join("fake.log"));
-    let fake_url = format!("http://127.0.0.1:{fake_port}");
-    wait_http(&format!("{fake_url}/_fake/health"));
-    let cfg = write(dir.path(), "gw.toml", &gateway_config(port, admin_port, fake_port, "CANARY-consumer-secret"));
-    let _gw = spawn(
-        GATEWAY,
-        &["--config", cfg.to_str().unwrap()],
-        &[("GATEWAY_DELIVERY__MAX_BATCH", "3"), ("GATEWAY_DELIVERY__LINGER", "1h")],
-        dir.path().join("gw.log"),
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_DELIVERY__MAX_BATCH", "3"),
+            ("GATEWAY_DELIVERY__LINGER", "1h"),
+        ],
     );
-    wait_http(&format!("http://127.0.0.1:{admin_port}/readyz"));
+    let fake_url = &stack.fake_url;
     let http = reqwest::Client::new();
     let events: Vec<Value> = (0..7).map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("b{i}"), "conversion_id": format!("b-{i}")})).collect();
-    let resp = http.post(format!("http://127.0.0.1:{port}/v1/events")).bearer_auth(API_KEY).json(&json!({ "events": events })).send().await.unwrap();
+    let resp = post_events(&http, &stack.ingest_url, &json!({ "events": events })).await;
     assert_eq!(resp.status(), 202);
     let sizes = eventually(Duration::from_secs(10), async || {
-        let r = fake_requests(&http, &fake_url).await;
-        (r.len() >= 2).then(|| r.iter().map(|r| r["conversions"].as_array().unwrap().len()).collect::<Vec<_>>())
+        let r = fake_requests(&http, fake_url).await;
+        (r.len() >= 2).then(|| {
+            r.iter()
+                .map(|r| r["conversions"].as_array().unwrap().len())
+                .collect::<Vec<_>>()
+        })
     })
     .await
     .expect("full batches go out at once");
     assert_eq!(sizes, [3, 3]);
     // The seventh event waits for more (linger is an hour here); it is not sent in the meantime.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(fake_requests(&http, &fake_url).await.len(), 2);
-    let ids: Vec<String> = fake_conversions(&http, &fake_url).await.iter().map(|c| c["conversion"]["conversion_id"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(ids, ["b-0", "b-1", "b-2", "b-3", "b-4", "b-5"], "in the order accepted");
+    assert_eq!(fake_requests(&http, fake_url).await.len(), 2);
+    let ids: Vec<String> = fake_conversions(&http, fake_url)
+        .await
+        .iter()
+        .map(|c| {
+            c["conversion"]["conversion_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        ["b-0", "b-1", "b-2", "b-3", "b-4", "b-5"],
+        "in the order accepted"
+    );
 }

@@ -202,6 +202,11 @@ pub struct Stack {
 
 /// Starts fake-x-api and the gateway in front of it.
 pub fn start_stack() -> Stack {
+    start_stack_with("CANARY-consumer-secret", &[])
+}
+
+/// Like `start_stack`, with the gateway's consumer secret and extra `GATEWAY_*` variables.
+pub fn start_stack_with(consumer_secret: &str, envs: &[(&str, &str)]) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
     let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
@@ -216,15 +221,15 @@ pub fn start_stack() -> Stack {
     let gw_cfg = write(
         dir.path(),
         "gateway.toml",
-        &gateway_config(port, admin_port, fake_port, "CANARY-consumer-secret"),
+        &gateway_config(port, admin_port, fake_port, consumer_secret),
     );
+    let spool_dir = dir.path().join("spool");
+    let mut all_envs = vec![("GATEWAY_SPOOL__DIR", spool_dir.to_str().unwrap())];
+    all_envs.extend_from_slice(envs);
     let gateway = spawn(
         GATEWAY,
         &["--config", gw_cfg.to_str().unwrap()],
-        &[(
-            "GATEWAY_SPOOL__DIR",
-            dir.path().join("spool").to_str().unwrap(),
-        )],
+        &all_envs,
         dir.path().join("gateway.log"),
     );
     let admin_url = format!("http://127.0.0.1:{admin_port}");
@@ -261,4 +266,18 @@ pub async fn fake_requests(client: &reqwest::Client, fake_url: &str) -> Vec<Valu
         .await
         .unwrap();
     v["requests"].as_array().cloned().unwrap_or_default()
+}
+
+/// POSTs `body` to the ingest URL with the test API key.
+pub async fn post_events(
+    http: &reqwest::Client,
+    ingest_url: &str,
+    body: &Value,
+) -> reqwest::Response {
+    http.post(ingest_url)
+        .bearer_auth(API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
 }
