@@ -840,6 +840,7 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
                 ("GATEWAY_UPSTREAM__BASE_URL", "http://127.0.0.1:18080/"),
                 ("GATEWAY_ACCOUNTS__ACME__AUTH__CONSUMER_SECRET", "from-env"),
                 ("GATEWAY_SERVER__API_KEYS", "a, b"),
+                ("GATEWAY_SERVER__ADMIN_API_KEYS", "admin-1"),
                 ("GATEWAY_SERVER__MAX_EVENTS_PER_REQUEST", "10"),
                 ("GATEWAY_UPSTREAM__SANDBOX", "true"),
                 ("GATEWAY_CONFIG", "ignored.toml"),
@@ -856,6 +857,14 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
                 .map(Secret::expose)
                 .collect::<Vec<_>>(),
             ["a", "b"]
+        );
+        assert_eq!(
+            s.server
+                .admin_api_keys
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["admin-1"]
         );
         match &s.accounts["acme"].auth {
             Some(Auth::Oauth1 {

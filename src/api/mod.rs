@@ -12,6 +12,7 @@ pub use problem::Problem;
 use crate::conversion::Rules;
 use crate::spool::Spool;
 use axum::http::Uri;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -36,33 +37,55 @@ impl AppState {
     }
 }
 
+/// Layers both listeners share: a panic in a handler becomes a 500 problem (the process and the other
+/// requests carry on), and every request gets a debug-level span with method, path, status and latency.
+fn common_layers(router: Router) -> Router {
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(tower_http::trace::TraceLayer::new_for_http())
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+                Problem::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "Internal error",
+                    "the gateway failed while handling this request; nothing of it was accepted",
+                )
+                .into_response()
+            })),
+    )
+}
+
 /// The ingest API on `server.listen`.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(
-            "/v1/events",
-            post(ingest::ingest).fallback(|| async { Problem::method_not_allowed("POST") }),
-        )
-        .fallback(|uri: Uri| async move { Problem::not_found(uri.path()) })
-        .with_state(state)
+    common_layers(
+        Router::new()
+            .route(
+                "/v1/events",
+                post(ingest::ingest).fallback(|| async { Problem::method_not_allowed("POST") }),
+            )
+            .fallback(|uri: Uri| async move { Problem::not_found(uri.path()) })
+            .with_state(state),
+    )
 }
 
 /// The admin listener on `server.admin_listen`: liveness and readiness.
 pub fn admin_app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(
-                |axum::extract::State(st): axum::extract::State<Arc<AppState>>| async move {
-                    if st.is_shutting_down() {
-                        Err(Problem::unavailable("shutting down", 5))
-                    } else {
-                        Ok("ready\n")
-                    }
-                },
-            ),
-        )
-        .fallback(|uri: Uri| async move { Problem::not_found(uri.path()) })
-        .with_state(state)
+    common_layers(
+        Router::new()
+            .route("/livez", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(
+                    |axum::extract::State(st): axum::extract::State<Arc<AppState>>| async move {
+                        if st.is_shutting_down() {
+                            Err(Problem::unavailable("shutting down", 5))
+                        } else {
+                            Ok("ready\n")
+                        }
+                    },
+                ),
+            )
+            .fallback(|uri: Uri| async move { Problem::not_found(uri.path()) })
+            .with_state(state),
+    )
 }
