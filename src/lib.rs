@@ -9,6 +9,7 @@ pub mod config;
 pub mod conversion;
 pub mod dispatch;
 pub mod fake_x;
+pub mod limiter;
 pub mod spool;
 pub mod telemetry;
 pub mod upstream;
