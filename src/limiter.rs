@@ -32,7 +32,10 @@ impl Gcra {
         let burst = burst.max(1);
         let per = limit.saturating_sub(burst).max(1) as u128;
         let interval = window.as_nanos().div_ceil(per).min(u64::MAX as u128) as u64;
-        Gcra { interval: interval.max(1), burst }
+        Gcra {
+            interval: interval.max(1),
+            burst,
+        }
     }
 
     /// When `n` events may go (never before `now`), and the TAT after they do.
@@ -62,7 +65,12 @@ pub trait LimiterState: Send + Sync + 'static {
 /// A limiter shared by every dispatcher of the process.
 pub trait Limiter: Send + Sync + 'static {
     /// Reserves `n` events of `key`'s budget and answers when they may be sent (epoch nanoseconds).
-    fn reserve<'a>(&'a self, key: &'a str, n: u64, now: Nanos) -> BoxFuture<'a, Result<Nanos, String>>;
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        n: u64,
+        now: Nanos,
+    ) -> BoxFuture<'a, Result<Nanos, String>>;
 }
 
 /// GCRA in this process, state persisted through a `LimiterState`.
@@ -76,22 +84,44 @@ pub struct EmbeddedLimiter {
 
 impl EmbeddedLimiter {
     pub fn new(rules: HashMap<String, Gcra>, state: Arc<dyn LimiterState>) -> Self {
-        let tats = rules.keys().filter_map(|k| state.load(k).map(|t| (k.clone(), t))).collect();
-        EmbeddedLimiter { rules, tats: Mutex::new(tats), state, gate: tokio::sync::Mutex::new(()) }
+        let tats = rules
+            .keys()
+            .filter_map(|k| state.load(k).map(|t| (k.clone(), t)))
+            .collect();
+        EmbeddedLimiter {
+            rules,
+            tats: Mutex::new(tats),
+            state,
+            gate: tokio::sync::Mutex::new(()),
+        }
     }
 }
 
 impl Limiter for EmbeddedLimiter {
-    fn reserve<'a>(&'a self, key: &'a str, n: u64, now: Nanos) -> BoxFuture<'a, Result<Nanos, String>> {
+    fn reserve<'a>(
+        &'a self,
+        key: &'a str,
+        n: u64,
+        now: Nanos,
+    ) -> BoxFuture<'a, Result<Nanos, String>> {
         async move {
             let Some(gcra) = self.rules.get(key) else {
                 return Ok(now);
             };
             let _one_at_a_time = self.gate.lock().await;
-            let tat = self.tats.lock().map_err(|e| e.to_string())?.get(key).copied().unwrap_or(0);
+            let tat = self
+                .tats
+                .lock()
+                .map_err(|e| e.to_string())?
+                .get(key)
+                .copied()
+                .unwrap_or(0);
             let (at, new_tat) = gcra.schedule(tat, now, n);
             self.state.save(key, new_tat).await?;
-            self.tats.lock().map_err(|e| e.to_string())?.insert(key.to_owned(), new_tat);
+            self.tats
+                .lock()
+                .map_err(|e| e.to_string())?
+                .insert(key.to_owned(), new_tat);
             Ok(at)
         }
         .boxed()
@@ -148,7 +178,11 @@ mod tests {
     #[tokio::test]
     async fn state_survives_a_restart() {
         let state: Arc<dyn LimiterState> = Arc::new(VolatileState::default());
-        let rules: HashMap<String, Gcra> = [("a".to_string(), Gcra::new(1000, Duration::from_secs(10), 500))].into();
+        let rules: HashMap<String, Gcra> = [(
+            "a".to_string(),
+            Gcra::new(1000, Duration::from_secs(10), 500),
+        )]
+        .into();
         let first = EmbeddedLimiter::new(rules.clone(), state.clone());
         assert_eq!(first.reserve("a", 500, SEC).await.unwrap(), SEC);
         // A new limiter over the same state does not hand out a fresh burst.

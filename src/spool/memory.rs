@@ -1,7 +1,7 @@
 //! An in-memory `Spool`: the seam's reference implementation and the test double for dispatch.
 //! It keeps the trait's invariants but nothing survives a restart.
 
-use super::{Admission, Entry, Record, Spool, SpoolError};
+use super::{Admission, DeadLetter, Entry, Record, Spool, SpoolError};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -19,6 +19,7 @@ struct Inner {
     seen: HashMap<Key, i64>,
     seen_order: VecDeque<(i64, Key)>,
     notifiers: HashMap<String, Arc<Notify>>,
+    dead: Vec<DeadLetter>,
 }
 
 pub struct MemorySpool {
@@ -145,6 +146,45 @@ impl Spool for MemorySpool {
 
     fn changed(&self, account: &str) -> Arc<Notify> {
         self.lock().notifier(account)
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+        reason: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), SpoolError>> {
+        let mut inner = self.lock();
+        for id in ids {
+            if let Some(record) = inner.queues.get_mut(account).and_then(|q| q.remove(id)) {
+                inner.next_id += 1;
+                let letter = DeadLetter {
+                    id: inner.next_id,
+                    account: account.to_owned(),
+                    reason: reason.to_owned(),
+                    message: message.to_owned(),
+                    dead_lettered_at_ms: chrono::Utc::now().timestamp_millis(),
+                    conversion: record.conversion,
+                    received_at_ms: record.received_at_ms,
+                };
+                inner.dead.push(letter);
+            }
+        }
+        async move { Ok(()) }.boxed()
+    }
+
+    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        let inner = self.lock();
+        Ok(inner.dead[inner.dead.len().saturating_sub(limit)..].to_vec())
+    }
+
+    fn bytes(&self) -> u64 {
+        0
+    }
+
+    fn health(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 

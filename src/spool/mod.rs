@@ -7,8 +7,10 @@
 //! `(account, event_id, conversion_id)` was appended within the dedup window is reported `Duplicate` and
 //! not queued again. No raw email or phone ever reaches a spool: records hold hashes only.
 
+pub mod disk;
 pub mod memory;
 
+pub use disk::{DiskSpool, DiskSpoolOptions};
 pub use memory::MemorySpool;
 
 use crate::conversion::Conversion;
@@ -35,6 +37,20 @@ impl Record {
             self.conversion.conversion_id.clone(),
         )
     }
+}
+
+/// An event X refused for good, or that grew too old to send, kept with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub account: String,
+    /// A fixed label: `rejected` (X answered 400 for this conversion alone), `not_found`, `expired`.
+    pub reason: String,
+    /// X's message, or what else explains the reason.
+    pub message: String,
+    pub dead_lettered_at_ms: i64,
+    pub conversion: Conversion,
+    pub received_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,4 +106,22 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Signalled whenever records are appended for `account` (one permit is stored if nobody waits).
     fn changed(&self, account: &str) -> Arc<Notify>;
+
+    /// Moves the given records of `account` to the dead letters, with the reason and message.
+    fn dead_letter<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+        reason: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), SpoolError>>;
+
+    /// The most recent dead letters, oldest first (at most `limit`).
+    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError>;
+
+    /// Bytes of waiting records.
+    fn bytes(&self) -> u64;
+
+    /// `Err(why)` while the spool cannot take events (full, disk failing).
+    fn health(&self) -> Result<(), String>;
 }

@@ -1,0 +1,986 @@
+//! The embedded, durable spool: one redb file under `spool.dir`.
+//!
+//! One storage thread owns every write and group-commits: callers hand over their command and wait; the
+//! thread drains whatever is queued into one write transaction, commits (fsync), then answers them all.
+//! Invariants: an `append` is answered `Ok` only after its commit; an event leaves the `events` table only
+//! through `ack` (X accepted it) or `dead_letter` (moved to `dead_letters` in the same transaction); the
+//! dedup index and the limiter state are committed in the same transactions as the events they guard.
+//! Counters (per account events and bytes) live in the `meta` table, so start-up never scans the spool.
+//! When the disk fails or fills, the failed transaction is rolled back whole, callers get an error, and
+//! the thread reopens the database (redb refuses further writes after an I/O error) until writes succeed.
+
+use super::{Admission, DeadLetter, Entry, Record, Spool, SpoolError};
+use crate::conversion::Conversion;
+use crate::limiter::{LimiterState, Nanos};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const DEDUP: TableDefinition<&[u8], u64> = TableDefinition::new("dedup");
+const DEDUP_EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("dedup_expiry");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How many commands one transaction takes at most.
+const MAX_GROUP: usize = 4096;
+/// Expired dedup entries removed per transaction, so purging never stalls intake.
+const PURGE_PER_COMMIT: usize = 2000;
+
+#[derive(Debug, Clone)]
+pub struct DiskSpoolOptions {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub max_dead_letters: u64,
+    pub dedup_window: Duration,
+    /// redb's page cache; bounded so that memory stays small whatever the backlog.
+    pub cache_bytes: usize,
+    /// Appends are refused while the file system has less than this free.
+    pub min_free_bytes: u64,
+}
+
+/// What is stored per event (the account is in the key).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    conversion: Conversion,
+    received_at_ms: i64,
+}
+
+enum Cmd {
+    Append {
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<Vec<Admission>, SpoolError>>,
+    },
+    Ack {
+        account: String,
+        ids: Vec<u64>,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    DeadLetter {
+        account: String,
+        ids: Vec<u64>,
+        reason: String,
+        message: String,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    SaveTat {
+        key: String,
+        tat: Nanos,
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    /// Finish what is queued before it, close the file, stop the thread.
+    Close {
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+}
+
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+struct Count {
+    events: u64,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    counts: HashMap<String, Count>,
+    total_bytes: u64,
+    tats: HashMap<String, Nanos>,
+    /// Why writes fail right now, if they do.
+    unhealthy: Option<String>,
+    notifiers: HashMap<String, Arc<Notify>>,
+}
+
+pub struct DiskSpool {
+    db: Arc<Handle>,
+    tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn storage(e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Unavailable(e.to_string())
+}
+
+fn dedup_key(r: &Record) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [
+        r.account.as_str(),
+        r.conversion.event_id.as_str(),
+        r.conversion.conversion_id.as_str(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, SpoolError> {
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(storage)?;
+    // Create the tables once; reopening an existing spool must not need to write (the disk may be full).
+    let ready = db.begin_read().map_err(storage)?.open_table(META).is_ok();
+    if !ready {
+        let txn = db.begin_write().map_err(storage)?;
+        txn.open_table(EVENTS).map_err(storage)?;
+        txn.open_table(DEDUP).map_err(storage)?;
+        txn.open_table(DEDUP_EXPIRY).map_err(storage)?;
+        txn.open_table(DEAD).map_err(storage)?;
+        txn.open_table(META).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+    }
+    Ok(db)
+}
+
+/// The database handle, shared by the storage thread and readers; `None` while it is being reopened.
+struct Handle {
+    db: RwLock<Option<Arc<Database>>>,
+    path: PathBuf,
+    cache_bytes: usize,
+}
+
+impl Handle {
+    /// The open database, opening it again first if a failure closed it.
+    fn get(&self) -> Result<Arc<Database>, SpoolError> {
+        if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(db.clone());
+        }
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = guard.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(open_db(&self.path, self.cache_bytes)?);
+        *guard = Some(db.clone());
+        tracing::warn!("spool reopened after a failure");
+        Ok(db)
+    }
+
+    /// Closes the database: redb refuses every write after an I/O error, so it is reopened afresh.
+    fn close(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = guard.take() {
+            // Readers hold a clone for the length of one read; the file lock goes with the last one.
+            for _ in 0..400 {
+                if Arc::strong_count(&db) == 1 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+impl DiskSpool {
+    /// Opens (or creates) the spool under `opts.dir` and starts its storage thread. What was committed before
+    /// is there again; nothing is read into memory but the counters.
+    pub fn open(opts: DiskSpoolOptions) -> Result<Arc<Self>, SpoolError> {
+        std::fs::create_dir_all(&opts.dir)
+            .map_err(|e| storage(format!("cannot create {}: {e}", opts.dir.display())))?;
+        let path = opts.dir.join("spool.redb");
+        let db = open_db(&path, opts.cache_bytes)?;
+        let mut shared = Shared::default();
+        {
+            let txn = db.begin_read().map_err(storage)?;
+            let meta = txn.open_table(META).map_err(storage)?;
+            for item in meta.iter().map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                let (k, v) = (k.value().to_owned(), v.value());
+                if let Some(account) = k.strip_prefix("events:") {
+                    shared.counts.entry(account.to_owned()).or_default().events = v;
+                } else if let Some(account) = k.strip_prefix("bytes:") {
+                    shared.counts.entry(account.to_owned()).or_default().bytes = v;
+                    shared.total_bytes += v;
+                } else if let Some(key) = k.strip_prefix("tat:") {
+                    shared.tats.insert(key.to_owned(), v);
+                }
+            }
+        }
+        let db = Arc::new(Handle {
+            db: RwLock::new(Some(Arc::new(db))),
+            path: path.clone(),
+            cache_bytes: opts.cache_bytes,
+        });
+        let shared = Arc::new(Mutex::new(shared));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            db: db.clone(),
+            shared: shared.clone(),
+            opts,
+        };
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| storage(format!("cannot start the storage thread: {e}")))?;
+        Ok(Arc::new(DiskSpool { db, tx, shared }))
+    }
+
+    fn current_db(&self) -> Result<Arc<Database>, SpoolError> {
+        self.db.get()
+    }
+
+    /// Commits what is queued, closes the database file and stops the storage thread. Later calls fail.
+    pub async fn close(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Cmd::Close { reply }).await
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Cmd,
+    ) -> Result<T, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| storage("the storage thread stopped"))?;
+        rx.await
+            .map_err(|_| storage("the storage thread stopped"))?
+    }
+}
+
+impl Spool for DiskSpool {
+    fn append(&self, records: Vec<Record>) -> BoxFuture<'_, Result<Vec<Admission>, SpoolError>> {
+        async move { self.call(|reply| Cmd::Append { records, reply }).await }.boxed()
+    }
+
+    fn peek<'a>(
+        &'a self,
+        account: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
+        let db = self.current_db();
+        let account = account.to_owned();
+        async move {
+            let db = db?;
+            tokio::task::spawn_blocking(move || -> Result<Vec<Entry>, SpoolError> {
+                let txn = db.begin_read().map_err(storage)?;
+                let table = txn.open_table(EVENTS).map_err(storage)?;
+                let mut out = Vec::new();
+                for item in table
+                    .range((account.as_str(), 0)..=(account.as_str(), u64::MAX))
+                    .map_err(storage)?
+                    .take(max)
+                {
+                    let (k, v) = item.map_err(storage)?;
+                    let stored: Stored = serde_json::from_slice(v.value()).map_err(storage)?;
+                    out.push(Entry {
+                        id: k.value().1,
+                        record: Record {
+                            account: account.clone(),
+                            conversion: stored.conversion,
+                            received_at_ms: stored.received_at_ms,
+                        },
+                    });
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(storage)?
+        }
+        .boxed()
+    }
+
+    fn ack<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<(), SpoolError>> {
+        async move {
+            self.call(|reply| Cmd::Ack {
+                account: account.to_owned(),
+                ids: ids.to_vec(),
+                reply,
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn backlog(&self, account: &str) -> usize {
+        lock(&self.shared)
+            .counts
+            .get(account)
+            .map_or(0, |c| c.events as usize)
+    }
+
+    fn changed(&self, account: &str) -> Arc<Notify> {
+        lock(&self.shared)
+            .notifiers
+            .entry(account.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+        reason: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), SpoolError>> {
+        async move {
+            self.call(|reply| Cmd::DeadLetter {
+                account: account.to_owned(),
+                ids: ids.to_vec(),
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                reply,
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+        let db = self.current_db()?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = txn.open_table(DEAD).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)?.rev().take(limit) {
+            let (_, v) = item.map_err(storage)?;
+            out.push(serde_json::from_slice(v.value()).map_err(storage)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn bytes(&self) -> u64 {
+        lock(&self.shared).total_bytes
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match &lock(&self.shared).unhealthy {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LimiterState for DiskSpool {
+    fn load(&self, key: &str) -> Option<Nanos> {
+        lock(&self.shared).tats.get(key).copied()
+    }
+
+    fn save<'a>(&'a self, key: &'a str, tat: Nanos) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            self.call(|reply| Cmd::SaveTat {
+                key: key.to_owned(),
+                tat,
+                reply,
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
+}
+
+/// The storage thread.
+struct Writer {
+    db: Arc<Handle>,
+    shared: Arc<Mutex<Shared>>,
+    opts: DiskSpoolOptions,
+}
+
+/// The effect of one transaction, applied to the in-memory counters after its commit.
+#[derive(Default)]
+struct Effects {
+    counts: HashMap<String, (i64, i64)>,
+    tats: Vec<(String, Nanos)>,
+    appended: Vec<String>,
+}
+
+enum Reply {
+    Append(
+        oneshot::Sender<Result<Vec<Admission>, SpoolError>>,
+        Result<Vec<Admission>, SpoolError>,
+    ),
+    Unit(
+        oneshot::Sender<Result<(), SpoolError>>,
+        Result<(), SpoolError>,
+    ),
+}
+
+impl Reply {
+    fn send(self, override_err: Option<&SpoolError>) {
+        match self {
+            Reply::Append(tx, r) => {
+                let _ = tx.send(override_err.map_or(r, |e| Err(e.clone())));
+            }
+            Reply::Unit(tx, r) => {
+                let _ = tx.send(override_err.map_or(r, |e| Err(e.clone())));
+            }
+        }
+    }
+}
+
+impl Writer {
+    fn run(self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut cmds = vec![first];
+            while cmds.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            let close = cmds.iter().position(|c| matches!(c, Cmd::Close { .. }));
+            let Some(at) = close else {
+                self.commit_group(cmds);
+                continue;
+            };
+            let rest = cmds.split_off(at);
+            if !cmds.is_empty() {
+                self.commit_group(cmds);
+            }
+            self.db.close();
+            rx.close();
+            let closed = SpoolError::Unavailable("the spool is closed".into());
+            for cmd in rest
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
+                match cmd {
+                    Cmd::Close { reply } => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    other => other.fail(&closed),
+                }
+            }
+            return;
+        }
+    }
+
+    fn commit_group(&self, cmds: Vec<Cmd>) {
+        let db = match self.db.get() {
+            Ok(db) => db,
+            Err(e) => {
+                for cmd in cmds {
+                    cmd.fail(&e);
+                }
+                // Do not spin while the disk is gone.
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+        };
+        let disk_low = self.disk_low(&cmds);
+        let mut replies = Vec::with_capacity(cmds.len());
+        let mut effects = Effects::default();
+        let outcome = (|| -> Result<(), SpoolError> {
+            let txn = db.begin_write().map_err(storage)?;
+            {
+                let mut tables = Tables {
+                    events: txn.open_table(EVENTS).map_err(storage)?,
+                    dedup: txn.open_table(DEDUP).map_err(storage)?,
+                    expiry: txn.open_table(DEDUP_EXPIRY).map_err(storage)?,
+                    dead: txn.open_table(DEAD).map_err(storage)?,
+                    meta: txn.open_table(META).map_err(storage)?,
+                };
+                let base_total = lock(&self.shared).total_bytes;
+                let mut added_bytes: i64 = 0;
+                for cmd in cmds {
+                    match cmd {
+                        Cmd::Append { records, reply } => {
+                            let result = match &disk_low {
+                                Some(why) => Err(SpoolError::Unavailable(why.clone())),
+                                None => {
+                                    let used = (base_total as i64 + added_bytes).max(0) as u64;
+                                    let r = tables.append(
+                                        records,
+                                        self.opts.max_bytes.saturating_sub(used),
+                                        &mut effects,
+                                    )?;
+                                    added_bytes = effects.counts.values().map(|(_, b)| *b).sum();
+                                    r
+                                }
+                            };
+                            replies.push(Reply::Append(reply, result));
+                        }
+                        Cmd::Ack {
+                            account,
+                            ids,
+                            reply,
+                        } => {
+                            tables.remove(&account, &ids, None, &mut effects)?;
+                            replies.push(Reply::Unit(reply, Ok(())));
+                        }
+                        Cmd::DeadLetter {
+                            account,
+                            ids,
+                            reason,
+                            message,
+                            reply,
+                        } => {
+                            tables.remove(
+                                &account,
+                                &ids,
+                                Some((&reason, &message)),
+                                &mut effects,
+                            )?;
+                            tables.evict_dead(self.opts.max_dead_letters)?;
+                            replies.push(Reply::Unit(reply, Ok(())));
+                        }
+                        Cmd::Close { reply } => replies.push(Reply::Unit(reply, Ok(()))),
+                        Cmd::SaveTat { key, tat, reply } => {
+                            tables
+                                .meta
+                                .insert(format!("tat:{key}").as_str(), tat)
+                                .map_err(storage)?;
+                            effects.tats.push((key, tat));
+                            replies.push(Reply::Unit(reply, Ok(())));
+                        }
+                    }
+                }
+                tables.purge_dedup(now_ms() - self.opts.dedup_window.as_millis() as i64)?;
+                tables.store_counts(&self.shared, &effects)?;
+            }
+            txn.commit().map_err(storage)
+        })();
+        match outcome {
+            Ok(()) => {
+                let mut s = lock(&self.shared);
+                for (account, (de, db)) in &effects.counts {
+                    let c = s.counts.entry(account.clone()).or_default();
+                    c.events = (c.events as i64 + de).max(0) as u64;
+                    c.bytes = (c.bytes as i64 + db).max(0) as u64;
+                    s.total_bytes = (s.total_bytes as i64 + db).max(0) as u64;
+                }
+                for (k, t) in &effects.tats {
+                    s.tats.insert(k.clone(), *t);
+                }
+                s.unhealthy = disk_low.clone();
+                let to_notify: Vec<Arc<Notify>> = effects
+                    .appended
+                    .iter()
+                    .map(|a| s.notifiers.entry(a.clone()).or_default().clone())
+                    .collect();
+                drop(s);
+                for n in to_notify {
+                    n.notify_one();
+                }
+                replies.into_iter().for_each(|r| r.send(None));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool write failed; nothing of this group was kept");
+                lock(&self.shared).unhealthy = Some(e.to_string());
+                // Reopen before answering, so that no caller reads through the failed handle.
+                drop(db);
+                self.db.close();
+                if let Err(e) = self.db.get() {
+                    tracing::error!(error = %e, "cannot reopen the spool yet; retrying on the next access");
+                }
+                replies.into_iter().for_each(|r| r.send(Some(&e)));
+            }
+        }
+    }
+
+    /// `Some(why)` when appends must be refused for want of disk space.
+    fn disk_low(&self, cmds: &[Cmd]) -> Option<String> {
+        if !cmds.iter().any(|c| matches!(c, Cmd::Append { .. })) {
+            return None;
+        }
+        match fs4::available_space(&self.opts.dir) {
+            Ok(free) if free < self.opts.min_free_bytes => Some(format!(
+                "the disk under spool.dir has {free} bytes free; the spool keeps {} free",
+                self.opts.min_free_bytes
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl Cmd {
+    fn fail(self, e: &SpoolError) {
+        match self {
+            Cmd::Append { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Cmd::Ack { reply, .. }
+            | Cmd::DeadLetter { reply, .. }
+            | Cmd::SaveTat { reply, .. }
+            | Cmd::Close { reply } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+struct Tables<'t> {
+    events: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    dedup: redb::Table<'t, &'static [u8], u64>,
+    expiry: redb::Table<'t, (u64, &'static [u8]), ()>,
+    dead: redb::Table<'t, u64, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, u64>,
+}
+
+impl Tables<'_> {
+    fn next(&mut self, name: &str) -> Result<u64, SpoolError> {
+        let n = self
+            .meta
+            .get(name)
+            .map_err(storage)?
+            .map_or(0, |v| v.value())
+            + 1;
+        self.meta.insert(name, n).map_err(storage)?;
+        Ok(n)
+    }
+
+    /// Appends what is new; `Ok(Err(Full))` when the records do not fit in `room` bytes (nothing written).
+    fn append(
+        &mut self,
+        records: Vec<Record>,
+        room: u64,
+        fx: &mut Effects,
+    ) -> Result<Result<Vec<Admission>, SpoolError>, SpoolError> {
+        let encoded: Vec<(Record, Vec<u8>)> = records
+            .into_iter()
+            .map(|r| {
+                let bytes = serde_json::to_vec(&Stored {
+                    conversion: r.conversion.clone(),
+                    received_at_ms: r.received_at_ms,
+                })
+                .map_err(storage)?;
+                Ok((r, bytes))
+            })
+            .collect::<Result<_, SpoolError>>()?;
+        if encoded.iter().map(|(_, b)| b.len() as u64).sum::<u64>() > room {
+            return Ok(Err(SpoolError::Full));
+        }
+        let mut out = Vec::with_capacity(encoded.len());
+        let mut seq = self
+            .meta
+            .get("seq")
+            .map_err(storage)?
+            .map_or(0, |v| v.value());
+        for (r, bytes) in encoded {
+            let key = dedup_key(&r);
+            if self.dedup.get(key.as_slice()).map_err(storage)?.is_some() {
+                out.push(Admission::Duplicate);
+                continue;
+            }
+            let at = r.received_at_ms.max(0) as u64;
+            self.dedup.insert(key.as_slice(), at).map_err(storage)?;
+            self.expiry
+                .insert((at, key.as_slice()), ())
+                .map_err(storage)?;
+            seq += 1;
+            self.events
+                .insert((r.account.as_str(), seq), bytes.as_slice())
+                .map_err(storage)?;
+            let c = fx.counts.entry(r.account.clone()).or_default();
+            c.0 += 1;
+            c.1 += bytes.len() as i64;
+            if !fx.appended.contains(&r.account) {
+                fx.appended.push(r.account);
+            }
+            out.push(Admission::Queued);
+        }
+        self.meta.insert("seq", seq).map_err(storage)?;
+        Ok(Ok(out))
+    }
+
+    /// Removes events; with `dead = Some((reason, message))` they move to the dead letters.
+    fn remove(
+        &mut self,
+        account: &str,
+        ids: &[u64],
+        dead: Option<(&str, &str)>,
+        fx: &mut Effects,
+    ) -> Result<(), SpoolError> {
+        for id in ids {
+            let Some(value) = self
+                .events
+                .remove((account, *id))
+                .map_err(storage)?
+                .map(|v| v.value().to_vec())
+            else {
+                continue;
+            };
+            let c = fx.counts.entry(account.to_owned()).or_default();
+            c.0 -= 1;
+            c.1 -= value.len() as i64;
+            if let Some((reason, message)) = dead {
+                let stored: Stored = serde_json::from_slice(&value).map_err(storage)?;
+                let id = self.next("dead_seq")?;
+                let letter = DeadLetter {
+                    id,
+                    account: account.to_owned(),
+                    reason: reason.to_owned(),
+                    message: message.to_owned(),
+                    dead_lettered_at_ms: now_ms(),
+                    conversion: stored.conversion,
+                    received_at_ms: stored.received_at_ms,
+                };
+                let bytes = serde_json::to_vec(&letter).map_err(storage)?;
+                self.dead.insert(id, bytes.as_slice()).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn evict_dead(&mut self, max: u64) -> Result<(), SpoolError> {
+        let mut len = self.dead.len().map_err(storage)?;
+        while len > max {
+            if self.dead.pop_first().map_err(storage)?.is_none() {
+                break;
+            }
+            len -= 1;
+            let evicted = self
+                .meta
+                .get("dead_evicted")
+                .map_err(storage)?
+                .map_or(0, |v| v.value())
+                + 1;
+            self.meta.insert("dead_evicted", evicted).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    fn purge_dedup(&mut self, horizon_ms: i64) -> Result<(), SpoolError> {
+        let horizon = horizon_ms.max(0) as u64;
+        let mut expired: Vec<(u64, Vec<u8>)> = Vec::new();
+        for item in self
+            .expiry
+            .range::<(u64, &[u8])>(..(horizon, &[][..]))
+            .map_err(storage)?
+            .take(PURGE_PER_COMMIT)
+        {
+            let (k, _) = item.map_err(storage)?;
+            let (t, key) = k.value();
+            expired.push((t, key.to_vec()));
+        }
+        for (t, key) in expired {
+            self.expiry.remove((t, key.as_slice())).map_err(storage)?;
+            let current = self
+                .dedup
+                .get(key.as_slice())
+                .map_err(storage)?
+                .map(|v| v.value());
+            if current == Some(t) {
+                self.dedup.remove(key.as_slice()).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn store_counts(&mut self, shared: &Mutex<Shared>, fx: &Effects) -> Result<(), SpoolError> {
+        let s = lock(shared);
+        for (account, (de, db)) in &fx.counts {
+            let c = s.counts.get(account).copied().unwrap_or_default();
+            self.meta
+                .insert(
+                    format!("events:{account}").as_str(),
+                    (c.events as i64 + de).max(0) as u64,
+                )
+                .map_err(storage)?;
+            self.meta
+                .insert(
+                    format!("bytes:{account}").as_str(),
+                    (c.bytes as i64 + db).max(0) as u64,
+                )
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversion::Identifier;
+
+    fn opts(dir: &Path) -> DiskSpoolOptions {
+        DiskSpoolOptions {
+            dir: dir.to_path_buf(),
+            max_bytes: 1 << 30,
+            max_dead_letters: 3,
+            dedup_window: Duration::from_secs(3600),
+            cache_bytes: 1 << 20,
+            min_free_bytes: 0,
+        }
+    }
+
+    fn record(account: &str, id: &str) -> Record {
+        Record {
+            account: account.into(),
+            received_at_ms: now_ms(),
+            conversion: Conversion {
+                conversion_time: "2026-11-28T00:00:00.000Z".into(),
+                event_id: "o9d2g".into(),
+                identifiers: vec![Identifier::Twclid { twclid: "t".into() }],
+                conversion_id: id.into(),
+                value: Some("1.00".into()),
+                price_currency: None,
+                number_items: None,
+                description: None,
+                contents: None,
+                event_source_url: None,
+            },
+        }
+    }
+
+    fn ids(entries: &[Entry]) -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| e.record.conversion.conversion_id.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn what_was_committed_is_there_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        let got = spool
+            .append(vec![
+                record("a", "1"),
+                record("a", "2"),
+                record("b", "1"),
+                record("a", "1"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            [
+                Admission::Queued,
+                Admission::Queued,
+                Admission::Queued,
+                Admission::Duplicate
+            ]
+        );
+        let first = spool.peek("a", 1).await.unwrap();
+        spool.ack("a", &[first[0].id]).await.unwrap();
+        spool.save("acct", 42).await.unwrap();
+        let bytes = spool.bytes();
+        assert!(bytes > 0);
+        spool.close().await.unwrap();
+        drop(spool);
+
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        assert_eq!((spool.backlog("a"), spool.backlog("b")), (1, 1));
+        assert_eq!(ids(&spool.peek("a", 10).await.unwrap()), ["2"]);
+        assert_eq!(spool.load("acct"), Some(42));
+        assert_eq!(spool.bytes(), bytes, "counters are persisted, not rebuilt");
+        // The dedup index survived too: "1" was delivered, a resend is still a duplicate.
+        assert_eq!(
+            spool.append(vec![record("a", "1")]).await.unwrap(),
+            [Admission::Duplicate]
+        );
+        assert_eq!(
+            spool.append(vec![record("a", "3")]).await.unwrap(),
+            [Admission::Queued]
+        );
+        assert_eq!(ids(&spool.peek("a", 10).await.unwrap()), ["2", "3"]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_are_group_committed_and_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                s.append(vec![record("a", &format!("c{i}"))]).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), [Admission::Queued]);
+        }
+        assert_eq!(spool.backlog("a"), 200);
+        assert_eq!(spool.peek("a", 1000).await.unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn full_spool_refuses_and_recovers_when_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_bytes = 1000;
+        let spool = DiskSpool::open(o).unwrap();
+        let mut n = 0;
+        loop {
+            match spool.append(vec![record("a", &format!("c{n}"))]).await {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    assert_eq!(e, SpoolError::Full);
+                    break;
+                }
+            }
+        }
+        assert!(n >= 2 && spool.bytes() <= 1000, "{n} {}", spool.bytes());
+        let waiting = spool.peek("a", 1).await.unwrap();
+        spool.ack("a", &[waiting[0].id]).await.unwrap();
+        assert_eq!(
+            spool.append(vec![record("a", "after")]).await.unwrap(),
+            [Admission::Queued]
+        );
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_kept_with_reason_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        spool
+            .append((0..5).map(|i| record("a", &format!("d{i}"))).collect())
+            .await
+            .unwrap();
+        let waiting = spool.peek("a", 10).await.unwrap();
+        let all: Vec<u64> = waiting.iter().map(|e| e.id).collect();
+        spool
+            .dead_letter(
+                "a",
+                &all[..1],
+                "rejected",
+                "hashed_email (abc) is not a valid SHA-256 hash",
+            )
+            .await
+            .unwrap();
+        spool
+            .dead_letter("a", &all[1..], "expired", "older than max_event_age")
+            .await
+            .unwrap();
+        assert_eq!(spool.backlog("a"), 0);
+        let dead = spool.dead_letters(10).unwrap();
+        assert_eq!(dead.len(), 3, "bounded by max_dead_letters, oldest evicted");
+        assert_eq!(
+            dead.iter()
+                .map(|d| d.conversion.conversion_id.as_str())
+                .collect::<Vec<_>>(),
+            ["d2", "d3", "d4"]
+        );
+        assert!(dead
+            .iter()
+            .all(|d| d.reason == "expired" && d.account == "a"));
+    }
+
+    #[tokio::test]
+    async fn expired_dedup_entries_are_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.dedup_window = Duration::from_millis(1);
+        let spool = DiskSpool::open(o).unwrap();
+        let mut old = record("a", "x");
+        old.received_at_ms -= 10_000;
+        spool.append(vec![old]).await.unwrap();
+        let w = spool.peek("a", 1).await.unwrap();
+        spool.ack("a", &[w[0].id]).await.unwrap();
+        // The ack's commit purged the key; the same event is new again.
+        assert_eq!(
+            spool.append(vec![record("a", "x")]).await.unwrap(),
+            [Admission::Queued]
+        );
+    }
+}
