@@ -96,6 +96,12 @@ pub struct Server {
 #[derive(Debug, Clone, Serialize)]
 pub struct Spool {
     pub dir: PathBuf,
+    /// Bytes of waiting events the spool holds before ingest answers 503.
+    pub max_bytes: u64,
+    /// Dead letters kept; beyond, the oldest are evicted (and counted).
+    pub max_dead_letters: u64,
+    /// Appends are refused while the file system under `dir` has less free space than this.
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,6 +122,14 @@ pub struct Delivery {
     pub max_event_age: Duration,
     #[serde(serialize_with = "serialize_duration")]
     pub dedup_window: Duration,
+    /// Backoff after transient failures: full jitter between 0 and min(cap, base·2^attempt).
+    #[serde(serialize_with = "serialize_duration")]
+    pub retry_base: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub retry_cap: Duration,
+    /// Longest wait between probes of a paused account (bad credentials, unknown pixel).
+    #[serde(serialize_with = "serialize_duration")]
+    pub pause_cap: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,6 +225,9 @@ shutdown_timeout = "20s"
 
 [spool]
 dir = "data"
+max_bytes = "1GiB"
+max_dead_letters = 100000
+min_free_bytes = "16MiB"
 
 [upstream]
 base_url = "https://ads-api.x.com"
@@ -223,6 +240,9 @@ max_batch = 500
 linger = "1s"
 max_event_age = "7d"
 dedup_window = "48h"
+retry_base = "1s"
+retry_cap = "5m"
+pause_cap = "5m"
 
 [log]
 format = "json"
@@ -316,6 +336,12 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawSpool {
     dir: PathBuf,
+    #[serde(deserialize_with = "text")]
+    max_bytes: String,
+    #[serde(deserialize_with = "count")]
+    max_dead_letters: u64,
+    #[serde(deserialize_with = "text")]
+    min_free_bytes: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -342,6 +368,12 @@ struct RawDelivery {
     max_event_age: String,
     #[serde(deserialize_with = "text")]
     dedup_window: String,
+    #[serde(deserialize_with = "text")]
+    retry_base: String,
+    #[serde(deserialize_with = "text")]
+    retry_cap: String,
+    #[serde(deserialize_with = "text")]
+    pause_cap: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -477,6 +509,29 @@ fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
         Ok(_) => err(key, "must be longer than zero"),
         Err(_) => err(key, format!("{text:?} is not a duration; write a number and a unit, e.g. \"500ms\", \"10s\", \"15m\", \"7d\"")),
     }
+}
+
+/// A size: a whole number of bytes, or a number with a unit (`512KiB`, `64MiB`, `1GiB`, `10MB`).
+fn size(key: &str, text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return err(key, format!("{text:?} is not a size; write bytes or a number with a unit, e.g. \"512MiB\", \"1GiB\"")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .map_or_else(|| err(key, format!("{text:?} is not a size; write bytes or a number with a unit, e.g. \"512MiB\", \"1GiB\"")), Ok)
 }
 
 fn socket(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -618,7 +673,16 @@ impl RawSettings {
             linger: duration("delivery.linger", &d.linger)?,
             max_event_age: duration("delivery.max_event_age", &d.max_event_age)?,
             dedup_window: duration("delivery.dedup_window", &d.dedup_window)?,
+            retry_base: duration("delivery.retry_base", &d.retry_base)?,
+            retry_cap: duration("delivery.retry_cap", &d.retry_cap)?,
+            pause_cap: duration("delivery.pause_cap", &d.pause_cap)?,
         };
+        if delivery.retry_cap < delivery.retry_base {
+            return err(
+                "delivery.retry_cap",
+                "must not be shorter than delivery.retry_base",
+            );
+        }
 
         let level = self.log.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
@@ -635,9 +699,23 @@ impl RawSettings {
                 "no account is configured; add an [accounts.<name>] section",
             );
         }
-        let mut accounts = BTreeMap::new();
+        let mut accounts: BTreeMap<String, Account> = BTreeMap::new();
         for (name, a) in self.accounts {
             let account = validate_account(&name, a, &delivery, upstream.sandbox)?;
+            // Accounts that share an ad account share its budget: they must agree on it.
+            if let Some((other, o)) = accounts
+                .iter()
+                .find(|(_, o)| o.ad_account_id == account.ad_account_id)
+            {
+                if (o.rate_limit.events, o.rate_limit.window)
+                    != (account.rate_limit.events, account.rate_limit.window)
+                {
+                    return err(
+                        format!("accounts.{name}.rate_limit"),
+                        format!("differs from accounts.{other}.rate_limit, which has the same ad_account_id; accounts of one ad account share one budget"),
+                    );
+                }
+            }
             accounts.insert(name, account);
         }
 
@@ -645,6 +723,12 @@ impl RawSettings {
             server,
             spool: Spool {
                 dir: self.spool.dir,
+                max_bytes: match size("spool.max_bytes", &self.spool.max_bytes)? {
+                    0 => return err("spool.max_bytes", "must be greater than 0"),
+                    n => n,
+                },
+                max_dead_letters: self.spool.max_dead_letters,
+                min_free_bytes: size("spool.min_free_bytes", &self.spool.min_free_bytes)?,
             },
             upstream,
             delivery,
@@ -830,6 +914,34 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(a.rate_limit.events, 60_000);
         assert_eq!(a.rate_limit.window, Duration::from_secs(900));
         assert_eq!(a.default_phone_region, "US");
+        assert_eq!(s.spool.max_bytes, 1 << 30);
+        assert_eq!(s.spool.min_free_bytes, 16 << 20);
+        assert_eq!(s.delivery.retry_cap, Duration::from_secs(300));
+        assert_eq!(s.delivery.pause_cap, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("k", "1GiB").unwrap(), 1 << 30);
+        assert_eq!(size("k", "512 MiB").unwrap(), 512 << 20);
+        assert_eq!(size("k", "10MB").unwrap(), 10_000_000);
+        assert_eq!(size("k", "4096").unwrap(), 4096);
+        assert!(size("k", "lots").unwrap_err().to_string().starts_with("k:"));
+        assert!(size("k", "1 parsec").is_err());
+    }
+
+    #[test]
+    fn shared_ad_accounts_share_one_budget() {
+        let text = format!(
+            "{GOOD}\n[accounts.eu]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7x\"\nrate_limit = {{ events = 1000, window = \"1m\" }}\nauth = {{ kind = \"pixel_token\", token = \"t\" }}\n"
+        );
+        let e = load_str(&text, &[]).unwrap_err();
+        assert_eq!(e.key, "accounts.eu.rate_limit", "{e}");
+        assert!(load_str(
+            &text.replace("rate_limit = { events = 1000, window = \"1m\" }\n", ""),
+            &[]
+        )
+        .is_ok());
     }
 
     #[test]
@@ -928,6 +1040,12 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
             ),
             ("", "[log]\nformat = \"xml\"\n", "log.format"),
             ("", "[delivery]\nlinger = \"0s\"\n", "delivery.linger"),
+            ("", "[spool]\nmax_bytes = \"huge\"\n", "spool.max_bytes"),
+            (
+                "",
+                "[delivery]\nretry_base = \"10m\"\n",
+                "delivery.retry_cap",
+            ),
         ];
         for (from, to, key) in cases {
             let text = if from.is_empty() {
