@@ -5,17 +5,17 @@ use clap::{Parser, Subcommand};
 use conversion_gateway::api::{self, ApiKeys, AppState};
 use conversion_gateway::config::{self, Settings};
 use conversion_gateway::dispatch::{DispatchSettings, Dispatcher};
-use conversion_gateway::spool::{MemorySpool, Spool};
+use conversion_gateway::limiter::{EmbeddedLimiter, Gcra, Limiter};
+use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Spool};
 use conversion_gateway::telemetry;
 use conversion_gateway::upstream::{Client, Target};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-/// Waiting events the in-memory spool holds before ingest answers 503.
-const MEMORY_SPOOL_CAPACITY: usize = 1_000_000;
+/// redb's page cache: bounded so that memory stays small whatever the backlog.
+const SPOOL_CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Parser)]
 #[command(
@@ -85,10 +85,38 @@ async fn run(settings: Settings) -> Result<(), String> {
         );
     }
 
-    let spool: Arc<dyn Spool> = Arc::new(MemorySpool::new(
-        settings.delivery.dedup_window,
-        MEMORY_SPOOL_CAPACITY,
-    ));
+    let disk = DiskSpool::open(DiskSpoolOptions {
+        dir: settings.spool.dir.clone(),
+        max_bytes: settings.spool.max_bytes,
+        max_dead_letters: settings.spool.max_dead_letters,
+        dedup_window: settings.delivery.dedup_window,
+        cache_bytes: SPOOL_CACHE_BYTES,
+        min_free_bytes: settings.spool.min_free_bytes,
+    })
+    .map_err(|e| {
+        format!(
+            "cannot open the spool in spool.dir {}: {e}",
+            settings.spool.dir.display()
+        )
+    })?;
+    let spool: Arc<dyn Spool> = disk.clone();
+    let waiting: usize = settings.accounts.keys().map(|a| spool.backlog(a)).sum();
+    tracing::info!(dir = %settings.spool.dir.display(), waiting, bytes = spool.bytes(), "spool open");
+    let budgets = settings
+        .accounts
+        .values()
+        .map(|a| {
+            (
+                a.ad_account_id.clone(),
+                Gcra::new(
+                    a.rate_limit.events,
+                    a.rate_limit.window,
+                    settings.delivery.max_batch as u64,
+                ),
+            )
+        })
+        .collect();
+    let limiter: Arc<dyn Limiter> = Arc::new(EmbeddedLimiter::new(budgets, disk.clone()));
     let client = Arc::new(
         Client::new(settings.upstream.clone())
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
@@ -106,22 +134,13 @@ async fn run(settings: Settings) -> Result<(), String> {
         now: chrono::Utc::now,
     });
 
-    let ingest = tokio::net::TcpListener::bind(settings.server.listen)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on server.listen {}: {e}",
-                settings.server.listen
-            )
-        })?;
-    let admin = tokio::net::TcpListener::bind(settings.server.admin_listen)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on server.admin_listen {}: {e}",
-                settings.server.admin_listen
-            )
-        })?;
+    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {key} {addr}: {e}"))
+    };
+    let ingest = bind("server.listen", settings.server.listen).await?;
+    let admin = bind("server.admin_listen", settings.server.admin_listen).await?;
     tracing::info!(
         ingest = %ingest.local_addr().map_err(|e| e.to_string())?,
         admin = %admin.local_addr().map_err(|e| e.to_string())?,
@@ -132,8 +151,10 @@ async fn run(settings: Settings) -> Result<(), String> {
     let dispatch_settings = DispatchSettings {
         max_batch: settings.delivery.max_batch,
         linger: settings.delivery.linger,
-        backoff_base: Duration::from_secs(1),
-        backoff_cap: Duration::from_secs(60),
+        max_event_age: settings.delivery.max_event_age,
+        retry_base: settings.delivery.retry_base,
+        retry_cap: settings.delivery.retry_cap,
+        pause_cap: settings.delivery.pause_cap,
     };
     let mut dispatchers = tokio::task::JoinSet::new();
     for (name, account) in &settings.accounts {
@@ -143,9 +164,12 @@ async fn run(settings: Settings) -> Result<(), String> {
                 pixel_id: account.pixel_id.clone(),
                 auth: account.auth.clone(),
             },
+            budget_key: account.ad_account_id.clone(),
             spool: spool.clone(),
             client: client.clone(),
+            limiter: limiter.clone(),
             settings: dispatch_settings.clone(),
+            status: Default::default(),
         };
         dispatchers.spawn(dispatcher.run(stop_rx.clone()));
     }
@@ -165,26 +189,30 @@ async fn run(settings: Settings) -> Result<(), String> {
     let admin_task = tokio::spawn(async move { admin_server.await });
 
     shutdown_signal().await;
-    tracing::info!("shutdown requested: no new events accepted, in-flight work finishing");
+    tracing::info!("shutdown requested: no new events accepted, in-flight requests finishing");
     state.shutting_down.store(true, Ordering::Relaxed);
     let _ = http_stop_tx.send(());
     let _ = stop_tx.send(true);
 
-    let timeout = settings.server.shutdown_timeout;
-    let drained = tokio::time::timeout(timeout, async {
+    let drained = tokio::time::timeout(settings.server.shutdown_timeout, async {
         let _ = ingest_task.await;
         let _ = admin_task.await;
         while dispatchers.join_next().await.is_some() {}
     })
     .await;
-    let left: usize = settings.accounts.keys().map(|a| spool.backlog(a)).sum();
-    match drained {
-        Ok(()) => tracing::info!(events_not_sent = left, "stopped"),
-        Err(_) => tracing::warn!(
-            events_not_sent = left,
-            "shutdown_timeout reached; stopping with work unfinished"
-        ),
+    if drained.is_err() {
+        tracing::warn!(
+            "shutdown_timeout reached; stopping with work unfinished (it stays in the spool)"
+        );
     }
+    let left: usize = settings.accounts.keys().map(|a| spool.backlog(a)).sum();
+    if let Err(e) = disk.close().await {
+        tracing::error!(error = %e, "closing the spool");
+    }
+    tracing::info!(
+        events_waiting = left,
+        "stopped; waiting events go out after the next start"
+    );
     Ok(())
 }
 

@@ -130,6 +130,10 @@ async fn sandbox_runs_without_credentials_and_sends_nothing() {
             ),
             ("GATEWAY_DELIVERY__LINGER", "50ms"),
             ("GATEWAY_LOG__FORMAT", "json"),
+            (
+                "GATEWAY_SPOOL__DIR",
+                dir.path().join("spool").to_str().unwrap(),
+            ),
             // Unroutable on purpose: sandbox mode must not even try.
             ("GATEWAY_UPSTREAM__BASE_URL", "http://127.0.0.1:9"),
         ],
@@ -149,7 +153,7 @@ async fn sandbox_runs_without_credentials_and_sends_nothing() {
     let line = eventually(Duration::from_secs(10), async || {
         gw.log_text()
             .lines()
-            .find(|l| l.contains("batch delivered"))
+            .find(|l| l.contains("upstream request"))
             .map(String::from)
     })
     .await
@@ -164,9 +168,9 @@ async fn sandbox_runs_without_credentials_and_sends_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_intake_flushes_and_exits_0() {
+async fn sigterm_exits_0_and_what_was_accepted_goes_out_after_restart() {
     let http = reqwest::Client::new();
-    // A long linger: without the shutdown the partial batch would wait for an hour.
+    // A long linger: the partial batch is still waiting when SIGTERM comes.
     let mut stack = start_stack_with(
         "CANARY-consumer-secret",
         &[("GATEWAY_DELIVERY__LINGER", "1h")],
@@ -174,16 +178,27 @@ async fn sigterm_stops_intake_flushes_and_exits_0() {
     let events: Vec<Value> = (0..50).map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("c{i}"), "conversion_id": format!("s-{i}")})).collect();
     let resp = post_events(&http, &stack.ingest_url, &json!({ "events": events })).await;
     assert_eq!(resp.status(), 202);
-    stack.gateway.signal("TERM");
-    let status = stack
-        .gateway
-        .wait_exit(Duration::from_secs(15))
-        .expect("exits within shutdown_timeout");
-    assert!(status.success(), "{status:?}\n{}", stack.gateway.log_text());
-    assert_eq!(
-        fake_conversions(&http, &stack.fake_url).await.len(),
-        50,
-        "what was accepted went out before exit"
+    let started = std::time::Instant::now();
+    let status = stack.stop_gateway("TERM");
+    assert!(status.success(), "{status:?}\n{}", stack.gateway_logs());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exits within server.shutdown_timeout"
     );
-    assert!(stack.gateway.log_text().contains("shutdown requested"));
+    assert!(stack.gateway_logs().contains("shutdown requested"));
+    assert!(
+        fake_conversions(&http, &stack.fake_url).await.is_empty(),
+        "nothing was sent yet"
+    );
+    stack.restart_gateway(
+        "CANARY-consumer-secret",
+        &[("GATEWAY_DELIVERY__LINGER", "100ms")],
+    );
+    let got = eventually(Duration::from_secs(15), async || {
+        let c = fake_conversions(&http, &stack.fake_url).await;
+        (c.len() >= 50).then_some(c)
+    })
+    .await
+    .expect("the spooled events go out after the restart");
+    assert_eq!(got.len(), 50);
 }

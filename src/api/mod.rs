@@ -68,7 +68,8 @@ pub fn app(state: Arc<AppState>) -> Router {
     )
 }
 
-/// The admin listener on `server.admin_listen`: liveness and readiness.
+/// The admin listener on `server.admin_listen`: liveness (never depends on X) and readiness (the gateway
+/// can accept and durably spool; an X outage or a backlog is not a reason to be unready).
 pub fn admin_app(state: Arc<AppState>) -> Router {
     common_layers(
         Router::new()
@@ -78,9 +79,14 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
                 get(
                     |axum::extract::State(st): axum::extract::State<Arc<AppState>>| async move {
                         if st.is_shutting_down() {
-                            Err(Problem::unavailable("shutting down", 5))
-                        } else {
-                            Ok("ready\n")
+                            return Err(Problem::unavailable("shutting down", 5));
+                        }
+                        match st.spool.health() {
+                            Ok(()) => Ok("ready\n"),
+                            Err(why) => Err(Problem::unavailable(
+                                format!("the spool cannot take events: {why}"),
+                                5,
+                            )),
                         }
                     },
                 ),

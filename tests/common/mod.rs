@@ -198,6 +198,10 @@ pub struct Stack {
     pub fake_url: String,
     pub ingest_url: String,
     pub admin_url: String,
+    port: u16,
+    admin_port: u16,
+    fake_port: u16,
+    starts: usize,
 }
 
 /// Starts fake-x-api and the gateway in front of it.
@@ -218,29 +222,83 @@ pub fn start_stack_with(consumer_secret: &str, envs: &[(&str, &str)]) -> Stack {
     );
     let fake_url = format!("http://127.0.0.1:{fake_port}");
     wait_http(&format!("{fake_url}/_fake/health"));
-    let gw_cfg = write(
+    let gateway = launch_gateway(
         dir.path(),
-        "gateway.toml",
-        &gateway_config(port, admin_port, fake_port, consumer_secret),
+        0,
+        (port, admin_port, fake_port),
+        consumer_secret,
+        envs,
     );
-    let spool_dir = dir.path().join("spool");
-    let mut all_envs = vec![("GATEWAY_SPOOL__DIR", spool_dir.to_str().unwrap())];
-    all_envs.extend_from_slice(envs);
-    let gateway = spawn(
-        GATEWAY,
-        &["--config", gw_cfg.to_str().unwrap()],
-        &all_envs,
-        dir.path().join("gateway.log"),
-    );
-    let admin_url = format!("http://127.0.0.1:{admin_port}");
-    wait_http(&format!("{admin_url}/readyz"));
     Stack {
         dir,
         fake,
         gateway,
         fake_url,
         ingest_url: format!("http://127.0.0.1:{port}/v1/events"),
-        admin_url,
+        admin_url: format!("http://127.0.0.1:{admin_port}"),
+        port,
+        admin_port,
+        fake_port,
+        starts: 1,
+    }
+}
+
+fn launch_gateway(
+    dir: &Path,
+    n: usize,
+    (port, admin_port, fake_port): (u16, u16, u16),
+    consumer_secret: &str,
+    envs: &[(&str, &str)],
+) -> Proc {
+    let cfg = write(
+        dir,
+        &format!("gateway-{n}.toml"),
+        &gateway_config(port, admin_port, fake_port, consumer_secret),
+    );
+    let spool_dir = dir.join("spool");
+    let mut all = vec![("GATEWAY_SPOOL__DIR", spool_dir.to_str().unwrap())];
+    all.extend_from_slice(envs);
+    let proc = spawn(
+        GATEWAY,
+        &["--config", cfg.to_str().unwrap()],
+        &all,
+        dir.join(format!("gateway-{n}.log")),
+    );
+    wait_http(&format!("http://127.0.0.1:{admin_port}/readyz"));
+    proc
+}
+
+impl Stack {
+    /// Stops the running gateway with `signal` (`KILL`, `TERM`) and waits for it to exit.
+    pub fn stop_gateway(&mut self, signal: &str) -> std::process::ExitStatus {
+        self.gateway.signal(signal);
+        self.gateway
+            .wait_exit(Duration::from_secs(30))
+            .expect("the gateway exits")
+    }
+
+    /// Starts the gateway again on the same ports and spool.
+    pub fn restart_gateway(&mut self, consumer_secret: &str, envs: &[(&str, &str)]) {
+        let _ = self.gateway.child.kill();
+        let _ = self.gateway.child.wait();
+        self.gateway = launch_gateway(
+            self.dir.path(),
+            self.starts,
+            (self.port, self.admin_port, self.fake_port),
+            consumer_secret,
+            envs,
+        );
+        self.starts += 1;
+    }
+
+    /// Every gateway log of this stack, all runs.
+    pub fn gateway_logs(&self) -> String {
+        (0..self.starts)
+            .map(|n| {
+                std::fs::read_to_string(self.dir.path().join(format!("gateway-{n}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 }
 

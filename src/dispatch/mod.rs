@@ -1,0 +1,349 @@
+//! One task per account: wait for events and budget, take a batch, hand it to `upstream`, act on the
+//! outcome as `policy::decide` says.
+//!
+//! Invariants: at most one request per account is in flight; a batch never holds more than `max_batch`
+//! conversions and is sent only once the account's budget allows it (`limiter`); an event leaves the spool
+//! only when X accepted it or it was dead-lettered (refused alone, or too old); a batch that was not
+//! accepted is resent with the same conversions and `conversion_id`s, signed afresh; a refused batch is
+//! split in halves until the refused conversions are alone, so one bad event never blocks the others.
+//! Shutdown lets the request in flight finish, then stops; what is not sent stays in the spool.
+
+pub mod policy;
+
+use crate::conversion::Conversion;
+use crate::limiter::Limiter;
+use crate::spool::{Entry, Spool};
+use crate::upstream::{Client, Outcome, Target};
+use policy::Action;
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub max_batch: usize,
+    pub linger: Duration,
+    pub max_event_age: Duration,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub pause_cap: Duration,
+}
+
+/// What an operator wants to know about an account's delivery (the admin API shows it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AccountStatus {
+    pub paused: Option<String>,
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+    pub last_debug_id: Option<String>,
+    /// Epoch seconds before which nothing is sent (X's rate limit).
+    pub hold_until: Option<u64>,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+}
+
+pub struct Dispatcher {
+    pub target: Target,
+    /// The budget this account draws on: its ad account id (shared by accounts of one ad account).
+    pub budget_key: String,
+    pub spool: Arc<dyn Spool>,
+    pub client: Arc<Client>,
+    pub limiter: Arc<dyn Limiter>,
+    pub settings: DispatchSettings,
+    pub status: Arc<Mutex<AccountStatus>>,
+}
+
+fn epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Sleeps until `deadline` or until shutdown; `true` when shutdown came first.
+async fn sleep_or_stop(deadline: tokio::time::Instant, stop: &mut watch::Receiver<bool>) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep_until(deadline) => *stop.borrow(),
+        r = stop.changed() => r.is_err() || *stop.borrow(),
+    }
+}
+
+/// Sleeps for `d` (or until shutdown); `true` when shutdown came first.
+async fn pause_for(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    sleep_or_stop(tokio::time::Instant::now() + d, stop).await
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(cap, base · 2^(attempt-1))].
+pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(24))
+        .min(cap);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+impl Dispatcher {
+    fn status(&self) -> std::sync::MutexGuard<'_, AccountStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let account = self.target.account.clone();
+        let changed = self.spool.changed(&account);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if self.spool.backlog(&account) == 0 {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    r = stop.changed() => if r.is_err() { return },
+                }
+                continue;
+            }
+            if self.spool.backlog(&account) < self.settings.max_batch {
+                // Linger for a fuller batch, but no longer than `linger`.
+                let deadline = tokio::time::Instant::now() + self.settings.linger;
+                while self.spool.backlog(&account) < self.settings.max_batch {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = changed.notified() => {}
+                        r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+                    }
+                }
+            }
+            let entries = match self.spool.peek(&account, self.settings.max_batch).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(account = %account, error = %e, "cannot read the spool");
+                    if pause_for(self.settings.retry_base, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if !self.deliver(entries, &mut stop).await {
+                return;
+            }
+        }
+    }
+
+    /// Delivers one batch to the end: every entry is acked or dead-lettered, unless shutdown comes first
+    /// (`false`), in which case what is left stays in the spool.
+    async fn deliver(&self, batch: Vec<Entry>, stop: &mut watch::Receiver<bool>) -> bool {
+        let mut work = vec![batch];
+        let mut failures = 0u32;
+        let mut pauses = 0u32;
+        while let Some(batch) = work.pop() {
+            let batch = self.drop_expired(batch).await;
+            if batch.is_empty() {
+                continue;
+            }
+            if !self.wait_for_budget(batch.len(), stop).await {
+                return false;
+            }
+            let conversions: Vec<Conversion> =
+                batch.iter().map(|e| e.record.conversion.clone()).collect();
+            let started = Instant::now();
+            let outcome = self.client.send(&self.target, &conversions).await;
+            let latency_ms = started.elapsed().as_millis() as u64;
+            let action = policy::decide(&outcome, batch.len(), epoch().as_secs());
+            self.log_attempt(
+                batch.len(),
+                &outcome,
+                &action,
+                latency_ms,
+                failures + pauses + 1,
+            );
+            self.status().last_status = Some(outcome.status_label());
+            match action {
+                Action::Ack {
+                    debug_id,
+                    hold_until,
+                } => {
+                    failures = 0;
+                    pauses = 0;
+                    let ids: Vec<u64> = batch.iter().map(|e| e.id).collect();
+                    if let Err(e) = self.spool.ack(&self.target.account, &ids).await {
+                        // The batch stays and is resent: X's deduplication removes the repeat.
+                        tracing::error!(account = %self.target.account, error = %e, "cannot ack a delivered batch; it will be resent");
+                        work.push(batch);
+                    } else {
+                        let mut s = self.status();
+                        s.delivered += ids.len() as u64;
+                        s.last_debug_id = debug_id;
+                        s.hold_until = hold_until;
+                        if let Some(reason) = s.paused.take() {
+                            tracing::info!(account = %self.target.account, reason, "account resumed");
+                        }
+                    }
+                }
+                Action::Split => {
+                    let right = batch[batch.len() / 2..].to_vec();
+                    let left = batch[..batch.len() / 2].to_vec();
+                    work.push(right);
+                    work.push(left);
+                }
+                Action::DeadLetter { reason, message } => {
+                    self.dead_letter(&batch, reason, &message).await;
+                }
+                Action::Pause { reason, message } => {
+                    pauses += 1;
+                    {
+                        let mut s = self.status();
+                        if s.paused.as_deref() != Some(reason) {
+                            tracing::warn!(account = %self.target.account, reason, x_message = %message, "account paused; events are kept");
+                        }
+                        s.paused = Some(reason.to_owned());
+                        s.last_error = Some(message);
+                    }
+                    work.push(batch);
+                    let wait = backoff(self.settings.retry_base, self.settings.pause_cap, pauses)
+                        .max(self.settings.retry_base);
+                    if pause_for(wait, stop).await {
+                        return false;
+                    }
+                }
+                Action::WaitUntil { until, message } => {
+                    self.status().hold_until = Some(until);
+                    self.status().last_error = Some(message);
+                    work.push(batch);
+                }
+                Action::Backoff { message } => {
+                    failures += 1;
+                    self.status().last_error = Some(message);
+                    work.push(batch);
+                    if pause_for(
+                        backoff(self.settings.retry_base, self.settings.retry_cap, failures),
+                        stop,
+                    )
+                    .await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Waits for X's rate-limit hold and for the account's budget; `false` on shutdown.
+    async fn wait_for_budget(&self, n: usize, stop: &mut watch::Receiver<bool>) -> bool {
+        let hold = self.status().hold_until;
+        if let Some(until) = hold {
+            let now = epoch();
+            let until = Duration::from_secs(until);
+            if until > now && pause_for(until - now, stop).await {
+                return false;
+            }
+        }
+        let now = epoch().as_nanos() as u64;
+        match self.limiter.reserve(&self.budget_key, n as u64, now).await {
+            Ok(at) if at > now => {
+                let wait = Duration::from_nanos(at - now);
+                tracing::debug!(account = %self.target.account, wait_ms = wait.as_millis() as u64, "waiting for budget");
+                !pause_for(wait, stop).await
+            }
+            Ok(_) => !*stop.borrow(),
+            Err(e) => {
+                // Without a persisted reservation nothing is sent: a restart must not exceed the budget.
+                tracing::error!(account = %self.target.account, error = %e, "cannot persist the rate budget");
+                !pause_for(self.settings.retry_base, stop).await
+                    && Box::pin(self.wait_for_budget(n, stop)).await
+            }
+        }
+    }
+
+    /// Moves events older than `max_event_age` to the dead letters and returns the rest.
+    async fn drop_expired(&self, batch: Vec<Entry>) -> Vec<Entry> {
+        let now = chrono::Utc::now();
+        let max_age = chrono::Duration::from_std(self.settings.max_event_age)
+            .unwrap_or(chrono::Duration::MAX);
+        let (expired, fresh): (Vec<Entry>, Vec<Entry>) = batch.into_iter().partition(|e| {
+            chrono::DateTime::parse_from_rfc3339(&e.record.conversion.conversion_time)
+                .map(|t| now.signed_duration_since(t) > max_age)
+                .unwrap_or(false)
+        });
+        if !expired.is_empty() {
+            let message = format!(
+                "not delivered within delivery.max_event_age ({})",
+                humantime::format_duration(self.settings.max_event_age)
+            );
+            self.dead_letter(&expired, "expired", &message).await;
+        }
+        fresh
+    }
+
+    async fn dead_letter(&self, entries: &[Entry], reason: &str, message: &str) {
+        let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+        match self
+            .spool
+            .dead_letter(&self.target.account, &ids, reason, message)
+            .await
+        {
+            Ok(()) => {
+                self.status().dead_lettered += ids.len() as u64;
+                let conversion_ids: Vec<&str> = entries
+                    .iter()
+                    .map(|e| e.record.conversion.conversion_id.as_str())
+                    .collect();
+                tracing::warn!(account = %self.target.account, reason, count = ids.len(), ?conversion_ids, x_message = %message, "dead-lettered");
+            }
+            Err(e) => {
+                tracing::error!(account = %self.target.account, error = %e, "cannot dead-letter; the events stay in the spool")
+            }
+        }
+    }
+
+    fn log_attempt(
+        &self,
+        size: usize,
+        outcome: &Outcome,
+        action: &Action,
+        latency_ms: u64,
+        attempt: u32,
+    ) {
+        let account = self.target.account.as_str();
+        let status = outcome.status_label();
+        match outcome {
+            Outcome::Accepted { debug_id, .. } => {
+                tracing::info!(
+                    account,
+                    batch_size = size,
+                    status,
+                    debug_id = debug_id.as_deref().unwrap_or(""),
+                    latency_ms,
+                    attempt,
+                    "upstream request"
+                )
+            }
+            _ => tracing::warn!(
+                account,
+                batch_size = size,
+                status,
+                latency_ms,
+                attempt,
+                action = action.label(),
+                x_message = %outcome.message(),
+                "upstream request"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_by_cap_and_grows() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(300));
+        for attempt in 1..60 {
+            let d = backoff(base, cap, attempt);
+            let ceiling = Duration::from_secs(1u64 << (attempt - 1).min(24)).min(cap);
+            assert!(d <= ceiling, "{attempt}: {d:?}");
+        }
+    }
+}
