@@ -28,9 +28,12 @@ pub struct Gcra {
 
 impl Gcra {
     /// `limit` events per `window`, bursts of at most `burst` events. Requires `limit > burst > 0`.
+    /// The window is widened by 1% (at most one second): X counts arrivals, and requests sent on schedule
+    /// arrive with network jitter.
     pub fn new(limit: u64, window: Duration, burst: u64) -> Self {
         let burst = burst.max(1);
         let per = limit.saturating_sub(burst).max(1) as u128;
+        let window = window + (window / 100).min(Duration::from_secs(1));
         let interval = window.as_nanos().div_ceil(per).min(u64::MAX as u128) as u64;
         Gcra {
             interval: interval.max(1),
@@ -46,6 +49,11 @@ impl Gcra {
         let at = now.max(tat.saturating_sub(slack));
         let new_tat = tat.max(at).saturating_add(n.saturating_mul(self.interval));
         (at, new_tat)
+    }
+
+    /// The TAT after giving back `n` events that X did not take (a refused request).
+    pub fn refund(&self, tat: Nanos, n: u64) -> Nanos {
+        tat.saturating_sub(n.min(self.burst).saturating_mul(self.interval))
     }
 
     /// The long-run rate in events per second.
@@ -71,6 +79,10 @@ pub trait Limiter: Send + Sync + 'static {
         n: u64,
         now: Nanos,
     ) -> BoxFuture<'a, Result<Nanos, String>>;
+
+    /// Gives back the `n` events of the last reservation when X refused the request without taking them.
+    /// Sound for GCRA: removing an admission never raises the level at any later time.
+    fn refund<'a>(&'a self, key: &'a str, n: u64) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// GCRA in this process, state persisted through a `LimiterState`.
@@ -126,6 +138,30 @@ impl Limiter for EmbeddedLimiter {
         }
         .boxed()
     }
+
+    fn refund<'a>(&'a self, key: &'a str, n: u64) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            let Some(gcra) = self.rules.get(key) else {
+                return Ok(());
+            };
+            let _one_at_a_time = self.gate.lock().await;
+            let tat = self
+                .tats
+                .lock()
+                .map_err(|e| e.to_string())?
+                .get(key)
+                .copied()
+                .unwrap_or(0);
+            let new_tat = gcra.refund(tat, n);
+            self.state.save(key, new_tat).await?;
+            self.tats
+                .lock()
+                .map_err(|e| e.to_string())?
+                .insert(key.to_owned(), new_tat);
+            Ok(())
+        }
+        .boxed()
+    }
 }
 
 /// Keeps limiter state in memory only (tests, and the in-memory spool).
@@ -154,7 +190,15 @@ mod tests {
     #[test]
     fn interval_and_burst() {
         let g = Gcra::new(60_000, Duration::from_secs(900), 500);
-        assert_eq!(g.interval, (900 * SEC).div_ceil(59_500));
+        assert_eq!(
+            g.interval,
+            (901 * SEC).div_ceil(59_500),
+            "a one-second margin on 15 minutes"
+        );
+        assert_eq!(
+            Gcra::new(1000, Duration::from_secs(10), 100).interval,
+            (10_100 * 1_000_000u64).div_ceil(900)
+        );
         // A fresh bucket lets one full batch go at once, the next one waits for it to drain.
         let (at, tat) = g.schedule(0, 100 * SEC, 500);
         assert_eq!(at, 100 * SEC);
@@ -189,6 +233,16 @@ mod tests {
         let second = EmbeddedLimiter::new(rules, state);
         assert!(second.reserve("a", 500, SEC).await.unwrap() > SEC);
         assert_eq!(second.reserve("unknown", 500, 7).await.unwrap(), 7);
+        // A refused request gives its events back: the same batch may go again at once.
+        let rules = [(
+            "b".to_string(),
+            Gcra::new(1000, Duration::from_secs(10), 500),
+        )]
+        .into();
+        let third = EmbeddedLimiter::new(rules, Arc::new(VolatileState::default()));
+        assert_eq!(third.reserve("b", 500, SEC).await.unwrap(), SEC);
+        third.refund("b", 500).await.unwrap();
+        assert_eq!(third.reserve("b", 500, SEC).await.unwrap(), SEC);
     }
 
     proptest! {

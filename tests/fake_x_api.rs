@@ -323,12 +323,34 @@ async fn injected_faults() {
     );
 
     control(&app, "DELETE", "/_fake/faults", Value::Null).await;
+    control(
+        &app,
+        "POST",
+        "/_fake/faults",
+        json!({"status": 500, "for_secs": 1}),
+    )
+    .await;
+    assert_eq!(
+        send(&app, oauth_request(1)).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        send(&app, oauth_request(1)).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        send(&app, oauth_request(1)).await.0,
+        StatusCode::OK,
+        "a time-bound fault ends"
+    );
+
     control(&app, "POST", "/_fake/faults", json!({"latency_ms": 150})).await;
     let started = std::time::Instant::now();
     assert_eq!(send(&app, oauth_request(1)).await.0, StatusCode::OK);
     assert!(started.elapsed() >= std::time::Duration::from_millis(150));
 
-    assert_eq!(fake.requests().len(), 7);
+    assert_eq!(fake.requests().len(), 10);
     control(&app, "POST", "/_fake/reset", Value::Null).await;
     assert!(fake.requests().is_empty());
 }

@@ -865,8 +865,8 @@ mod tests {
                             prop_assert!(h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
                         }
                         Identifier::Device { ip_address, user_agent } => {
-                            prop_assert!(ip_address.as_deref().map_or(true, |v| !v.is_empty()));
-                            prop_assert!(user_agent.as_deref().map_or(true, |v| !v.is_empty()));
+                            prop_assert!(ip_address.as_deref().is_none_or(|v| !v.is_empty()));
+                            prop_assert!(user_agent.as_deref().is_none_or(|v| !v.is_empty()));
                             prop_assert!(ip_address.is_some() || user_agent.is_some());
                         }
                     }

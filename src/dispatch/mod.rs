@@ -150,6 +150,22 @@ impl Dispatcher {
             let outcome = self.client.send(&self.target, &conversions).await;
             let latency_ms = started.elapsed().as_millis() as u64;
             let action = policy::decide(&outcome, batch.len(), epoch().as_secs());
+            if matches!(
+                outcome,
+                Outcome::Refused {
+                    status: 400..=499,
+                    ..
+                }
+            ) {
+                // X refused the request whole and took none of it: its events do not count.
+                if let Err(e) = self
+                    .limiter
+                    .refund(&self.budget_key, batch.len() as u64)
+                    .await
+                {
+                    tracing::warn!(account = %self.target.account, error = %e, "cannot give back unused budget");
+                }
+            }
             self.log_attempt(
                 batch.len(),
                 &outcome,

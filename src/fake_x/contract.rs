@@ -194,7 +194,7 @@ fn check_conversion(c: &Value, scope: &Scope<'_>, errors: &mut Vec<ContractError
         }
     }
     if let Some(v) = obj.get("number_items") {
-        if !v.as_u64().is_some_and(|n| n > 0) {
+        if v.as_u64().is_none_or(|n| n == 0) {
             errors.push(invalid(
                 "number_items",
                 format!("Expected a positive integer for number_items, got {v}"),
@@ -265,7 +265,7 @@ fn check_content(item: &Value, errors: &mut Vec<ContractError>) {
                 "content_price",
                 format!("Expected a number for content_price, got {value}"),
             )),
-            "num_items" if !value.as_u64().is_some_and(|n| n > 0) => errors.push(invalid(
+            "num_items" if value.as_u64().is_none_or(|n| n == 0) => errors.push(invalid(
                 "num_items",
                 format!("Expected a positive integer for num_items, got {value}"),
             )),

@@ -133,9 +133,10 @@ pub struct Recorded {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultSpec {
-    /// Answer this status to the next `count` requests (default 1).
+    /// Answer this status to the next `count` requests (default 1), or to every request for `for_secs`.
     pub status: Option<u16>,
     pub count: Option<u32>,
+    pub for_secs: Option<u64>,
     /// Added latency for every request, in milliseconds.
     pub latency_ms: Option<u64>,
     /// Answer 429 with `x-rate-limit-reset` this many seconds ahead until then.
@@ -146,9 +147,18 @@ pub struct FaultSpec {
     pub message: Option<String>,
 }
 
+#[derive(Clone, Copy)]
+struct StatusFault {
+    status: u16,
+    /// Requests left to answer, or `None` for a time-bound fault.
+    left: Option<u32>,
+    /// Epoch milliseconds after which the fault ends.
+    until_ms: Option<u64>,
+}
+
 #[derive(Default)]
 struct Faults {
-    status: Option<(u16, u32)>,
+    status: Option<StatusFault>,
     latency: Duration,
     rate_limited_until: Option<u64>,
     reject: HashMap<String, String>,
@@ -333,8 +343,19 @@ fn handle(
     // Injected faults first: X fails before it looks at anything.
     {
         let mut inner = fake.lock();
-        if let Some((status, left)) = inner.faults.status {
-            inner.faults.status = (left > 1).then_some((status, left - 1));
+        let active = inner
+            .faults
+            .status
+            .filter(|f| f.until_ms.is_none_or(|t| now_ms() < t));
+        inner.faults.status = active.and_then(|f| match f.left {
+            Some(n) if n <= 1 => None,
+            Some(n) => Some(StatusFault {
+                left: Some(n - 1),
+                ..f
+            }),
+            None => Some(f),
+        });
+        if let Some(StatusFault { status, .. }) = active {
             drop(inner);
             rec.errors.push(format!("injected {status}"));
             let mut resp = x_error(
@@ -599,7 +620,18 @@ async fn set_faults(
 ) -> impl IntoResponse {
     let mut inner = fake.lock();
     if let Some(status) = spec.status {
-        inner.faults.status = Some((status, spec.count.unwrap_or(1).max(1)));
+        inner.faults.status = Some(match spec.for_secs {
+            Some(secs) => StatusFault {
+                status,
+                left: None,
+                until_ms: Some(now_ms() + secs * 1000),
+            },
+            None => StatusFault {
+                status,
+                left: Some(spec.count.unwrap_or(1).max(1)),
+                until_ms: None,
+            },
+        });
     }
     if let Some(ms) = spec.latency_ms {
         inner.faults.latency = Duration::from_millis(ms);

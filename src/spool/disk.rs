@@ -94,6 +94,9 @@ struct Shared {
     tats: HashMap<String, Nanos>,
     /// Why writes fail right now, if they do.
     unhealthy: Option<String>,
+    /// Waiting bytes when the disk ran low. The file does not shrink when events leave, but redb reuses the
+    /// freed pages: while the disk stays low, appends may refill what acks emptied, up to 90% of this.
+    low_water: Option<u64>,
     notifiers: HashMap<String, Arc<Notify>>,
 }
 
@@ -476,7 +479,7 @@ impl Writer {
                 return;
             }
         };
-        let disk_low = self.disk_low(&cmds);
+        let room = self.room();
         let mut replies = Vec::with_capacity(cmds.len());
         let mut effects = Effects::default();
         let outcome = (|| -> Result<(), SpoolError> {
@@ -489,24 +492,11 @@ impl Writer {
                     dead: txn.open_table(DEAD).map_err(storage)?,
                     meta: txn.open_table(META).map_err(storage)?,
                 };
-                let base_total = lock(&self.shared).total_bytes;
-                let mut added_bytes: i64 = 0;
+                let mut room = room.clone();
                 for cmd in cmds {
                     match cmd {
                         Cmd::Append { records, reply } => {
-                            let result = match &disk_low {
-                                Some(why) => Err(SpoolError::Unavailable(why.clone())),
-                                None => {
-                                    let used = (base_total as i64 + added_bytes).max(0) as u64;
-                                    let r = tables.append(
-                                        records,
-                                        self.opts.max_bytes.saturating_sub(used),
-                                        &mut effects,
-                                    )?;
-                                    added_bytes = effects.counts.values().map(|(_, b)| *b).sum();
-                                    r
-                                }
-                            };
+                            let result = tables.append(records, &mut room, &mut effects)?;
                             replies.push(Reply::Append(reply, result));
                         }
                         Cmd::Ack {
@@ -561,7 +551,7 @@ impl Writer {
                 for (k, t) in &effects.tats {
                     s.tats.insert(k.clone(), *t);
                 }
-                s.unhealthy = disk_low.clone();
+                s.unhealthy = self.refusal(&s);
                 let to_notify: Vec<Arc<Notify>> = effects
                     .appended
                     .iter()
@@ -575,7 +565,13 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "spool write failed; nothing of this group was kept");
-                lock(&self.shared).unhealthy = Some(e.to_string());
+                {
+                    let mut s = lock(&self.shared);
+                    s.unhealthy = Some(e.to_string());
+                    // Most write failures are a full disk: only refill what acks empty from here on.
+                    let total = s.total_bytes;
+                    s.low_water.get_or_insert(total);
+                }
                 // Reopen before answering, so that no caller reads through the failed handle.
                 drop(db);
                 self.db.close();
@@ -587,18 +583,69 @@ impl Writer {
         }
     }
 
-    /// `Some(why)` when appends must be refused for want of disk space.
-    fn disk_low(&self, cmds: &[Cmd]) -> Option<String> {
-        if !cmds.iter().any(|c| matches!(c, Cmd::Append { .. })) {
-            return None;
+    /// How much appends may add in this group, and why they stop there.
+    fn room(&self) -> Room {
+        let mut s = lock(&self.shared);
+        let total = s.total_bytes;
+        let by_size = self.opts.max_bytes.saturating_sub(total);
+        let low =
+            fs4::available_space(&self.opts.dir).is_ok_and(|free| free < self.opts.min_free_bytes);
+        let by_disk = if low {
+            let mark = *s.low_water.get_or_insert(total);
+            Some((mark / 10 * 9).saturating_sub(total))
+        } else {
+            s.low_water = None;
+            None
+        };
+        Room {
+            by_size,
+            by_disk,
+            min_free: self.opts.min_free_bytes,
         }
-        match fs4::available_space(&self.opts.dir) {
-            Ok(free) if free < self.opts.min_free_bytes => Some(format!(
-                "the disk under spool.dir has {free} bytes free; the spool keeps {} free",
-                self.opts.min_free_bytes
-            )),
+    }
+
+    /// Why the spool would refuse an event now (for readiness), if it would.
+    fn refusal(&self, s: &Shared) -> Option<String> {
+        if s.total_bytes >= self.opts.max_bytes {
+            return Some(SpoolError::Full.to_string());
+        }
+        let low =
+            fs4::available_space(&self.opts.dir).is_ok_and(|free| free < self.opts.min_free_bytes);
+        match s.low_water {
+            Some(mark) if low && s.total_bytes >= mark / 10 * 9 => {
+                Some(Room::disk_message(self.opts.min_free_bytes))
+            }
             _ => None,
         }
+    }
+}
+
+/// What appends may still add within one transaction.
+#[derive(Clone)]
+struct Room {
+    by_size: u64,
+    by_disk: Option<u64>,
+    min_free: u64,
+}
+
+impl Room {
+    fn disk_message(min_free: u64) -> String {
+        format!("the disk under spool.dir is full (less than spool.min_free_bytes = {min_free} bytes free); events are accepted again as the backlog drains or space is freed")
+    }
+
+    /// Takes `bytes` from the room, or says why not.
+    fn take(&mut self, bytes: u64) -> Result<(), SpoolError> {
+        if bytes > self.by_size {
+            return Err(SpoolError::Full);
+        }
+        if let Some(disk) = self.by_disk.as_mut() {
+            if bytes > *disk {
+                return Err(SpoolError::Unavailable(Self::disk_message(self.min_free)));
+            }
+            *disk -= bytes;
+        }
+        self.by_size -= bytes;
+        Ok(())
     }
 }
 
@@ -638,11 +685,11 @@ impl Tables<'_> {
         Ok(n)
     }
 
-    /// Appends what is new; `Ok(Err(Full))` when the records do not fit in `room` bytes (nothing written).
+    /// Appends what is new; `Ok(Err(why))` when the records do not fit in `room` (nothing written).
     fn append(
         &mut self,
         records: Vec<Record>,
-        room: u64,
+        room: &mut Room,
         fx: &mut Effects,
     ) -> Result<Result<Vec<Admission>, SpoolError>, SpoolError> {
         let encoded: Vec<(Record, Vec<u8>)> = records
@@ -656,8 +703,8 @@ impl Tables<'_> {
                 Ok((r, bytes))
             })
             .collect::<Result<_, SpoolError>>()?;
-        if encoded.iter().map(|(_, b)| b.len() as u64).sum::<u64>() > room {
-            return Ok(Err(SpoolError::Full));
+        if let Err(why) = room.take(encoded.iter().map(|(_, b)| b.len() as u64).sum()) {
+            return Ok(Err(why));
         }
         let mut out = Vec::with_capacity(encoded.len());
         let mut seq = self
