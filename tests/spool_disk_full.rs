@@ -5,37 +5,10 @@ use conversion_gateway::conversion::{Conversion, Identifier};
 use conversion_gateway::spool::{
     Admission, DiskSpool, DiskSpoolOptions, Record, Spool, SpoolError,
 };
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-pub struct Tmpfs(pub tempfile::TempDir);
-
-impl Tmpfs {
-    pub fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir)
-    }
-    pub fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
+mod common;
+use common::Tmpfs;
 
 fn record(i: usize) -> Record {
     Record {

@@ -1,0 +1,541 @@
+//! The delivery promises, each against the real binaries and fake-x-api: nothing accepted is lost across
+//! SIGKILL, the budget is never exceeded, a poison event is isolated, outages and 429s are ridden out,
+//! bad credentials pause without losing events, a full disk refuses cleanly, SIGTERM is graceful.
+
+mod common;
+
+use common::*;
+use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Spool};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The budget lifted, for tests about something else (60,000 per 15 minutes is about 66 events/s).
+const UNBUDGETED: (&str, &str) = ("GATEWAY_ACCOUNTS__ACME__RATE_LIMIT__EVENTS", "100000000");
+
+fn events(prefix: &str, range: std::ops::Range<usize>) -> Value {
+    let list: Vec<Value> = range
+        .map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("{prefix}-click-{i}"), "conversion_id": format!("{prefix}-{i}")}))
+        .collect();
+    json!({ "events": list })
+}
+
+async fn received_ids(http: &reqwest::Client, fake_url: &str) -> Vec<String> {
+    fake_conversions(http, fake_url)
+        .await
+        .iter()
+        .map(|c| {
+            c["conversion"]["conversion_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+async fn wait_received(
+    http: &reqwest::Client,
+    fake_url: &str,
+    want: &HashSet<String>,
+    limit: Duration,
+) -> Vec<String> {
+    eventually(limit, async || {
+        let got = received_ids(http, fake_url).await;
+        let set: HashSet<&String> = got.iter().collect();
+        want.iter().all(|id| set.contains(id)).then_some(got)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not every accepted event reached X within {limit:?}"))
+}
+
+async fn fault(http: &reqwest::Client, fake_url: &str, spec: Value) -> Value {
+    http.post(format!("{fake_url}/_fake/faults"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn spool_opts(dir: std::path::PathBuf) -> DiskSpoolOptions {
+    DiskSpoolOptions {
+        dir,
+        max_bytes: 1 << 30,
+        max_dead_letters: 1000,
+        dedup_window: Duration::from_secs(3600),
+        cache_bytes: 1 << 20,
+        min_free_bytes: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_isolated_and_dead_lettered_the_rest_delivered() {
+    let mut stack = start_stack();
+    let http = reqwest::Client::new();
+    fault(&http, &stack.fake_url, json!({"reject_conversion_id": "p-137", "message": "value (abc) is not valid for conversion p-137"})).await;
+    let resp = post_events(&http, &stack.ingest_url, &events("p", 0..500)).await;
+    assert_eq!(resp.status(), 202);
+    let want: HashSet<String> = (0..500)
+        .filter(|i| *i != 137)
+        .map(|i| format!("p-{i}"))
+        .collect();
+    let got = wait_received(&http, &stack.fake_url, &want, Duration::from_secs(30)).await;
+    assert!(!got.contains(&"p-137".to_string()));
+    assert_eq!(got.len(), 499, "each good event delivered once");
+    // One request for the batch, then two per halving down to the single bad event.
+    let requests = fake_requests(&http, &stack.fake_url).await;
+    assert!(requests.len() <= 1 + 2 * 9, "{} requests", requests.len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(stack.stop_gateway("TERM").success());
+    let spool = DiskSpool::open(spool_opts(stack.dir.path().join("spool"))).unwrap();
+    let dead = spool.dead_letters(10).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].conversion.conversion_id, "p-137");
+    assert_eq!(dead[0].reason, "rejected");
+    assert_eq!(
+        dead[0].message,
+        "value (abc) is not valid for conversion p-137"
+    );
+    assert_eq!(spool.backlog("acme"), 0);
+    spool.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_is_never_exceeded_and_the_backlog_drains_near_it() {
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_ACCOUNTS__ACME__RATE_LIMIT__EVENTS", "1000"),
+            ("GATEWAY_ACCOUNTS__ACME__RATE_LIMIT__WINDOW", "10s"),
+            ("GATEWAY_DELIVERY__MAX_BATCH", "100"),
+            ("GATEWAY_DELIVERY__LINGER", "50ms"),
+            ("GATEWAY_LOG__LEVEL", "info"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    for part in 0..2 {
+        let resp = post_events(
+            &http,
+            &stack.ingest_url,
+            &events("b", part * 1000..(part + 1) * 1000),
+        )
+        .await;
+        assert_eq!(resp.status(), 202);
+    }
+    let want: HashSet<String> = (0..2000).map(|i| format!("b-{i}")).collect();
+    wait_received(&http, &stack.fake_url, &want, Duration::from_secs(60)).await;
+    let mut sent: Vec<(u64, u64)> = fake_requests(&http, &stack.fake_url)
+        .await
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| {
+            (
+                r["received_at_ms"].as_u64().unwrap(),
+                r["conversions"].as_array().unwrap().len() as u64,
+            )
+        })
+        .collect();
+    sent.sort();
+    for (i, (start, _)) in sent.iter().enumerate() {
+        let in_window: u64 = sent[i..]
+            .iter()
+            .take_while(|(t, _)| *t <= start + 10_000)
+            .map(|(_, n)| n)
+            .sum();
+        assert!(
+            in_window <= 1000,
+            "{in_window} conversions in the 10 s from {start}"
+        );
+    }
+    let total: u64 = sent.iter().map(|(_, n)| n).sum();
+    let first = sent[0];
+    let span_s = (sent.last().unwrap().0 - first.0) as f64 / 1000.0;
+    let rate = (total - first.1) as f64 / span_s;
+    assert!(
+        rate >= 80.0,
+        "drained at {rate:.1} events/s; the budget allows 100/s"
+    );
+    println!(
+        "budget test: {total} events, {rate:.1}/s after the first batch, {} requests",
+        sent.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_loses_nothing_and_is_ridden_out_with_backoff() {
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[("GATEWAY_DELIVERY__RETRY_CAP", "8s")],
+    );
+    let http = reqwest::Client::new();
+    fault(
+        &http,
+        &stack.fake_url,
+        json!({"status": 503, "for_secs": 30}),
+    )
+    .await;
+    let started = Instant::now();
+    for part in 0..3 {
+        assert_eq!(
+            post_events(
+                &http,
+                &stack.ingest_url,
+                &events("o", part * 100..(part + 1) * 100)
+            )
+            .await
+            .status(),
+            202
+        );
+    }
+    let want: HashSet<String> = (0..300).map(|i| format!("o-{i}")).collect();
+    let got = wait_received(&http, &stack.fake_url, &want, Duration::from_secs(75)).await;
+    assert!(started.elapsed() >= Duration::from_secs(29));
+    assert_eq!(got.len(), 300);
+    let requests = fake_requests(&http, &stack.fake_url).await;
+    let failed = requests.iter().filter(|r| r["status"] == 503).count();
+    assert!(
+        (3..=25).contains(&failed),
+        "{failed} attempts during a 30 s outage"
+    );
+    let mut gaps: Vec<u64> = requests
+        .windows(2)
+        .map(|w| {
+            w[1]["received_at_ms"].as_u64().unwrap() - w[0]["received_at_ms"].as_u64().unwrap()
+        })
+        .collect();
+    gaps.truncate(failed);
+    println!("outage: {failed} attempts, gaps {gaps:?} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_429_nothing_is_sent_before_the_reset() {
+    let stack = start_stack();
+    let http = reqwest::Client::new();
+    let set = fault(
+        &http,
+        &stack.fake_url,
+        json!({"rate_limit_reset_after_secs": 4}),
+    )
+    .await;
+    let until_ms = set["rate_limited_until"].as_u64().unwrap() * 1000;
+    assert_eq!(
+        post_events(&http, &stack.ingest_url, &events("r", 0..10))
+            .await
+            .status(),
+        202
+    );
+    let want: HashSet<String> = (0..10).map(|i| format!("r-{i}")).collect();
+    wait_received(&http, &stack.fake_url, &want, Duration::from_secs(20)).await;
+    let requests = fake_requests(&http, &stack.fake_url).await;
+    assert_eq!(
+        requests.iter().filter(|r| r["status"] == 429).count(),
+        1,
+        "no retry before the reset"
+    );
+    for r in requests.iter().filter(|r| r["status"] != 429) {
+        assert!(r["received_at_ms"].as_u64().unwrap() >= until_ms, "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_pause_the_account_and_a_fixed_restart_delivers_everything() {
+    let mut stack = start_stack_with("wrong-secret", &[("GATEWAY_DELIVERY__RETRY_BASE", "200ms")]);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        post_events(&http, &stack.ingest_url, &events("a", 0..30))
+            .await
+            .status(),
+        202
+    );
+    eventually(Duration::from_secs(10), async || {
+        fake_requests(&http, &stack.fake_url)
+            .await
+            .iter()
+            .any(|r| r["status"] == 401)
+            .then_some(())
+    })
+    .await
+    .expect("X refused the signature");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(received_ids(&http, &stack.fake_url).await.is_empty());
+    assert!(stack.gateway_logs().contains("account paused"));
+    // A paused account is an X-side problem: the gateway stays ready.
+    assert_eq!(
+        http.get(format!("{}/readyz", stack.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(stack.stop_gateway("TERM").success());
+    stack.restart_gateway("CANARY-consumer-secret", &[]);
+    let want: HashSet<String> = (0..30).map(|i| format!("a-{i}")).collect();
+    let got = wait_received(&http, &stack.fake_url, &want, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_loses_nothing_and_intake_resumes() {
+    let tmpfs = Tmpfs::mount("8m");
+    let spool_dir = tmpfs.path().join("spool");
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_SPOOL__DIR", spool_dir.to_str().unwrap()),
+            ("GATEWAY_SPOOL__MIN_FREE_BYTES", "2MiB"),
+            (UNBUDGETED.0, UNBUDGETED.1),
+            ("GATEWAY_DELIVERY__RETRY_CAP", "1s"),
+            ("GATEWAY_LOG__LEVEL", "info"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    // X is down, so nothing drains while the disk fills.
+    fault(
+        &http,
+        &stack.fake_url,
+        json!({"status": 503, "for_secs": 600}),
+    )
+    .await;
+    let mut accepted = HashSet::new();
+    let mut refusal = None;
+    for part in 0..200 {
+        let resp = post_events(
+            &http,
+            &stack.ingest_url,
+            &events("f", part * 200..(part + 1) * 200),
+        )
+        .await;
+        match resp.status().as_u16() {
+            202 => accepted.extend((part * 200..(part + 1) * 200).map(|i| format!("f-{i}"))),
+            503 => {
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                refusal = Some((retry_after, resp.json::<Value>().await.unwrap()));
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let (retry_after, problem) = refusal.expect("the disk filled");
+    assert!(retry_after.is_some(), "503 carries Retry-After");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("disk"),
+        "{problem}"
+    );
+    assert!(
+        accepted.len() >= 1000,
+        "{} accepted before the disk filled",
+        accepted.len()
+    );
+    assert_eq!(
+        http.get(format!("{}/readyz", stack.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    // X comes back: the backlog drains, and with it the room in the spool.
+    http.delete(format!("{}/_fake/faults", stack.fake_url))
+        .send()
+        .await
+        .unwrap();
+    wait_received(&http, &stack.fake_url, &accepted, Duration::from_secs(60)).await;
+    let resumed = eventually(Duration::from_secs(20), async || {
+        let r = post_events(&http, &stack.ingest_url, &events("g", 0..10)).await;
+        (r.status() == 202).then_some(())
+    })
+    .await;
+    assert!(resumed.is_some(), "intake resumes by itself");
+    assert_eq!(
+        http.get(format!("{}/readyz", stack.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(stack);
+}
+
+/// Posts `total` events in batches of `per_post` from `workers` concurrent clients, each pausing `pace`
+/// between posts, retrying a batch until it gets a 202; returns the ids that got one.
+async fn load(
+    ingest_url: String,
+    prefix: &'static str,
+    total: usize,
+    per_post: usize,
+    workers: usize,
+    pace: Duration,
+    deadline: Duration,
+) -> HashSet<String> {
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let next = Arc::new(Mutex::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (accepted, next, url) = (accepted.clone(), next.clone(), ingest_url.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let started = Instant::now();
+            loop {
+                let start = {
+                    let mut n = next.lock().unwrap();
+                    let s = *n;
+                    *n += per_post;
+                    s
+                };
+                if start >= total {
+                    return;
+                }
+                tokio::time::sleep(pace).await;
+                let body = events(prefix, start..(start + per_post).min(total));
+                while started.elapsed() < deadline {
+                    match http
+                        .post(&url)
+                        .bearer_auth(API_KEY)
+                        .json(&body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 202 => {
+                            let ids = body["events"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|e| e["conversion_id"].as_str().unwrap().to_owned());
+                            accepted.lock().unwrap().extend(ids);
+                            break;
+                        }
+                        // Refused, reset or down: a backend retries the same events.
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let set = accepted.lock().unwrap().clone();
+    set
+}
+
+fn assert_twins_identical(conversions: &[Value]) {
+    let mut seen: HashMap<String, &Value> = HashMap::new();
+    for c in conversions {
+        let id = c["conversion"]["conversion_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if let Some(twin) = seen.get(&id) {
+            assert_eq!(twin["conversion"]["event_id"], c["conversion"]["event_id"]);
+            assert_eq!(
+                twin["conversion"], c["conversion"],
+                "a resend carries the same conversion"
+            );
+        } else {
+            seen.insert(id, c);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_accepted_event() {
+    let envs = [
+        ("GATEWAY_LOG__LEVEL", "warn"),
+        ("GATEWAY_DELIVERY__LINGER", "100ms"),
+        UNBUDGETED,
+    ];
+    let stack = start_stack_with("CANARY-consumer-secret", &envs);
+    let http = reqwest::Client::new();
+    let ingest = stack.ingest_url.clone();
+    let loader = tokio::spawn(async move {
+        let accepted = load(
+            ingest,
+            "k",
+            20_000,
+            10,
+            4,
+            Duration::from_millis(10),
+            Duration::from_secs(120),
+        )
+        .await;
+        (accepted, Instant::now())
+    });
+    let killer = tokio::task::spawn_blocking(move || {
+        let mut stack = stack;
+        let mut kills = Vec::new();
+        while kills.len() < 5 {
+            std::thread::sleep(Duration::from_millis(100 + rand::random::<u64>() % 400));
+            kills.push(Instant::now());
+            let status = stack.stop_gateway("KILL");
+            assert!(!status.success());
+            stack.restart_gateway("CANARY-consumer-secret", &envs);
+        }
+        (stack, kills)
+    });
+    let (accepted, load_done) = loader.await.unwrap();
+    let (stack, kills) = killer.await.unwrap();
+    assert!(
+        kills.iter().all(|k| *k < load_done),
+        "every SIGKILL landed while events were still being posted"
+    );
+    assert!(
+        accepted.len() >= 20_000,
+        "{} of 20000 accepted",
+        accepted.len()
+    );
+    wait_received(&http, &stack.fake_url, &accepted, Duration::from_secs(90)).await;
+    let conversions = fake_conversions(&http, &stack.fake_url).await;
+    assert_twins_identical(&conversions);
+    println!(
+        "kill -9: {} accepted, {} received (duplicates {})",
+        accepted.len(),
+        conversions.len(),
+        conversions.len() - accepted.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_exits_0_and_everything_accepted_goes_out_after_restart() {
+    let envs = [("GATEWAY_LOG__LEVEL", "warn"), UNBUDGETED];
+    let mut stack = start_stack_with("CANARY-consumer-secret", &envs);
+    let http = reqwest::Client::new();
+    let url = stack.ingest_url.clone();
+    let loader = tokio::spawn(async move {
+        let accepted = load(
+            url,
+            "t",
+            6000,
+            10,
+            4,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        )
+        .await;
+        (accepted, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let t = Instant::now();
+    let status = tokio::task::block_in_place(|| stack.stop_gateway("TERM"));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "within server.shutdown_timeout"
+    );
+    tokio::task::block_in_place(|| stack.restart_gateway("CANARY-consumer-secret", &envs));
+    let (accepted, load_done) = loader.await.unwrap();
+    assert!(t < load_done, "SIGTERM came while events were being posted");
+    assert_eq!(accepted.len(), 6000);
+    wait_received(&http, &stack.fake_url, &accepted, Duration::from_secs(60)).await;
+    assert_twins_identical(&fake_conversions(&http, &stack.fake_url).await);
+}
