@@ -98,6 +98,12 @@ async fn signed_request_is_accepted_like_x() {
     assert!(headers.contains_key("x-account-rate-limit-reset"));
     let received = control(&app, "GET", "/_fake/conversions", Value::Null).await;
     assert_eq!(received["conversions"].as_array().unwrap().len(), 2);
+    let req = Request::get("/_fake/stats").body(Body::empty()).unwrap();
+    let stats = send(&app, req).await.2;
+    assert_eq!(
+        stats,
+        json!({"requests": 1, "accepted_requests": 1, "accepted_conversions": 2})
+    );
 }
 
 #[tokio::test]

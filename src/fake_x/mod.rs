@@ -32,6 +32,10 @@ pub struct FakeConfig {
     /// Seconds an OAuth timestamp may differ from the fake's clock.
     #[serde(default = "default_skew")]
     pub max_clock_skew_secs: u64,
+    /// Keep every request and its conversions for `/_fake/requests` (turn off for long benchmarks:
+    /// `/_fake/stats` still counts).
+    #[serde(default = "default_record")]
+    pub record: bool,
     #[serde(default)]
     pub accounts: Vec<FakeAccount>,
 }
@@ -83,6 +87,17 @@ fn default_versions() -> Vec<String> {
 fn default_skew() -> u64 {
     300
 }
+fn default_record() -> bool {
+    true
+}
+
+/// Counters kept whether or not requests are recorded.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FakeStats {
+    pub requests: u64,
+    pub accepted_requests: u64,
+    pub accepted_conversions: u64,
+}
 
 impl FakeConfig {
     /// One account matching `config/example.toml` and `config/local.toml`.
@@ -91,6 +106,7 @@ impl FakeConfig {
             listen: default_listen(),
             versions: default_versions(),
             max_clock_skew_secs: default_skew(),
+            record: true,
             accounts: vec![FakeAccount {
                 id: "18ce552mlaq".into(),
                 pixels: vec!["o9d7n".into()],
@@ -167,6 +183,7 @@ struct Faults {
 #[derive(Default)]
 struct Inner {
     requests: Vec<Recorded>,
+    stats: FakeStats,
     faults: Faults,
     nonces: HashMap<String, u64>,
     /// account id -> (window start epoch secs, events counted)
@@ -213,6 +230,10 @@ pub fn app(fake: Arc<FakeX>) -> Router {
         .route("/_fake/faults", post(set_faults).delete(clear_faults))
         .route("/_fake/reset", post(reset))
         .route("/_fake/health", get(|| async { "ok" }))
+        .route(
+            "/_fake/stats",
+            get(|State(fake): State<Arc<FakeX>>| async move { Json(fake.lock().stats) }),
+        )
         .with_state(fake)
 }
 
@@ -326,8 +347,15 @@ async fn conversions(
     }
     rec.status = resp.status().as_u16();
     let mut inner = fake.lock();
-    rec.seq = inner.requests.len() as u64 + 1;
-    inner.requests.push(rec);
+    inner.stats.requests += 1;
+    rec.seq = inner.stats.requests;
+    if (200..300).contains(&rec.status) {
+        inner.stats.accepted_requests += 1;
+        inner.stats.accepted_conversions += rec.conversions.len() as u64;
+    }
+    if fake.config.record {
+        inner.requests.push(rec);
+    }
     resp
 }
 

@@ -1,0 +1,628 @@
+//! `bench`: drives the real gateway over HTTP on this machine and prints what it measured.
+//!
+//! ```sh
+//! cargo build --release --bins && ./target/release/bench            # about two minutes
+//! ```
+//!
+//! It starts nginx (answering 202 to the same POSTs, the reference; installed with apt-get when missing),
+//! `fake-x-api` and `conversion-gateway` (durable spool in a temporary directory, budget lifted), and
+//! measures with its own HTTP/1.1 load generator on the same cores:
+//! 1. single-event POSTs, closed loop: requests/s, p50, p99, and the ratio to nginx;
+//! 2. 100-event POSTs, closed loop: events/s;
+//! 3. a steady 10,000 single-event POSTs/s (open loop, latency from the scheduled send): p50, p99;
+//! 4. RSS of the gateway with 1,000,000 events waiting in the spool (X down meanwhile);
+//! 5. the forwarding rate to `fake-x-api` once X is back, budget lifted.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "bench",
+    about = "Measures conversion-gateway against nginx on this machine"
+)]
+struct Args {
+    /// Seconds per closed-loop and open-loop phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent connections for the closed-loop phases.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Target rate of the open-loop phase (single-event POSTs per second).
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Events to leave waiting for the RSS and forwarding phases.
+    #[arg(long, default_value_t = 1_000_000)]
+    waiting: u64,
+    /// Skip the nginx reference.
+    #[arg(long)]
+    no_nginx: bool,
+}
+
+const API_KEY: &str = "bench-key";
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self, String> {
+        let path =
+            std::env::temp_dir().join(format!("conversion-gateway-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TempDir(path))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn wait_port(addr: SocketAddr) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing listens on {addr}"))
+}
+
+/// One single-event body, about 515 bytes, unique per `n`.
+fn event(n: u64) -> String {
+    format!(
+        concat!(
+            r#"{{"event":"purchase","conversion_id":"bench-{:012}","email":"Jane.Doe+{}@Example.com","phone":"+1 (650) 253-{:04}","#,
+            r#""value":129.99,"price_currency":"usd","number_items":2,"ip_address":"203.0.113.7","#,
+            r#""user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","#,
+            r#""event_source_url":"https://shop.example/checkout?utm_source=x&twclid=23opevjt88psuo13lu8d020qkn","#,
+            r#""contents":[{{"content_id":"sku-{}","content_name":"Blanket","content_type":"Pet supplies","content_price":64.99,"num_items":2}}]}}"#
+        ),
+        n,
+        n % 1000,
+        n % 10_000,
+        n % 97
+    )
+}
+
+fn batch(first: u64, n: u64) -> String {
+    let events: Vec<String> = (first..first + n).map(event).collect();
+    format!(r#"{{"events":[{}]}}"#, events.join(","))
+}
+
+fn request(addr: SocketAddr, body: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A minimal HTTP/1.1 keep-alive client: the bench measures the server, not a client library.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends one request and reads the whole response; returns the status.
+    async fn round_trip(&mut self, req: &[u8]) -> std::io::Result<u16> {
+        self.stream.write_all(req).await?;
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed",
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while self.buf.len() < end + 4 + len {
+                let n = self.stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed",
+                    ));
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+            return Ok(status);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Run {
+    requests: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+/// `connections` clients each sending as fast as answers come, for `secs`. `body(n)` makes request n.
+async fn closed_loop(
+    addr: SocketAddr,
+    connections: usize,
+    secs: u64,
+    counter: Arc<AtomicU64>,
+    per_request: u64,
+    make: fn(u64, u64) -> String,
+) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut run = Run::default();
+            let Ok(mut conn) = Conn::open(addr).await else {
+                run.errors += 1;
+                return run;
+            };
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(per_request, Ordering::Relaxed);
+                let req = request(addr, &make(n, per_request));
+                let t = Instant::now();
+                match conn.round_trip(&req).await {
+                    Ok(202) => {
+                        run.requests += 1;
+                        run.latencies_us
+                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    Ok(_) => run.errors += 1,
+                    Err(_) => {
+                        run.errors += 1;
+                        match Conn::open(addr).await {
+                            Ok(c) => conn = c,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            run
+        }));
+    }
+    merge(tasks, started).await
+}
+
+/// `rate` requests per second spread over `connections`, latency measured from the scheduled send time.
+async fn open_loop(
+    addr: SocketAddr,
+    connections: usize,
+    rate: u64,
+    secs: u64,
+    counter: Arc<AtomicU64>,
+) -> Run {
+    let started = Instant::now();
+    let per_conn = Duration::from_secs_f64(connections as f64 / rate as f64);
+    let total_per_conn = (rate * secs) / connections as u64;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut run = Run::default();
+            let Ok(mut conn) = Conn::open(addr).await else {
+                run.errors += 1;
+                return run;
+            };
+            // Spread the connections' schedules over one interval.
+            let offset = per_conn.mul_f64(c as f64 / connections as f64);
+            let base = tokio::time::Instant::now() + offset;
+            for i in 0..total_per_conn {
+                let scheduled = base + per_conn.mul_f64(i as f64);
+                tokio::time::sleep_until(scheduled).await;
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let req = request(addr, &event(n));
+                match conn.round_trip(&req).await {
+                    Ok(202) => {
+                        run.requests += 1;
+                        run.latencies_us
+                            .push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    Ok(_) => run.errors += 1,
+                    Err(_) => {
+                        run.errors += 1;
+                        match Conn::open(addr).await {
+                            Ok(c) => conn = c,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            run
+        }));
+    }
+    merge(tasks, started).await
+}
+
+async fn merge(tasks: Vec<tokio::task::JoinHandle<Run>>, started: Instant) -> Run {
+    let mut all = Run::default();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            all.requests += r.requests;
+            all.errors += r.errors;
+            all.latencies_us.extend(r.latencies_us);
+        }
+    }
+    all.elapsed = started.elapsed();
+    all.latencies_us.sort_unstable();
+    all
+}
+
+fn single(n: u64, _: u64) -> String {
+    event(n)
+}
+
+fn hundred(n: u64, per: u64) -> String {
+    batch(n, per)
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn start_nginx(dir: &Path, port: u16) -> Result<Proc, String> {
+    if nginx_binary().is_none() {
+        eprintln!("bench: nginx is missing; installing it with apt-get (the reference for the ingest rate)");
+        let _ = Command::new("apt-get")
+            .arg("update")
+            .stdout(Stdio::null())
+            .status();
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "nginx-light"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("cannot install nginx; run with --no-nginx".into());
+        }
+    }
+    let nginx = nginx_binary().ok_or("nginx not found after installing it")?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             keepalive_requests 1000000; client_max_body_size 2m; client_body_buffer_size 128k;\n\
+             server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; return 202 '{{\"accepted\":1,\"duplicates\":0,\"suppressed\":0,\"rejected\":[]}}'; }} }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    wait_port(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok(Proc(child))
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let url = format!("http://{addr}{path}");
+    match reqwest::get(url).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+async fn post_json(addr: SocketAddr, path: &str, body: serde_json::Value, delete: bool) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}{path}");
+    let req = if delete {
+        client.delete(url)
+    } else {
+        client.post(url).json(&body)
+    };
+    let _ = req.send().await;
+}
+
+fn main() -> Result<(), String> {
+    let args = Args::parse();
+    let bins = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or("no binary directory")?;
+    let (gateway_bin, fake_bin) = (bins.join("conversion-gateway"), bins.join("fake-x-api"));
+    if !gateway_bin.exists() || !fake_bin.exists() {
+        return Err(format!(
+            "build the binaries first: cargo build --release --bins (looked in {})",
+            bins.display()
+        ));
+    }
+    let dir = TempDir::new()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "bench: {cores} cores, {}s per phase, {} connections, payload {} bytes",
+        args.seconds,
+        args.connections,
+        event(0).len()
+    );
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let nginx_rps = if args.no_nginx {
+        None
+    } else {
+        let port = free_port();
+        let _nginx = start_nginx(dir.path(), port)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let run = rt.block_on(closed_loop(
+            addr,
+            args.connections,
+            args.seconds,
+            Arc::new(AtomicU64::new(0)),
+            1,
+            single,
+        ));
+        println!("nginx `return 202`, single-event POSTs: {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
+        Some(run.rps())
+    };
+
+    // fake-x-api: no recording (counts only), no rate limit in the way.
+    let fake_port = free_port();
+    let fake_addr = SocketAddr::from(([127, 0, 0, 1], fake_port));
+    let fake_cfg = dir.path().join("fake.toml");
+    std::fs::write(
+        &fake_cfg,
+        format!(
+            "listen = \"127.0.0.1:{fake_port}\"\nrecord = false\n[[accounts]]\nid = \"18ce552mlaq\"\npixels = [\"o9d7n\"]\nevents = [\"o9d2g\"]\n\
+             rate_limit = {{ events = 1000000000, window_secs = 900 }}\npixel_token = \"bench-token\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let _fake = Proc(
+        Command::new(&fake_bin)
+            .arg("--config")
+            .arg(&fake_cfg)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_port(fake_addr)?;
+
+    let (port, admin_port) = (free_port(), free_port());
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let gw_cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\napi_keys = [\"{API_KEY}\"]\nmax_body_bytes = 2097152\n\
+             [spool]\ndir = \"{spool}\"\nmax_bytes = \"4GiB\"\n[upstream]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
+             [delivery]\nlinger = \"100ms\"\nretry_cap = \"1s\"\n[log]\nlevel = \"warn\"\n\
+             [accounts.acme]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7n\"\nevents = {{ purchase = \"o9d2g\" }}\n\
+             rate_limit = {{ events = 1000000000, window = \"15m\" }}\nauth = {{ kind = \"pixel_token\", token = \"bench-token\" }}\n",
+            spool = dir.path().join("spool").display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.path().join("gateway.log")).map_err(|e| e.to_string())?;
+    let gateway = Proc(
+        Command::new(&gateway_bin)
+            .arg("--config")
+            .arg(&gw_cfg)
+            .stdout(log)
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_port(addr)?;
+    let pid = gateway.0.id();
+    let show_rss = |phase: &str| {
+        let (rss, hwm) = rss_kib(pid);
+        println!(
+            "  gateway RSS after {phase}: {:.1} MiB (peak {:.1} MiB)",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
+    };
+    show_rss("start");
+
+    let run = rt.block_on(closed_loop(
+        addr,
+        args.connections,
+        args.seconds,
+        counter.clone(),
+        1,
+        single,
+    ));
+    let ratio = nginx_rps
+        .map(|n| format!("  = {:.0}% of nginx", 100.0 * run.rps() / n))
+        .unwrap_or_default();
+    println!("gateway, durable single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}{ratio}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
+
+    show_rss("single-event POSTs");
+    let run = rt.block_on(closed_loop(
+        addr,
+        args.connections.min(16),
+        args.seconds,
+        counter.clone(),
+        100,
+        hundred,
+    ));
+    println!("gateway, durable 100-event POSTs:     {:>9.0} events/s ({:.0} req/s)  p50 {:.2} ms  p99 {:.2} ms  errors {}", run.rps() * 100.0, run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
+
+    show_rss("100-event POSTs");
+    let run = rt.block_on(open_loop(
+        addr,
+        args.connections,
+        args.rate,
+        args.seconds,
+        counter.clone(),
+    ));
+    println!(
+        "gateway, steady {} single POSTs/s:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+        args.rate,
+        run.rps(),
+        run.pct(0.5),
+        run.pct(0.99),
+        run.errors
+    );
+
+    // Let the forwarding catch up, then take X down and fill the spool.
+    rt.block_on(async {
+        let before = Instant::now();
+        loop {
+            let stats = get_json(fake_addr, "/_fake/stats").await;
+            if stats["accepted_conversions"].as_u64().unwrap_or(0)
+                >= counter.load(Ordering::Relaxed)
+                || before.elapsed() > Duration::from_secs(120)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        post_json(
+            fake_addr,
+            "/_fake/faults",
+            serde_json::json!({"status": 503, "for_secs": 3600}),
+            false,
+        )
+        .await;
+    });
+    let base = rt.block_on(get_json(fake_addr, "/_fake/stats"))["accepted_conversions"]
+        .as_u64()
+        .unwrap_or(0);
+    let fill_started = Instant::now();
+    let target = counter.load(Ordering::Relaxed) + args.waiting;
+    while counter.load(Ordering::Relaxed) < target {
+        let run = rt.block_on(closed_loop(addr, 8, 2, counter.clone(), 100, hundred));
+        if run.requests == 0 {
+            return Err("the gateway stopped accepting while filling the spool".into());
+        }
+    }
+    let waiting = counter.load(Ordering::Relaxed) - base;
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, hwm) = rss_kib(pid);
+    let spool_bytes: u64 = std::fs::read_dir(dir.path().join("spool"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    println!(
+        "gateway RSS with {waiting} events waiting: {:.1} MiB (peak {:.1} MiB); spool file {:.0} MiB; filled in {:.1} s",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        spool_bytes as f64 / 1048576.0,
+        fill_started.elapsed().as_secs_f64()
+    );
+
+    // X is back: how fast does the backlog go out?
+    let drain = rt.block_on(async {
+        post_json(fake_addr, "/_fake/faults", serde_json::Value::Null, true).await;
+        let started = Instant::now();
+        let want = base + waiting;
+        loop {
+            let got = get_json(fake_addr, "/_fake/stats").await["accepted_conversions"]
+                .as_u64()
+                .unwrap_or(0);
+            if got >= want || started.elapsed() > Duration::from_secs(300) {
+                return (got.saturating_sub(base), started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    println!(
+        "forwarding to fake-x-api, budget lifted: {:>9.0} events/s ({} events in {:.1} s)",
+        drain.0 as f64 / drain.1.as_secs_f64(),
+        drain.0,
+        drain.1.as_secs_f64()
+    );
+    drop(gateway);
+    Ok(())
+}
