@@ -76,6 +76,57 @@ async fn pause_for(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     sleep_or_stop(tokio::time::Instant::now() + d, stop).await
 }
 
+/// Acks delivered batches in the background, one at a time, while the next batch goes out.
+/// If an ack fails, the batch stays in the spool and is taken again (X's deduplication removes the repeat).
+#[derive(Default)]
+struct Acker {
+    pending: Option<(tokio::task::JoinHandle<()>, usize)>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Acker {
+    /// Events whose ack is committing.
+    fn in_flight(&self) -> usize {
+        self.pending.as_ref().map_or(0, |(_, n)| *n)
+    }
+
+    /// Whether an ack failed since the last call.
+    fn take_failed(&self) -> bool {
+        self.failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn finish(&mut self) {
+        if let Some((task, _)) = self.pending.take() {
+            let _ = task.await;
+        }
+    }
+
+    async fn submit(
+        &mut self,
+        spool: Arc<dyn Spool>,
+        account: String,
+        ids: Vec<u64>,
+        status: Arc<Mutex<AccountStatus>>,
+    ) {
+        self.finish().await;
+        let failed = self.failed.clone();
+        let n = ids.len();
+        let task = tokio::spawn(async move {
+            match spool.ack(&account, &ids).await {
+                Ok(()) => {
+                    status.lock().unwrap_or_else(|p| p.into_inner()).delivered += ids.len() as u64
+                }
+                Err(e) => {
+                    tracing::error!(account = %account, error = %e, "cannot ack a delivered batch; it will be resent");
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        self.pending = Some((task, n));
+    }
+}
+
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base · 2^(attempt-1))].
 pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let ceiling = base
@@ -90,23 +141,45 @@ impl Dispatcher {
     }
 
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut acker = Acker::default();
+        self.run_until_stopped(&mut stop, &mut acker).await;
+        // What X accepted is acked before the task ends, so a restart does not resend it.
+        acker.finish().await;
+    }
+
+    async fn run_until_stopped(&self, stop: &mut watch::Receiver<bool>, acker: &mut Acker) {
         let account = self.target.account.clone();
         let changed = self.spool.changed(&account);
+        // The highest id handed to `deliver`: the next batch is taken after it, so the ack of the previous
+        // batch can commit while the next one is on its way to X.
+        let mut cursor = 0u64;
+        let waiting = |acker: &Acker| {
+            self.spool
+                .backlog(&account)
+                .saturating_sub(acker.in_flight())
+        };
         loop {
             if *stop.borrow() {
                 return;
             }
-            if self.spool.backlog(&account) == 0 {
+            if acker.take_failed() {
+                cursor = 0;
+            }
+            if waiting(acker) == 0 {
+                if acker.in_flight() > 0 {
+                    acker.finish().await;
+                    continue;
+                }
                 tokio::select! {
                     _ = changed.notified() => {}
                     r = stop.changed() => if r.is_err() { return },
                 }
                 continue;
             }
-            if self.spool.backlog(&account) < self.settings.max_batch {
+            if waiting(acker) < self.settings.max_batch {
                 // Linger for a fuller batch, but no longer than `linger`.
                 let deadline = tokio::time::Instant::now() + self.settings.linger;
-                while self.spool.backlog(&account) < self.settings.max_batch {
+                while waiting(acker) < self.settings.max_batch {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
                         _ = changed.notified() => {}
@@ -114,17 +187,33 @@ impl Dispatcher {
                     }
                 }
             }
-            let entries = match self.spool.peek(&account, self.settings.max_batch).await {
+            let entries = match self
+                .spool
+                .peek_after(&account, cursor, self.settings.max_batch)
+                .await
+            {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::error!(account = %account, error = %e, "cannot read the spool");
-                    if pause_for(self.settings.retry_base, &mut stop).await {
+                    if pause_for(self.settings.retry_base, stop).await {
                         return;
                     }
                     continue;
                 }
             };
-            if !self.deliver(entries, &mut stop).await {
+            let Some(last) = entries.last().map(|e| e.id) else {
+                // Everything waiting is in hand already (its ack is committing), or an ack failed.
+                if acker.in_flight() > 0 {
+                    acker.finish().await;
+                } else if cursor > 0 {
+                    cursor = 0;
+                } else if pause_for(self.settings.retry_base, stop).await {
+                    return;
+                }
+                continue;
+            };
+            cursor = last;
+            if !self.deliver(entries, stop, acker).await {
                 return;
             }
         }
@@ -132,7 +221,12 @@ impl Dispatcher {
 
     /// Delivers one batch to the end: every entry is acked or dead-lettered, unless shutdown comes first
     /// (`false`), in which case what is left stays in the spool.
-    async fn deliver(&self, batch: Vec<Entry>, stop: &mut watch::Receiver<bool>) -> bool {
+    async fn deliver(
+        &self,
+        batch: Vec<Entry>,
+        stop: &mut watch::Receiver<bool>,
+        acker: &mut Acker,
+    ) -> bool {
         let mut work = vec![batch];
         let mut failures = 0u32;
         let mut pauses = 0u32;
@@ -181,20 +275,23 @@ impl Dispatcher {
                 } => {
                     failures = 0;
                     pauses = 0;
-                    let ids: Vec<u64> = batch.iter().map(|e| e.id).collect();
-                    if let Err(e) = self.spool.ack(&self.target.account, &ids).await {
-                        // The batch stays and is resent: X's deduplication removes the repeat.
-                        tracing::error!(account = %self.target.account, error = %e, "cannot ack a delivered batch; it will be resent");
-                        work.push(batch);
-                    } else {
+                    {
                         let mut s = self.status();
-                        s.delivered += ids.len() as u64;
                         s.last_debug_id = debug_id;
                         s.hold_until = hold_until;
                         if let Some(reason) = s.paused.take() {
                             tracing::info!(account = %self.target.account, reason, "account resumed");
                         }
                     }
+                    let ids: Vec<u64> = batch.iter().map(|e| e.id).collect();
+                    acker
+                        .submit(
+                            self.spool.clone(),
+                            self.target.account.clone(),
+                            ids,
+                            self.status.clone(),
+                        )
+                        .await;
                 }
                 Action::Split => {
                     let right = batch[batch.len() / 2..].to_vec();

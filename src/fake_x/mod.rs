@@ -315,11 +315,10 @@ async fn conversions(
         status: 0,
         debug_id: None,
         errors: Vec::new(),
-        conversions: serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("conversions").and_then(Value::as_array).cloned())
-            .unwrap_or_default(),
+        conversions: Vec::new(),
     };
+    // Parsed once: validation, fault checks and the record all read this value.
+    let mut parsed: Option<Value> = serde_json::from_slice(&body).ok();
     // What the request carried is recorded even when a fault answers before authentication.
     if headers.contains_key("x-pixel-token") {
         rec.auth = "pixel_token".into();
@@ -333,7 +332,29 @@ async fn conversions(
         rec.oauth_nonce = get("oauth_nonce");
         rec.oauth_timestamp = get("oauth_timestamp");
     }
-    let mut resp = handle(&fake, &version, &pixel_id, &uri, &headers, &body, &mut rec);
+    let mut resp = handle(
+        &fake,
+        &version,
+        &pixel_id,
+        &uri,
+        &headers,
+        parsed.as_ref(),
+        &mut rec,
+    );
+    let count = parsed
+        .as_ref()
+        .and_then(|v| v.get("conversions"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if fake.config.record {
+        if let Some(Value::Array(list)) = parsed
+            .as_mut()
+            .and_then(|v| v.get_mut("conversions"))
+            .map(Value::take)
+        {
+            rec.conversions = list;
+        }
+    }
     if let Some(current) = fake.config.versions.first() {
         if let Ok(v) = HeaderValue::try_from(current.as_str()) {
             resp.headers_mut().insert("x-current-api-version", v);
@@ -351,7 +372,7 @@ async fn conversions(
     rec.seq = inner.stats.requests;
     if (200..300).contains(&rec.status) {
         inner.stats.accepted_requests += 1;
-        inner.stats.accepted_conversions += rec.conversions.len() as u64;
+        inner.stats.accepted_conversions += count as u64;
     }
     if fake.config.record {
         inner.requests.push(rec);
@@ -365,7 +386,7 @@ fn handle(
     pixel_id: &str,
     uri: &Uri,
     headers: &HeaderMap,
-    body: &[u8],
+    parsed: Option<&Value>,
     rec: &mut Recorded,
 ) -> Response {
     // Injected faults first: X fails before it looks at anything.
@@ -466,14 +487,14 @@ fn handle(
         .iter()
         .flat_map(|a| a.pixels.iter().cloned())
         .collect();
-    let list = match contract::validate(
-        body,
+    let count = match contract::validate_value(
+        parsed,
         &contract::Scope {
             account_sets: Some(&sets),
             pixels: &pixels,
         },
     ) {
-        Ok(list) => list,
+        Ok(n) => n,
         Err(errors) => {
             rec.errors.extend(errors.iter().map(|e| e.message.clone()));
             let triples: Vec<_> = errors
@@ -484,6 +505,10 @@ fn handle(
         }
     };
     let mut inner = fake.lock();
+    let list = parsed
+        .and_then(|v| v.get("conversions"))
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
     let rejected: Vec<(&str, String, String)> = list
         .iter()
         .filter_map(|c| c.get("conversion_id").and_then(Value::as_str))
@@ -507,7 +532,7 @@ fn handle(
         *window = (now, 0);
     }
     let reset = window.0 + rl.window_secs;
-    let n = list.len() as u64;
+    let n = count as u64;
     if window.1 + n > rl.events {
         let remaining = rl.events.saturating_sub(window.1);
         drop(inner);

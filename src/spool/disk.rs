@@ -4,11 +4,14 @@
 //! thread drains whatever is queued into one write transaction, commits (fsync), then answers them all.
 //! Invariants: an `append` is answered `Ok` only after its commit; an event leaves the `events` table only
 //! through `ack` (X accepted it) or `dead_letter` (moved to `dead_letters` in the same transaction); the
-//! dedup index and the limiter state are committed in the same transactions as the events they guard.
+//! dedup log and the limiter state are committed in the same transactions as the events they guard.
+//! The dedup log is appended in time order; its fingerprints live in memory (`dedup::FingerprintTable`),
+//! rebuilt from the log at start-up, and every fingerprint match is confirmed against the full key.
 //! Counters (per account events and bytes) live in the `meta` table, so start-up never scans the spool.
 //! When the disk fails or fills, the failed transaction is rolled back whole, callers get an error, and
 //! the thread reopens the database (redb refuses further writes after an I/O error) until writes succeed.
 
+use super::dedup::{full_seq, FingerprintTable};
 use super::{Admission, DeadLetter, Entry, Record, Spool, SpoolError};
 use crate::conversion::Conversion;
 use crate::limiter::{LimiterState, Nanos};
@@ -24,8 +27,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
-const DEDUP: TableDefinition<&[u8], u64> = TableDefinition::new("dedup");
-const DEDUP_EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("dedup_expiry");
+/// Dedup log: sequence -> 32-byte key ‖ received time (epoch ms, little endian), in arrival order.
+const DEDUP_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_log");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -141,8 +144,7 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, SpoolError> {
     if !ready {
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(EVENTS).map_err(storage)?;
-        txn.open_table(DEDUP).map_err(storage)?;
-        txn.open_table(DEDUP_EXPIRY).map_err(storage)?;
+        txn.open_table(DEDUP_LOG).map_err(storage)?;
         txn.open_table(DEAD).map_err(storage)?;
         txn.open_table(META).map_err(storage)?;
         txn.commit().map_err(storage)?;
@@ -197,9 +199,26 @@ impl DiskSpool {
         let path = opts.dir.join("spool.redb");
         let db = open_db(&path, opts.cache_bytes)?;
         let mut shared = Shared::default();
+        let mut dedup = DedupState::default();
         {
             let txn = db.begin_read().map_err(storage)?;
+            let log = txn.open_table(DEDUP_LOG).map_err(storage)?;
+            dedup.table = FingerprintTable::with_capacity(log.len().map_err(storage)? as usize);
+            let mut first = None;
+            for item in log.iter().map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                let seq = k.value();
+                first.get_or_insert(seq);
+                dedup.table.insert(fingerprint(v.value()), seq);
+                dedup.next = seq + 1;
+            }
             let meta = txn.open_table(META).map_err(storage)?;
+            dedup.next = dedup.next.max(
+                meta.get("dedup_next")
+                    .map_err(storage)?
+                    .map_or(0, |v| v.value()),
+            );
+            dedup.first = first.unwrap_or(dedup.next);
             for item in meta.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
                 let (k, v) = (k.value().to_owned(), v.value());
@@ -224,6 +243,7 @@ impl DiskSpool {
             db: db.clone(),
             shared: shared.clone(),
             opts,
+            dedup: Mutex::new(dedup),
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -259,9 +279,10 @@ impl Spool for DiskSpool {
         async move { self.call(|reply| Cmd::Append { records, reply }).await }.boxed()
     }
 
-    fn peek<'a>(
+    fn peek_after<'a>(
         &'a self,
         account: &'a str,
+        after: u64,
         max: usize,
     ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
         let db = self.current_db();
@@ -273,7 +294,9 @@ impl Spool for DiskSpool {
                 let table = txn.open_table(EVENTS).map_err(storage)?;
                 let mut out = Vec::new();
                 for item in table
-                    .range((account.as_str(), 0)..=(account.as_str(), u64::MAX))
+                    .range(
+                        (account.as_str(), after.saturating_add(1))..=(account.as_str(), u64::MAX),
+                    )
                     .map_err(storage)?
                     .take(max)
                 {
@@ -396,6 +419,30 @@ struct Writer {
     db: Arc<Handle>,
     shared: Arc<Mutex<Shared>>,
     opts: DiskSpoolOptions,
+    dedup: Mutex<DedupState>,
+}
+
+/// The live range of the dedup log and the fingerprints of its entries.
+#[derive(Default)]
+struct DedupState {
+    table: FingerprintTable,
+    /// First live sequence (equal to `next` when the log is empty).
+    first: u64,
+    next: u64,
+}
+
+/// Changes to the dedup state made by a transaction, undone if it fails.
+#[derive(Default)]
+struct DedupChanges {
+    inserted: Vec<(u64, u64)>,
+    purged: Vec<(u64, u64)>,
+    next_before: u64,
+}
+
+fn fingerprint(entry: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&entry[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// The effect of one transaction, applied to the in-memory counters after its commit.
@@ -482,13 +529,19 @@ impl Writer {
         let room = self.room();
         let mut replies = Vec::with_capacity(cmds.len());
         let mut effects = Effects::default();
+        let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changes = DedupChanges {
+            next_before: dedup.next,
+            ..Default::default()
+        };
         let outcome = (|| -> Result<(), SpoolError> {
             let txn = db.begin_write().map_err(storage)?;
             {
                 let mut tables = Tables {
                     events: txn.open_table(EVENTS).map_err(storage)?,
-                    dedup: txn.open_table(DEDUP).map_err(storage)?,
-                    expiry: txn.open_table(DEDUP_EXPIRY).map_err(storage)?,
+                    log: txn.open_table(DEDUP_LOG).map_err(storage)?,
+                    dedup: &mut dedup,
+                    changes: &mut changes,
                     dead: txn.open_table(DEAD).map_err(storage)?,
                     meta: txn.open_table(META).map_err(storage)?,
                 };
@@ -535,10 +588,29 @@ impl Writer {
                     }
                 }
                 tables.purge_dedup(now_ms() - self.opts.dedup_window.as_millis() as i64)?;
+                if tables.dedup.next != tables.changes.next_before {
+                    let next = tables.dedup.next;
+                    tables.meta.insert("dedup_next", next).map_err(storage)?;
+                }
                 tables.store_counts(&self.shared, &effects)?;
             }
             txn.commit().map_err(storage)
         })();
+        match &outcome {
+            Ok(()) => {
+                for (fp, seq) in &changes.purged {
+                    dedup.table.remove(*fp, *seq);
+                    dedup.first = dedup.first.max(seq + 1);
+                }
+            }
+            Err(_) => {
+                for (fp, seq) in &changes.inserted {
+                    dedup.table.remove(*fp, *seq);
+                }
+                dedup.next = changes.next_before;
+            }
+        }
+        drop(dedup);
         match outcome {
             Ok(()) => {
                 let mut s = lock(&self.shared);
@@ -667,8 +739,9 @@ impl Cmd {
 
 struct Tables<'t> {
     events: redb::Table<'t, (&'static str, u64), &'static [u8]>,
-    dedup: redb::Table<'t, &'static [u8], u64>,
-    expiry: redb::Table<'t, (u64, &'static [u8]), ()>,
+    log: redb::Table<'t, u64, &'static [u8]>,
+    dedup: &'t mut DedupState,
+    changes: &'t mut DedupChanges,
     dead: redb::Table<'t, u64, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
 }
@@ -714,15 +787,22 @@ impl Tables<'_> {
             .map_or(0, |v| v.value());
         for (r, bytes) in encoded {
             let key = dedup_key(&r);
-            if self.dedup.get(key.as_slice()).map_err(storage)?.is_some() {
+            if self.seen(&key)? {
                 out.push(Admission::Duplicate);
                 continue;
             }
             let at = r.received_at_ms.max(0) as u64;
-            self.dedup.insert(key.as_slice(), at).map_err(storage)?;
-            self.expiry
-                .insert((at, key.as_slice()), ())
+            let log_seq = self.dedup.next;
+            let mut entry = [0u8; 40];
+            entry[..32].copy_from_slice(&key);
+            entry[32..].copy_from_slice(&at.to_le_bytes());
+            self.log
+                .insert(log_seq, entry.as_slice())
                 .map_err(storage)?;
+            let fp = fingerprint(&key);
+            self.dedup.table.insert(fp, log_seq);
+            self.dedup.next += 1;
+            self.changes.inserted.push((fp, log_seq));
             seq += 1;
             self.events
                 .insert((r.account.as_str(), seq), bytes.as_slice())
@@ -796,29 +876,49 @@ impl Tables<'_> {
         Ok(())
     }
 
+    /// Whether `key` is in the dedup log: a fingerprint match confirmed by the full key.
+    fn seen(&self, key: &[u8; 32]) -> Result<bool, SpoolError> {
+        let Some(last) = self.dedup.next.checked_sub(1) else {
+            return Ok(false);
+        };
+        let candidates: Vec<u64> = self
+            .dedup
+            .table
+            .candidates(fingerprint(key))
+            .filter_map(|low| full_seq(low, self.dedup.first, last))
+            .collect();
+        for seq in candidates {
+            if let Some(entry) = self.log.get(seq).map_err(storage)? {
+                if entry.value().get(..32) == Some(key.as_slice()) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes log entries older than the window, oldest first, a bounded number per transaction.
     fn purge_dedup(&mut self, horizon_ms: i64) -> Result<(), SpoolError> {
         let horizon = horizon_ms.max(0) as u64;
-        let mut expired: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut expired = Vec::new();
         for item in self
-            .expiry
-            .range::<(u64, &[u8])>(..(horizon, &[][..]))
+            .log
+            .range(self.dedup.first..)
             .map_err(storage)?
             .take(PURGE_PER_COMMIT)
         {
-            let (k, _) = item.map_err(storage)?;
-            let (t, key) = k.value();
-            expired.push((t, key.to_vec()));
-        }
-        for (t, key) in expired {
-            self.expiry.remove((t, key.as_slice())).map_err(storage)?;
-            let current = self
-                .dedup
-                .get(key.as_slice())
-                .map_err(storage)?
-                .map(|v| v.value());
-            if current == Some(t) {
-                self.dedup.remove(key.as_slice()).map_err(storage)?;
+            let (k, v) = item.map_err(storage)?;
+            let entry = v.value();
+            let mut t = [0u8; 8];
+            t.copy_from_slice(&entry[32..40]);
+            if u64::from_le_bytes(t) >= horizon {
+                break;
             }
+            expired.push((fingerprint(entry), k.value()));
+        }
+        for (fp, seq) in expired {
+            self.log.remove(seq).map_err(storage)?;
+            self.changes.purged.push((fp, seq));
         }
         Ok(())
     }
@@ -930,7 +1030,18 @@ mod tests {
             spool.append(vec![record("a", "3")]).await.unwrap(),
             [Admission::Queued]
         );
-        assert_eq!(ids(&spool.peek("a", 10).await.unwrap()), ["2", "3"]);
+        let waiting = spool.peek("a", 10).await.unwrap();
+        assert_eq!(ids(&waiting), ["2", "3"]);
+        // A dispatcher with "2" in hand takes what comes after it.
+        assert_eq!(
+            ids(&spool.peek_after("a", waiting[0].id, 10).await.unwrap()),
+            ["3"]
+        );
+        assert!(spool
+            .peek_after("a", waiting[1].id, 10)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]

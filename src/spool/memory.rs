@@ -105,9 +105,10 @@ impl Spool for MemorySpool {
         async move { result }.boxed()
     }
 
-    fn peek<'a>(
+    fn peek_after<'a>(
         &'a self,
         account: &'a str,
+        after: u64,
         max: usize,
     ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
         let entries = self
@@ -115,7 +116,7 @@ impl Spool for MemorySpool {
             .queues
             .get(account)
             .map(|q| {
-                q.iter()
+                q.range(after.saturating_add(1)..)
                     .take(max)
                     .map(|(id, r)| Entry {
                         id: *id,

@@ -7,6 +7,7 @@
 //! `(account, event_id, conversion_id)` was appended within the dedup window is reported `Duplicate` and
 //! not queued again. No raw email or phone ever reaches a spool: records hold hashes only.
 
+pub mod dedup;
 pub mod disk;
 pub mod memory;
 
@@ -94,6 +95,16 @@ pub trait Spool: Send + Sync + 'static {
     fn peek<'a>(
         &'a self,
         account: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
+        self.peek_after(account, 0, max)
+    }
+
+    /// Like `peek`, skipping records with ids up to `after` (those a dispatcher has in hand already).
+    fn peek_after<'a>(
+        &'a self,
+        account: &'a str,
+        after: u64,
         max: usize,
     ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>>;
 
