@@ -511,6 +511,22 @@ fn main() -> Result<(), String> {
     };
     show_rss("start");
 
+    // Each phase starts once what the previous one spooled has been forwarded: a steady state, not a
+    // backlog drain competing for the same two cores.
+    let settle = |counter: &Arc<AtomicU64>| {
+        rt.block_on(async {
+            let before = Instant::now();
+            while before.elapsed() < Duration::from_secs(120) {
+                let stats = get_json(fake_addr, "/_fake/stats").await;
+                if stats["accepted_conversions"].as_u64().unwrap_or(0)
+                    >= counter.load(Ordering::Relaxed)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
     let run = rt.block_on(closed_loop(
         addr,
         args.connections,
@@ -525,6 +541,7 @@ fn main() -> Result<(), String> {
     println!("gateway, durable single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}{ratio}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
 
     show_rss("single-event POSTs");
+    settle(&counter);
     let run = rt.block_on(closed_loop(
         addr,
         args.connections.min(16),
@@ -536,6 +553,7 @@ fn main() -> Result<(), String> {
     println!("gateway, durable 100-event POSTs:     {:>9.0} events/s ({:.0} req/s)  p50 {:.2} ms  p99 {:.2} ms  errors {}", run.rps() * 100.0, run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
 
     show_rss("100-event POSTs");
+    settle(&counter);
     let run = rt.block_on(open_loop(
         addr,
         args.connections,
@@ -553,26 +571,13 @@ fn main() -> Result<(), String> {
     );
 
     // Let the forwarding catch up, then take X down and fill the spool.
-    rt.block_on(async {
-        let before = Instant::now();
-        loop {
-            let stats = get_json(fake_addr, "/_fake/stats").await;
-            if stats["accepted_conversions"].as_u64().unwrap_or(0)
-                >= counter.load(Ordering::Relaxed)
-                || before.elapsed() > Duration::from_secs(120)
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        post_json(
-            fake_addr,
-            "/_fake/faults",
-            serde_json::json!({"status": 503, "for_secs": 3600}),
-            false,
-        )
-        .await;
-    });
+    settle(&counter);
+    rt.block_on(post_json(
+        fake_addr,
+        "/_fake/faults",
+        serde_json::json!({"status": 503, "for_secs": 3600}),
+        false,
+    ));
     let base = rt.block_on(get_json(fake_addr, "/_fake/stats"))["accepted_conversions"]
         .as_u64()
         .unwrap_or(0);

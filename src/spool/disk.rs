@@ -11,14 +11,15 @@
 //! When the disk fails or fills, the failed transaction is rolled back whole, callers get an error, and
 //! the thread reopens the database (redb refuses further writes after an I/O error) until writes succeed.
 
+use super::codec;
 use super::dedup::{full_seq, FingerprintTable};
 use super::{Admission, DeadLetter, Entry, Record, Spool, SpoolError};
-use crate::conversion::Conversion;
+
 use crate::limiter::{LimiterState, Nanos};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
+
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,13 +48,6 @@ pub struct DiskSpoolOptions {
     pub cache_bytes: usize,
     /// Appends are refused while the file system has less than this free.
     pub min_free_bytes: u64,
-}
-
-/// What is stored per event (the account is in the key).
-#[derive(Serialize, Deserialize)]
-struct Stored {
-    conversion: Conversion,
-    received_at_ms: i64,
 }
 
 enum Cmd {
@@ -301,13 +295,13 @@ impl Spool for DiskSpool {
                     .take(max)
                 {
                     let (k, v) = item.map_err(storage)?;
-                    let stored: Stored = serde_json::from_slice(v.value()).map_err(storage)?;
+                    let (conversion, received_at_ms) = codec::decode(v.value()).map_err(storage)?;
                     out.push(Entry {
                         id: k.value().1,
                         record: Record {
                             account: account.clone(),
-                            conversion: stored.conversion,
-                            received_at_ms: stored.received_at_ms,
+                            conversion,
+                            received_at_ms,
                         },
                     });
                 }
@@ -768,11 +762,7 @@ impl Tables<'_> {
         let encoded: Vec<(Record, Vec<u8>)> = records
             .into_iter()
             .map(|r| {
-                let bytes = serde_json::to_vec(&Stored {
-                    conversion: r.conversion.clone(),
-                    received_at_ms: r.received_at_ms,
-                })
-                .map_err(storage)?;
+                let bytes = codec::encode(&r.conversion, r.received_at_ms).map_err(storage)?;
                 Ok((r, bytes))
             })
             .collect::<Result<_, SpoolError>>()?;
@@ -840,7 +830,7 @@ impl Tables<'_> {
             c.0 -= 1;
             c.1 -= value.len() as i64;
             if let Some((reason, message)) = dead {
-                let stored: Stored = serde_json::from_slice(&value).map_err(storage)?;
+                let (conversion, received_at_ms) = codec::decode(&value).map_err(storage)?;
                 let id = self.next("dead_seq")?;
                 let letter = DeadLetter {
                     id,
@@ -848,8 +838,8 @@ impl Tables<'_> {
                     reason: reason.to_owned(),
                     message: message.to_owned(),
                     dead_lettered_at_ms: now_ms(),
-                    conversion: stored.conversion,
-                    received_at_ms: stored.received_at_ms,
+                    conversion,
+                    received_at_ms,
                 };
                 let bytes = serde_json::to_vec(&letter).map_err(storage)?;
                 self.dead.insert(id, bytes.as_slice()).map_err(storage)?;
@@ -947,7 +937,7 @@ impl Tables<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conversion::Identifier;
+    use crate::conversion::{Conversion, Identifier};
 
     fn opts(dir: &Path) -> DiskSpoolOptions {
         DiskSpoolOptions {

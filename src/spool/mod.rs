@@ -7,6 +7,7 @@
 //! `(account, event_id, conversion_id)` was appended within the dedup window is reported `Duplicate` and
 //! not queued again. No raw email or phone ever reaches a spool: records hold hashes only.
 
+pub mod codec;
 pub mod dedup;
 pub mod disk;
 pub mod memory;

@@ -1,0 +1,236 @@
+//! How a waiting event is written in the spool: a version byte, then postcard (compact, no field names),
+//! with SHA-256 identifiers as 32 raw bytes instead of 64 hex characters. About half the size of JSON
+//! and several times cheaper to read back, which is what the forwarding rate is made of.
+//!
+//! Invariant: `decode(encode(c, t)) == (c, t)` for every conversion the mapping produces.
+
+use crate::conversion::{Content, Conversion, Identifier};
+use serde::{Deserialize, Serialize};
+
+const VERSION: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct StoredEvent {
+    received_at_ms: i64,
+    conversion_time: String,
+    event_id: String,
+    conversion_id: String,
+    identifiers: Vec<StoredIdentifier>,
+    value: Option<String>,
+    price_currency: Option<String>,
+    number_items: Option<u64>,
+    description: Option<String>,
+    contents: Option<Vec<StoredContent>>,
+    event_source_url: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum StoredIdentifier {
+    Twclid(String),
+    HashedEmail(Digest),
+    HashedPhoneNumber(Digest),
+    Device(Option<String>, Option<String>),
+}
+
+/// A SHA-256 digest as raw bytes, or (should a value ever not be one) the text itself.
+#[derive(Serialize, Deserialize)]
+enum Digest {
+    Raw([u8; 32]),
+    Text(String),
+}
+
+impl Digest {
+    fn from_hex(s: &str) -> Self {
+        let mut raw = [0u8; 32];
+        match hex::decode_to_slice(s, &mut raw) {
+            Ok(()) if hex::encode(raw) == s => Digest::Raw(raw),
+            _ => Digest::Text(s.to_owned()),
+        }
+    }
+
+    fn into_hex(self) -> String {
+        match self {
+            Digest::Raw(raw) => hex::encode(raw),
+            Digest::Text(s) => s,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredContent {
+    content_id: Option<String>,
+    content_name: Option<String>,
+    content_type: Option<String>,
+    content_price: Option<f64>,
+    num_items: Option<u64>,
+    content_group_id: Option<String>,
+}
+
+pub fn encode(c: &Conversion, received_at_ms: i64) -> Result<Vec<u8>, String> {
+    let stored = StoredEvent {
+        received_at_ms,
+        conversion_time: c.conversion_time.clone(),
+        event_id: c.event_id.clone(),
+        conversion_id: c.conversion_id.clone(),
+        identifiers: c
+            .identifiers
+            .iter()
+            .map(|i| match i {
+                Identifier::Twclid { twclid } => StoredIdentifier::Twclid(twclid.clone()),
+                Identifier::HashedEmail { hashed_email } => {
+                    StoredIdentifier::HashedEmail(Digest::from_hex(hashed_email))
+                }
+                Identifier::HashedPhoneNumber {
+                    hashed_phone_number,
+                } => StoredIdentifier::HashedPhoneNumber(Digest::from_hex(hashed_phone_number)),
+                Identifier::Device {
+                    ip_address,
+                    user_agent,
+                } => StoredIdentifier::Device(ip_address.clone(), user_agent.clone()),
+            })
+            .collect(),
+        value: c.value.clone(),
+        price_currency: c.price_currency.clone(),
+        number_items: c.number_items,
+        description: c.description.clone(),
+        contents: c.contents.as_ref().map(|list| {
+            list.iter()
+                .map(|x| StoredContent {
+                    content_id: x.content_id.clone(),
+                    content_name: x.content_name.clone(),
+                    content_type: x.content_type.clone(),
+                    content_price: x.content_price,
+                    num_items: x.num_items,
+                    content_group_id: x.content_group_id.clone(),
+                })
+                .collect()
+        }),
+        event_source_url: c.event_source_url.clone(),
+    };
+    postcard::to_extend(&stored, vec![VERSION]).map_err(|e| e.to_string())
+}
+
+pub fn decode(bytes: &[u8]) -> Result<(Conversion, i64), String> {
+    match bytes.split_first() {
+        Some((&VERSION, rest)) => {
+            let s: StoredEvent = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            let conversion = Conversion {
+                conversion_time: s.conversion_time,
+                event_id: s.event_id,
+                identifiers: s
+                    .identifiers
+                    .into_iter()
+                    .map(|i| match i {
+                        StoredIdentifier::Twclid(twclid) => Identifier::Twclid { twclid },
+                        StoredIdentifier::HashedEmail(d) => Identifier::HashedEmail {
+                            hashed_email: d.into_hex(),
+                        },
+                        StoredIdentifier::HashedPhoneNumber(d) => Identifier::HashedPhoneNumber {
+                            hashed_phone_number: d.into_hex(),
+                        },
+                        StoredIdentifier::Device(ip_address, user_agent) => Identifier::Device {
+                            ip_address,
+                            user_agent,
+                        },
+                    })
+                    .collect(),
+                conversion_id: s.conversion_id,
+                value: s.value,
+                price_currency: s.price_currency,
+                number_items: s.number_items,
+                description: s.description,
+                contents: s.contents.map(|list| {
+                    list.into_iter()
+                        .map(|x| Content {
+                            content_id: x.content_id,
+                            content_name: x.content_name,
+                            content_type: x.content_type,
+                            content_price: x.content_price,
+                            num_items: x.num_items,
+                            content_group_id: x.content_group_id,
+                        })
+                        .collect()
+                }),
+                event_source_url: s.event_source_url,
+            };
+            Ok((conversion, s.received_at_ms))
+        }
+        Some((v, _)) => Err(format!("unknown spool record version {v}")),
+        None => Err("empty spool record".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Conversion {
+        Conversion {
+            conversion_time: "2026-11-28T12:00:00.123Z".into(),
+            event_id: "o9d2g".into(),
+            identifiers: vec![
+                Identifier::Twclid {
+                    twclid: "23opevjt88psuo13lu8d020qkn".into(),
+                },
+                Identifier::HashedEmail {
+                    hashed_email:
+                        "e586883b2b4faf78d48300a79e0e15138d664cdf796ffb86e533170a9893eda8".into(),
+                },
+                Identifier::HashedPhoneNumber {
+                    hashed_phone_number: "not-a-digest".into(),
+                },
+                Identifier::Device {
+                    ip_address: Some("203.0.113.7".into()),
+                    user_agent: None,
+                },
+            ],
+            conversion_id: "order-1".into(),
+            value: Some("20.00".into()),
+            price_currency: Some("USD".into()),
+            number_items: Some(3),
+            description: Some("Pet supplies".into()),
+            contents: Some(vec![Content {
+                content_id: Some("1".into()),
+                content_price: Some(100.99),
+                num_items: Some(1),
+                ..Default::default()
+            }]),
+            event_source_url: Some("https://shop.example/?twclid=x".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_size() {
+        let c = sample();
+        let bytes = encode(&c, 1_795_000_000_123).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), (c.clone(), 1_795_000_000_123));
+        let json = serde_json::to_vec(&c).unwrap();
+        assert!(
+            bytes.len() * 3 < json.len() * 2,
+            "{} vs {} bytes",
+            bytes.len(),
+            json.len()
+        );
+        let minimal = Conversion {
+            identifiers: vec![Identifier::Twclid { twclid: "t".into() }],
+            value: None,
+            price_currency: None,
+            number_items: None,
+            description: None,
+            contents: None,
+            event_source_url: None,
+            ..c
+        };
+        assert_eq!(
+            decode(&encode(&minimal, -5).unwrap()).unwrap(),
+            (minimal, -5)
+        );
+    }
+
+    #[test]
+    fn unknown_versions_and_garbage_are_errors() {
+        assert!(decode(&[]).is_err());
+        assert!(decode(&[9, 1, 2]).is_err());
+        assert!(decode(&[VERSION, 0xff, 0xff]).is_err());
+    }
+}
