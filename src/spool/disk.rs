@@ -50,9 +50,17 @@ pub struct DiskSpoolOptions {
     pub min_free_bytes: u64,
 }
 
+/// A record made ready for the storage thread: its dedup key and its encoded bytes.
+struct Prepared {
+    key: [u8; 32],
+    account: String,
+    received_at_ms: i64,
+    bytes: Vec<u8>,
+}
+
 enum Cmd {
     Append {
-        records: Vec<Record>,
+        records: Vec<Prepared>,
         reply: oneshot::Sender<Result<Vec<Admission>, SpoolError>>,
     },
     Ack {
@@ -270,7 +278,24 @@ impl DiskSpool {
 
 impl Spool for DiskSpool {
     fn append(&self, records: Vec<Record>) -> BoxFuture<'_, Result<Vec<Admission>, SpoolError>> {
-        async move { self.call(|reply| Cmd::Append { records, reply }).await }.boxed()
+        // Hashing and encoding happen here, in the caller's task, so the one storage thread only inserts.
+        let prepared: Result<Vec<Prepared>, SpoolError> = records
+            .into_iter()
+            .map(|r| {
+                let bytes = codec::encode(&r.conversion, r.received_at_ms).map_err(storage)?;
+                Ok(Prepared {
+                    key: dedup_key(&r),
+                    account: r.account,
+                    received_at_ms: r.received_at_ms,
+                    bytes,
+                })
+            })
+            .collect();
+        async move {
+            let records = prepared?;
+            self.call(|reply| Cmd::Append { records, reply }).await
+        }
+        .boxed()
     }
 
     fn peek_after<'a>(
@@ -755,18 +780,11 @@ impl Tables<'_> {
     /// Appends what is new; `Ok(Err(why))` when the records do not fit in `room` (nothing written).
     fn append(
         &mut self,
-        records: Vec<Record>,
+        encoded: Vec<Prepared>,
         room: &mut Room,
         fx: &mut Effects,
     ) -> Result<Result<Vec<Admission>, SpoolError>, SpoolError> {
-        let encoded: Vec<(Record, Vec<u8>)> = records
-            .into_iter()
-            .map(|r| {
-                let bytes = codec::encode(&r.conversion, r.received_at_ms).map_err(storage)?;
-                Ok((r, bytes))
-            })
-            .collect::<Result<_, SpoolError>>()?;
-        if let Err(why) = room.take(encoded.iter().map(|(_, b)| b.len() as u64).sum()) {
+        if let Err(why) = room.take(encoded.iter().map(|p| p.bytes.len() as u64).sum()) {
             return Ok(Err(why));
         }
         let mut out = Vec::with_capacity(encoded.len());
@@ -775,13 +793,18 @@ impl Tables<'_> {
             .get("seq")
             .map_err(storage)?
             .map_or(0, |v| v.value());
-        for (r, bytes) in encoded {
-            let key = dedup_key(&r);
+        for Prepared {
+            key,
+            account,
+            received_at_ms,
+            bytes,
+        } in encoded
+        {
             if self.seen(&key)? {
                 out.push(Admission::Duplicate);
                 continue;
             }
-            let at = r.received_at_ms.max(0) as u64;
+            let at = received_at_ms.max(0) as u64;
             let log_seq = self.dedup.next;
             let mut entry = [0u8; 40];
             entry[..32].copy_from_slice(&key);
@@ -795,14 +818,14 @@ impl Tables<'_> {
             self.changes.inserted.push((fp, log_seq));
             seq += 1;
             self.events
-                .insert((r.account.as_str(), seq), bytes.as_slice())
+                .insert((account.as_str(), seq), bytes.as_slice())
                 .map_err(storage)?;
-            let c = fx.counts.entry(r.account.clone()).or_default();
+            if !fx.appended.contains(&account) {
+                fx.appended.push(account.clone());
+            }
+            let c = fx.counts.entry(account).or_default();
             c.0 += 1;
             c.1 += bytes.len() as i64;
-            if !fx.appended.contains(&r.account) {
-                fx.appended.push(r.account);
-            }
             out.push(Admission::Queued);
         }
         self.meta.insert("seq", seq).map_err(storage)?;
