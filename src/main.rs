@@ -14,8 +14,11 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// redb's page cache: bounded so that memory stays small whatever the backlog.
-const SPOOL_CACHE_BYTES: usize = 16 << 20;
+const SPOOL_CACHE_BYTES: usize = 8 << 20;
 
 #[derive(Parser)]
 #[command(

@@ -302,7 +302,7 @@ async fn a_full_disk_answers_503_loses_nothing_and_intake_resumes() {
     .await;
     let mut accepted = HashSet::new();
     let mut refusal = None;
-    for part in 0..200 {
+    for part in 0..2000 {
         let resp = post_events(
             &http,
             &stack.ingest_url,
@@ -322,7 +322,17 @@ async fn a_full_disk_answers_503_loses_nothing_and_intake_resumes() {
             other => panic!("unexpected {other}"),
         }
     }
-    let (retry_after, problem) = refusal.expect("the disk filled");
+    let (retry_after, problem) = refusal.unwrap_or_else(|| {
+        let used: u64 = std::fs::read_dir(&spool_dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        panic!(
+            "the disk did not fill: {} accepted, spool files {used} bytes, free {:?}",
+            accepted.len(),
+            fs4::available_space(&spool_dir)
+        )
+    });
     assert!(retry_after.is_some(), "503 carries Retry-After");
     assert!(
         problem["detail"].as_str().unwrap().contains("disk"),

@@ -45,6 +45,10 @@ struct Args {
     /// Skip the nginx reference.
     #[arg(long)]
     no_nginx: bool,
+    /// Also measure the single-event phase of nginx and the gateway with wrk (apt-get when missing), the
+    /// load generator the design's reference numbers were taken with.
+    #[arg(long)]
+    wrk: bool,
 }
 
 const API_KEY: &str = "bench-key";
@@ -372,6 +376,78 @@ fn start_nginx(dir: &Path, port: u16) -> Result<Proc, String> {
     Ok(Proc(child))
 }
 
+/// The Lua script that makes wrk send the same unique-`conversion_id` events as the bench's own generator.
+const WRK_SCRIPT: &str = r#"
+local counter = 0
+local next_id = 0
+setup = function(thread) thread:set("tid", next_id); next_id = next_id + 1 end
+request = function()
+  counter = counter + 1
+  local body = string.format('{"event":"purchase","conversion_id":"wrk-%d-%012d","email":"Jane.Doe+%d@Example.com","phone":"+1 (650) 253-%04d","value":129.99,"price_currency":"usd","number_items":2,"ip_address":"203.0.113.7","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","event_source_url":"https://shop.example/checkout?utm_source=x&twclid=23opevjt88psuo13lu8d020qkn","contents":[{"content_id":"sku-%d","content_name":"Blanket","content_type":"Pet supplies","content_price":64.99,"num_items":2}]}', tid, counter, counter % 1000, counter % 10000, counter % 97)
+  return wrk.format("POST", "/v1/events", {["Authorization"]="Bearer bench-key", ["Content-Type"]="application/json"}, body)
+end
+"#;
+
+/// Runs wrk against `addr`: (requests/s, p50 ms, p99 ms, non-2xx responses).
+fn wrk_run(
+    dir: &Path,
+    addr: SocketAddr,
+    connections: usize,
+    secs: u64,
+) -> Result<(f64, f64, f64, u64), String> {
+    if !Path::new("/usr/bin/wrk").exists() {
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "wrk"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status();
+    }
+    let script = dir.join("unique.lua");
+    std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(format!("http://{addr}/v1/events"))
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |v: &str| -> f64 {
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+        let n: f64 = num.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => n / 1000.0,
+            "s" => n * 1000.0,
+            _ => n,
+        }
+    };
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.trim().to_owned())
+    };
+    let rps = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "wrk printed no rate:
+{text}"
+            )
+        })?;
+    let p50 = field("50%").map_or(f64::NAN, |v| ms(&v));
+    let p99 = field("99%").map_or(f64::NAN, |v| ms(&v));
+    let non2xx = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((rps, p50, p99, non2xx))
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -435,6 +511,7 @@ fn main() -> Result<(), String> {
     );
 
     let counter = Arc::new(AtomicU64::new(0));
+    let mut wrk_nginx = None;
     let nginx_rps = if args.no_nginx {
         None
     } else {
@@ -450,6 +527,11 @@ fn main() -> Result<(), String> {
             single,
         ));
         println!("nginx `return 202`, single-event POSTs: {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
+        if args.wrk {
+            let (rps, p50, p99, bad) = wrk_run(dir.path(), addr, args.connections, args.seconds)?;
+            println!("  with wrk:                               {rps:>9.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  non-2xx {bad}");
+            wrk_nginx = Some(rps);
+        }
         Some(run.rps())
     };
 
@@ -540,6 +622,26 @@ fn main() -> Result<(), String> {
         .unwrap_or_default();
     println!("gateway, durable single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}{ratio}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
 
+    if args.wrk {
+        settle(&counter);
+        let before = rt.block_on(get_json(fake_addr, "/_fake/stats"))["accepted_conversions"]
+            .as_u64()
+            .unwrap_or(0);
+        let (rps, p50, p99, bad) = wrk_run(dir.path(), addr, args.connections, args.seconds)?;
+        let ratio = wrk_nginx
+            .map(|n| format!("  = {:.0}% of nginx with wrk", 100.0 * rps / n))
+            .unwrap_or_default();
+        println!("  with wrk:                               {rps:>9.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  non-2xx {bad}{ratio}");
+        // wrk's events count for the settling that follows.
+        let sent = (rps * args.seconds as f64) as u64;
+        let after = rt.block_on(get_json(fake_addr, "/_fake/stats"))["accepted_conversions"]
+            .as_u64()
+            .unwrap_or(0);
+        counter.fetch_add(
+            sent.min(after.saturating_sub(before) + sent),
+            Ordering::Relaxed,
+        );
+    }
     show_rss("single-event POSTs");
     settle(&counter);
     let run = rt.block_on(closed_loop(

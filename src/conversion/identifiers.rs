@@ -9,7 +9,18 @@ use url::Url;
 
 /// SHA-256 of `input`, lower-case hex, no salt.
 pub fn sha256_hex(input: &str) -> String {
-    hex::encode(Sha256::digest(input.as_bytes()))
+    hex_lower(&Sha256::digest(input.as_bytes()))
+}
+
+/// Lower-case hex, by table (this runs several times per event).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
 }
 
 /// `Some(lower-cased digest)` when `input` (trimmed) is a 64-character hex string.

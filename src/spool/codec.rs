@@ -4,6 +4,7 @@
 //!
 //! Invariant: `decode(encode(c, t)) == (c, t)` for every conversion the mapping produces.
 
+use crate::conversion::identifiers::hex_lower;
 use crate::conversion::{Content, Conversion, Identifier};
 use serde::{Deserialize, Serialize};
 
@@ -40,17 +41,37 @@ enum Digest {
 }
 
 impl Digest {
+    /// Raw bytes for exactly 64 lower-case hex digits (so that `into_hex` gives the same text back).
     fn from_hex(s: &str) -> Self {
-        let mut raw = [0u8; 32];
-        match hex::decode_to_slice(s, &mut raw) {
-            Ok(()) if hex::encode(raw) == s => Digest::Raw(raw),
-            _ => Digest::Text(s.to_owned()),
+        fn nibble(c: u8) -> Option<u8> {
+            match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            }
         }
+        let b = s.as_bytes();
+        let mut raw = [0u8; 32];
+        if b.len() == 64 {
+            let ok = raw.iter_mut().zip(b.chunks_exact(2)).all(|(out, pair)| {
+                match (nibble(pair[0]), nibble(pair[1])) {
+                    (Some(h), Some(l)) => {
+                        *out = h << 4 | l;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if ok {
+                return Digest::Raw(raw);
+            }
+        }
+        Digest::Text(s.to_owned())
     }
 
     fn into_hex(self) -> String {
         match self {
-            Digest::Raw(raw) => hex::encode(raw),
+            Digest::Raw(raw) => hex_lower(&raw),
             Digest::Text(s) => s,
         }
     }
@@ -225,6 +246,21 @@ mod tests {
             decode(&encode(&minimal, -5).unwrap()).unwrap(),
             (minimal, -5)
         );
+    }
+
+    #[test]
+    fn only_lower_case_digests_are_packed() {
+        for text in [
+            "E586883B2B4FAF78D48300A79E0E15138D664CDF796FFB86E533170A9893EDA8",
+            "abc",
+            &"g".repeat(64),
+        ] {
+            assert!(matches!(Digest::from_hex(text), Digest::Text(_)), "{text}");
+            assert_eq!(Digest::from_hex(text).into_hex(), text);
+        }
+        let d = "e586883b2b4faf78d48300a79e0e15138d664cdf796ffb86e533170a9893eda8";
+        assert!(matches!(Digest::from_hex(d), Digest::Raw(_)));
+        assert_eq!(Digest::from_hex(d).into_hex(), d);
     }
 
     #[test]
