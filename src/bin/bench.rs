@@ -559,29 +559,26 @@ fn main() -> Result<(), String> {
 
     let (port, admin_port) = (free_port(), free_port());
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let gw_cfg = dir.path().join("gateway.toml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\napi_keys = [\"{API_KEY}\"]\nmax_body_bytes = 2097152\n\
-             [spool]\ndir = \"{spool}\"\nmax_bytes = \"4GiB\"\n[upstream]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
-             [delivery]\nlinger = \"100ms\"\nretry_cap = \"1s\"\n[log]\nlevel = \"warn\"\n\
-             [accounts.acme]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7n\"\nevents = {{ purchase = \"o9d2g\" }}\n\
-             rate_limit = {{ events = 1000000000, window = \"15m\" }}\nauth = {{ kind = \"pixel_token\", token = \"bench-token\" }}\n",
-            spool = dir.path().join("spool").display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.path().join("gateway.log")).map_err(|e| e.to_string())?;
-    let gateway = Proc(
-        Command::new(&gateway_bin)
-            .arg("--config")
-            .arg(&gw_cfg)
-            .stdout(log)
-            .spawn()
-            .map_err(|e| e.to_string())?,
-    );
-    wait_port(addr)?;
+    let start_gateway = |spool: &str| -> Result<Proc, String> {
+        let gw_cfg = dir.path().join(format!("{spool}.toml"));
+        std::fs::write(
+            &gw_cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\napi_keys = [\"{API_KEY}\"]\nmax_body_bytes = 2097152\n\
+                 [spool]\ndir = \"{spool}\"\nmax_bytes = \"4GiB\"\n[upstream]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
+                 [delivery]\nlinger = \"100ms\"\nretry_cap = \"1s\"\n[log]\nlevel = \"warn\"\n\
+                 [accounts.acme]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7n\"\nevents = {{ purchase = \"o9d2g\" }}\n\
+                 rate_limit = {{ events = 1000000000, window = \"15m\" }}\nauth = {{ kind = \"pixel_token\", token = \"bench-token\" }}\n",
+                spool = dir.path().join(spool).display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.path().join(format!("{spool}.log"))).map_err(|e| e.to_string())?;
+        let proc = Proc(Command::new(&gateway_bin).arg("--config").arg(&gw_cfg).stdout(log).spawn().map_err(|e| e.to_string())?);
+        wait_port(addr)?;
+        Ok(proc)
+    };
+    let gateway = start_gateway("spool")?;
     let pid = gateway.0.id();
     let show_rss = |phase: &str| {
         let (rss, hwm) = rss_kib(pid);
@@ -672,8 +669,12 @@ fn main() -> Result<(), String> {
         run.errors
     );
 
-    // Let the forwarding catch up, then take X down and fill the spool.
+    // A fresh gateway and spool for the backlog phases, so that what they measure is "1,000,000 events
+    // waiting" rather than that plus the dedup entries of the phases above. Then X goes down and the spool fills.
     settle(&counter);
+    drop(gateway);
+    let gateway = start_gateway("spool-backlog")?;
+    let pid = gateway.0.id();
     rt.block_on(post_json(
         fake_addr,
         "/_fake/faults",
