@@ -573,8 +573,16 @@ fn main() -> Result<(), String> {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.path().join(format!("{spool}.log"))).map_err(|e| e.to_string())?;
-        let proc = Proc(Command::new(&gateway_bin).arg("--config").arg(&gw_cfg).stdout(log).spawn().map_err(|e| e.to_string())?);
+        let log = std::fs::File::create(dir.path().join(format!("{spool}.log")))
+            .map_err(|e| e.to_string())?;
+        let proc = Proc(
+            Command::new(&gateway_bin)
+                .arg("--config")
+                .arg(&gw_cfg)
+                .stdout(log)
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
         wait_port(addr)?;
         Ok(proc)
     };
@@ -695,7 +703,7 @@ fn main() -> Result<(), String> {
     let waiting = counter.load(Ordering::Relaxed) - base;
     std::thread::sleep(Duration::from_secs(2));
     let (rss, hwm) = rss_kib(pid);
-    let spool_bytes: u64 = std::fs::read_dir(dir.path().join("spool"))
+    let spool_bytes: u64 = std::fs::read_dir(dir.path().join("spool-backlog"))
         .map(|d| {
             d.filter_map(|e| e.ok()?.metadata().ok())
                 .map(|m| m.len())
