@@ -51,6 +51,12 @@ impl Gcra {
         (at, new_tat)
     }
 
+    /// How many events could go at `now` without waiting.
+    pub fn available(&self, tat: Nanos, now: Nanos) -> u64 {
+        let used = tat.saturating_sub(now).div_ceil(self.interval);
+        self.burst.saturating_sub(used)
+    }
+
     /// The TAT after giving back `n` events that X did not take (a refused request).
     pub fn refund(&self, tat: Nanos, n: u64) -> Nanos {
         tat.saturating_sub(n.min(self.burst).saturating_mul(self.interval))
@@ -79,6 +85,9 @@ pub trait Limiter: Send + Sync + 'static {
         n: u64,
         now: Nanos,
     ) -> BoxFuture<'a, Result<Nanos, String>>;
+
+    /// How many events of `key`'s budget could go at `now` without waiting (the burst for an unknown key).
+    fn available(&self, key: &str, now: Nanos) -> u64;
 
     /// Gives back the `n` events of the last reservation when X refused the request without taking them.
     /// Sound for GCRA: removing an admission never raises the level at any later time.
@@ -137,6 +146,19 @@ impl Limiter for EmbeddedLimiter {
             Ok(at)
         }
         .boxed()
+    }
+
+    fn available(&self, key: &str, now: Nanos) -> u64 {
+        let Some(gcra) = self.rules.get(key) else {
+            return u64::MAX;
+        };
+        let tat = self
+            .tats
+            .lock()
+            .ok()
+            .and_then(|t| t.get(key).copied())
+            .unwrap_or(0);
+        gcra.available(tat, now)
     }
 
     fn refund<'a>(&'a self, key: &'a str, n: u64) -> BoxFuture<'a, Result<(), String>> {
@@ -204,6 +226,16 @@ mod tests {
         assert_eq!(at, 100 * SEC);
         let (at2, _) = g.schedule(tat, 100 * SEC, 500);
         assert_eq!(at2, tat);
+        // Right after a full burst nothing is available; it comes back one per interval.
+        assert_eq!(g.available(tat, 100 * SEC), 0);
+        assert_eq!(g.available(tat, 100 * SEC + 10 * g.interval), 10);
+        assert_eq!(g.available(0, 100 * SEC), 500);
+        let (at3, _) = g.schedule(tat, 100 * SEC + 10 * g.interval, 10);
+        assert_eq!(
+            at3,
+            100 * SEC + 10 * g.interval,
+            "what `available` offers goes without waiting"
+        );
     }
 
     #[test]

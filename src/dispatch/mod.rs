@@ -231,9 +231,19 @@ impl Dispatcher {
         let mut failures = 0u32;
         let mut pauses = 0u32;
         while let Some(batch) = work.pop() {
-            let batch = self.drop_expired(batch).await;
+            let mut batch = self.drop_expired(batch).await;
             if batch.is_empty() {
                 continue;
+            }
+            // When the budget allows fewer events than the batch holds, send those now rather than hold the
+            // whole batch back (but not in slivers: at least a quarter of a full batch).
+            let available = self
+                .limiter
+                .available(&self.budget_key, epoch().as_nanos() as u64);
+            let floor = (self.settings.max_batch as u64 / 4).max(1);
+            if available < batch.len() as u64 && available >= floor {
+                let rest = batch.split_off(available as usize);
+                work.push(rest);
             }
             if !self.wait_for_budget(batch.len(), stop).await {
                 return false;
