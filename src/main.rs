@@ -1,6 +1,7 @@
 //! `conversion-gateway`: wires configuration, spool, dispatchers, the X client and the HTTP listeners.
 #![forbid(unsafe_code)]
 
+use axum::serve::{Listener, ListenerExt};
 use clap::{Parser, Subcommand};
 use conversion_gateway::api::{self, ApiKeys, AppState};
 use conversion_gateway::config::{self, Settings};
@@ -142,7 +143,12 @@ async fn run(settings: Settings) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot listen on {key} {addr}: {e}"))
     };
-    let ingest = bind("server.listen", settings.server.listen).await?;
+    // Answers are small and go out whole: no Nagle delay on them.
+    let ingest = bind("server.listen", settings.server.listen)
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
     let admin = bind("server.admin_listen", settings.server.admin_listen).await?;
     tracing::info!(
         ingest = %ingest.local_addr().map_err(|e| e.to_string())?,
