@@ -118,6 +118,36 @@ impl EmbeddedLimiter {
     }
 }
 
+impl EmbeddedLimiter {
+    fn tat(&self, key: &str) -> Nanos {
+        self.tats
+            .lock()
+            .ok()
+            .and_then(|t| t.get(key).copied())
+            .unwrap_or(0)
+    }
+
+    /// Moves `key`'s TAT as `step` says (`step(gcra, tat) -> (new_tat, answer)`), persisting it before
+    /// answering. `None` for a key without a budget.
+    async fn update<T>(
+        &self,
+        key: &str,
+        step: impl FnOnce(&Gcra, Nanos) -> (Nanos, T),
+    ) -> Result<Option<T>, String> {
+        let Some(gcra) = self.rules.get(key) else {
+            return Ok(None);
+        };
+        let _one_at_a_time = self.gate.lock().await;
+        let (new_tat, answer) = step(gcra, self.tat(key));
+        self.state.save(key, new_tat).await?;
+        self.tats
+            .lock()
+            .map_err(|e| e.to_string())?
+            .insert(key.to_owned(), new_tat);
+        Ok(Some(answer))
+    }
+}
+
 impl Limiter for EmbeddedLimiter {
     fn reserve<'a>(
         &'a self,
@@ -126,61 +156,28 @@ impl Limiter for EmbeddedLimiter {
         now: Nanos,
     ) -> BoxFuture<'a, Result<Nanos, String>> {
         async move {
-            let Some(gcra) = self.rules.get(key) else {
-                return Ok(now);
-            };
-            let _one_at_a_time = self.gate.lock().await;
-            let tat = self
-                .tats
-                .lock()
-                .map_err(|e| e.to_string())?
-                .get(key)
-                .copied()
-                .unwrap_or(0);
-            let (at, new_tat) = gcra.schedule(tat, now, n);
-            self.state.save(key, new_tat).await?;
-            self.tats
-                .lock()
-                .map_err(|e| e.to_string())?
-                .insert(key.to_owned(), new_tat);
-            Ok(at)
+            let at = self
+                .update(key, |gcra, tat| {
+                    let (at, new_tat) = gcra.schedule(tat, now, n);
+                    (new_tat, at)
+                })
+                .await?;
+            Ok(at.unwrap_or(now))
         }
         .boxed()
     }
 
     fn available(&self, key: &str, now: Nanos) -> u64 {
-        let Some(gcra) = self.rules.get(key) else {
-            return u64::MAX;
-        };
-        let tat = self
-            .tats
-            .lock()
-            .ok()
-            .and_then(|t| t.get(key).copied())
-            .unwrap_or(0);
-        gcra.available(tat, now)
+        self.rules
+            .get(key)
+            .map_or(u64::MAX, |gcra| gcra.available(self.tat(key), now))
     }
 
     fn refund<'a>(&'a self, key: &'a str, n: u64) -> BoxFuture<'a, Result<(), String>> {
         async move {
-            let Some(gcra) = self.rules.get(key) else {
-                return Ok(());
-            };
-            let _one_at_a_time = self.gate.lock().await;
-            let tat = self
-                .tats
-                .lock()
-                .map_err(|e| e.to_string())?
-                .get(key)
-                .copied()
-                .unwrap_or(0);
-            let new_tat = gcra.refund(tat, n);
-            self.state.save(key, new_tat).await?;
-            self.tats
-                .lock()
-                .map_err(|e| e.to_string())?
-                .insert(key.to_owned(), new_tat);
-            Ok(())
+            self.update(key, |gcra, tat| (gcra.refund(tat, n), ()))
+                .await
+                .map(|_| ())
         }
         .boxed()
     }

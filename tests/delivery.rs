@@ -439,6 +439,29 @@ async fn load(
     set
 }
 
+/// A load of `total` events in posts of 10 from 4 clients pausing 10 ms between posts, so that it lasts
+/// long enough for signals to land in it; answers the accepted ids and when the load finished.
+fn spawn_paced_load(
+    url: String,
+    prefix: &'static str,
+    total: usize,
+    deadline: Duration,
+) -> tokio::task::JoinHandle<(HashSet<String>, Instant)> {
+    tokio::spawn(async move {
+        let accepted = load(
+            url,
+            prefix,
+            total,
+            10,
+            4,
+            Duration::from_millis(10),
+            deadline,
+        )
+        .await;
+        (accepted, Instant::now())
+    })
+}
+
 fn assert_twins_identical(conversions: &[Value]) {
     let mut seen: HashMap<String, &Value> = HashMap::new();
     for c in conversions {
@@ -468,19 +491,7 @@ async fn kill_9_under_load_loses_no_accepted_event() {
     let stack = start_stack_with("CANARY-consumer-secret", &envs);
     let http = reqwest::Client::new();
     let ingest = stack.ingest_url.clone();
-    let loader = tokio::spawn(async move {
-        let accepted = load(
-            ingest,
-            "k",
-            20_000,
-            10,
-            4,
-            Duration::from_millis(10),
-            Duration::from_secs(120),
-        )
-        .await;
-        (accepted, Instant::now())
-    });
+    let loader = spawn_paced_load(ingest, "k", 20_000, Duration::from_secs(120));
     let killer = tokio::task::spawn_blocking(move || {
         let mut stack = stack;
         let mut kills = Vec::new();
@@ -521,19 +532,7 @@ async fn sigterm_during_load_exits_0_and_everything_accepted_goes_out_after_rest
     let mut stack = start_stack_with("CANARY-consumer-secret", &envs);
     let http = reqwest::Client::new();
     let url = stack.ingest_url.clone();
-    let loader = tokio::spawn(async move {
-        let accepted = load(
-            url,
-            "t",
-            6000,
-            10,
-            4,
-            Duration::from_millis(10),
-            Duration::from_secs(60),
-        )
-        .await;
-        (accepted, Instant::now())
-    });
+    let loader = spawn_paced_load(url, "t", 6000, Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(400)).await;
     let t = Instant::now();
     let status = tokio::task::block_in_place(|| stack.stop_gateway("TERM"));

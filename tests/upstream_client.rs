@@ -3,7 +3,7 @@
 use axum::routing::post;
 use axum::Router;
 use conversion_gateway::config::{Auth, Secret, Upstream};
-use conversion_gateway::conversion::{Conversion, Identifier};
+use conversion_gateway::conversion::Conversion;
 use conversion_gateway::upstream::{Client, Outcome, Target};
 use std::time::Duration;
 
@@ -27,18 +27,12 @@ fn target() -> Target {
 }
 
 fn one() -> Vec<Conversion> {
-    vec![Conversion {
-        conversion_time: "2026-11-28T12:00:00.000Z".into(),
-        event_id: "o9d2g".into(),
-        identifiers: vec![Identifier::Twclid { twclid: "t".into() }],
-        conversion_id: "c1".into(),
-        value: None,
-        price_currency: None,
-        number_items: None,
-        description: None,
-        contents: None,
-        event_source_url: None,
-    }]
+    vec![Conversion::minimal(
+        "2026-11-28T12:00:00.000Z",
+        "o9d2g",
+        "t",
+        "c1",
+    )]
 }
 
 async fn serve(router: Router) -> String {

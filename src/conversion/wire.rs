@@ -26,6 +26,31 @@ pub struct Conversion {
     pub event_source_url: Option<String>,
 }
 
+impl Conversion {
+    /// The smallest valid conversion: a time, a SET id, a click id and a conversion id.
+    pub fn minimal(
+        conversion_time: &str,
+        event_id: &str,
+        twclid: &str,
+        conversion_id: &str,
+    ) -> Self {
+        Conversion {
+            conversion_time: conversion_time.into(),
+            event_id: event_id.into(),
+            identifiers: vec![Identifier::Twclid {
+                twclid: twclid.into(),
+            }],
+            conversion_id: conversion_id.into(),
+            value: None,
+            price_currency: None,
+            number_items: None,
+            description: None,
+            contents: None,
+            event_source_url: None,
+        }
+    }
+}
+
 /// One object of the `identifiers` array. Each strong identifier is its own object; IP address and
 /// user agent travel together in one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

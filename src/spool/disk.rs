@@ -960,7 +960,7 @@ impl Tables<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conversion::{Conversion, Identifier};
+    use crate::conversion::Conversion;
 
     fn opts(dir: &Path) -> DiskSpoolOptions {
         DiskSpoolOptions {
@@ -978,16 +978,8 @@ mod tests {
             account: account.into(),
             received_at_ms: now_ms(),
             conversion: Conversion {
-                conversion_time: "2026-11-28T00:00:00.000Z".into(),
-                event_id: "o9d2g".into(),
-                identifiers: vec![Identifier::Twclid { twclid: "t".into() }],
-                conversion_id: id.into(),
                 value: Some("1.00".into()),
-                price_currency: None,
-                number_items: None,
-                description: None,
-                contents: None,
-                event_source_url: None,
+                ..Conversion::minimal("2026-11-28T00:00:00.000Z", "o9d2g", "t", id)
             },
         }
     }

@@ -192,24 +192,18 @@ impl Spool for MemorySpool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conversion::{Conversion, Identifier};
+    use crate::conversion::Conversion;
 
     fn record(account: &str, conversion_id: &str, at: i64) -> Record {
         Record {
             account: account.into(),
             received_at_ms: at,
-            conversion: Conversion {
-                conversion_time: "2026-11-28T00:00:00.000Z".into(),
-                event_id: "o9d2g".into(),
-                identifiers: vec![Identifier::Twclid { twclid: "t".into() }],
-                conversion_id: conversion_id.into(),
-                value: None,
-                price_currency: None,
-                number_items: None,
-                description: None,
-                contents: None,
-                event_source_url: None,
-            },
+            conversion: Conversion::minimal(
+                "2026-11-28T00:00:00.000Z",
+                "o9d2g",
+                "t",
+                conversion_id,
+            ),
         }
     }
 
