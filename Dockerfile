@@ -3,8 +3,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY src ./src
-RUN cargo build --release --locked --bins
+RUN cargo build --release --locked --bin conversion-gateway --bin fake-x-api
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/conversion-gateway /usr/local/bin/conversion-gateway
