@@ -548,3 +548,64 @@ async fn sigterm_during_load_exits_0_and_everything_accepted_goes_out_after_rest
     wait_received(&http, &stack.fake_url, &accepted, Duration::from_secs(60)).await;
     assert_twins_identical(&fake_conversions(&http, &stack.fake_url).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_of_one_ad_account_share_its_budget() {
+    // beta is moved onto acme's ad account: together they get one budget of 300 events per 3 s.
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_ACCOUNTS__BETA__AD_ACCOUNT_ID", "18ce552mlaq"),
+            ("GATEWAY_ACCOUNTS__ACME__RATE_LIMIT__EVENTS", "300"),
+            ("GATEWAY_ACCOUNTS__ACME__RATE_LIMIT__WINDOW", "3s"),
+            ("GATEWAY_ACCOUNTS__BETA__RATE_LIMIT__EVENTS", "300"),
+            ("GATEWAY_ACCOUNTS__BETA__RATE_LIMIT__WINDOW", "3s"),
+            ("GATEWAY_DELIVERY__MAX_BATCH", "50"),
+            ("GATEWAY_DELIVERY__LINGER", "50ms"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let mut want = HashSet::new();
+    for account in ["acme", "beta"] {
+        let event = if account == "acme" {
+            "purchase"
+        } else {
+            "lead"
+        };
+        let list: Vec<Value> = (0..300)
+            .map(|i| json!({"account": account, "event": event, "twclid": format!("{account}-{i}"), "conversion_id": format!("{account}-{i}")}))
+            .collect();
+        want.extend((0..300).map(|i| format!("{account}-{i}")));
+        assert_eq!(
+            post_events(&http, &stack.ingest_url, &json!({ "events": list }))
+                .await
+                .status(),
+            202
+        );
+    }
+    wait_received(&http, &stack.fake_url, &want, Duration::from_secs(30)).await;
+    let mut sent: Vec<(u64, u64)> = fake_requests(&http, &stack.fake_url)
+        .await
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| {
+            (
+                r["received_at_ms"].as_u64().unwrap(),
+                r["conversions"].as_array().unwrap().len() as u64,
+            )
+        })
+        .collect();
+    sent.sort();
+    assert!(sent.len() >= 12);
+    for (i, (start, _)) in sent.iter().enumerate() {
+        let in_window: u64 = sent[i..]
+            .iter()
+            .take_while(|(t, _)| *t <= start + 3_000)
+            .map(|(_, n)| n)
+            .sum();
+        assert!(
+            in_window <= 300,
+            "{in_window} conversions of one ad account within 3 s"
+        );
+    }
+}
