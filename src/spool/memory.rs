@@ -180,8 +180,17 @@ impl Spool for MemorySpool {
         Ok(inner.dead[inner.dead.len().saturating_sub(limit)..].to_vec())
     }
 
+    /// The size the records would have in the durable spool, computed on demand (this is the test double).
     fn bytes(&self) -> u64 {
-        0
+        let inner = self.lock();
+        inner
+            .queues
+            .values()
+            .flat_map(|q| q.values())
+            .map(|r| {
+                super::codec::encode(&r.conversion, r.received_at_ms).map_or(0, |b| b.len() as u64)
+            })
+            .sum()
     }
 
     fn health(&self) -> Result<(), String> {
@@ -239,6 +248,7 @@ mod tests {
         spool.ack("a", &[batch[0].id]).await.unwrap();
         assert_eq!(spool.backlog("a"), 1);
         assert_eq!(spool.backlog("b"), 1);
+        assert!(spool.bytes() > 0);
         // After the window the same key is new again.
         let got = spool.append(vec![record("a", "1", 20_001)]).await.unwrap();
         assert_eq!(got, [Admission::Queued]);
