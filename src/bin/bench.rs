@@ -196,6 +196,33 @@ struct Run {
 }
 
 impl Run {
+    /// Sends one request and counts it, latency measured from `since`; after an error the connection is
+    /// opened again. `false` when it cannot be.
+    async fn send(
+        &mut self,
+        conn: &mut Conn,
+        addr: SocketAddr,
+        req: &[u8],
+        since: Instant,
+    ) -> bool {
+        match conn.round_trip(req).await {
+            Ok(202) => {
+                self.requests += 1;
+                self.latencies_us
+                    .push(since.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            }
+            Ok(_) => self.errors += 1,
+            Err(_) => {
+                self.errors += 1;
+                match Conn::open(addr).await {
+                    Ok(c) => *conn = c,
+                    Err(_) => return false,
+                }
+            }
+        }
+        true
+    }
+
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -231,21 +258,8 @@ async fn closed_loop(
             while Instant::now() < deadline {
                 let n = counter.fetch_add(per_request, Ordering::Relaxed);
                 let req = request(addr, &make(n, per_request));
-                let t = Instant::now();
-                match conn.round_trip(&req).await {
-                    Ok(202) => {
-                        run.requests += 1;
-                        run.latencies_us
-                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    }
-                    Ok(_) => run.errors += 1,
-                    Err(_) => {
-                        run.errors += 1;
-                        match Conn::open(addr).await {
-                            Ok(c) => conn = c,
-                            Err(_) => break,
-                        }
-                    }
+                if !run.send(&mut conn, addr, &req, Instant::now()).await {
+                    break;
                 }
             }
             run
@@ -282,20 +296,8 @@ async fn open_loop(
                 tokio::time::sleep_until(scheduled).await;
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let req = request(addr, &event(n));
-                match conn.round_trip(&req).await {
-                    Ok(202) => {
-                        run.requests += 1;
-                        run.latencies_us
-                            .push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    }
-                    Ok(_) => run.errors += 1,
-                    Err(_) => {
-                        run.errors += 1;
-                        match Conn::open(addr).await {
-                            Ok(c) => conn = c,
-                            Err(_) => break,
-                        }
-                    }
+                if !run.send(&mut conn, addr, &req, scheduled.into_std()).await {
+                    break;
                 }
             }
             run

@@ -276,6 +276,21 @@ fn status_code(status: u16) -> &'static str {
     }
 }
 
+/// X's 429, with its rate-limit headers.
+fn too_many_requests(account_id: Option<&str>, limit: u64, remaining: u64, reset: u64) -> Response {
+    let mut resp = x_error(
+        429,
+        &[(
+            "TOO_MANY_REQUESTS",
+            "Rate limit exceeded".into(),
+            String::new(),
+        )],
+        account_id,
+    );
+    rate_headers(&mut resp, limit, remaining, reset);
+    resp
+}
+
 fn rate_headers(resp: &mut Response, limit: u64, remaining: u64, reset: u64) {
     let h = resp.headers_mut();
     for prefix in ["x-rate-limit", "x-account-rate-limit"] {
@@ -425,17 +440,7 @@ fn handle(
             if now_secs() < until {
                 drop(inner);
                 rec.errors.push("injected rate limit".into());
-                let mut resp = x_error(
-                    429,
-                    &[(
-                        "TOO_MANY_REQUESTS",
-                        "Rate limit exceeded".into(),
-                        String::new(),
-                    )],
-                    None,
-                );
-                rate_headers(&mut resp, 0, 0, until);
-                return resp;
+                return too_many_requests(None, 0, 0, until);
             }
             inner.faults.rate_limited_until = None;
         }
@@ -537,17 +542,7 @@ fn handle(
         let remaining = rl.events.saturating_sub(window.1);
         drop(inner);
         rec.errors.push("rate limit exceeded".into());
-        let mut resp = x_error(
-            429,
-            &[(
-                "TOO_MANY_REQUESTS",
-                "Rate limit exceeded".into(),
-                String::new(),
-            )],
-            Some(&account.id),
-        );
-        rate_headers(&mut resp, rl.events, remaining, reset);
-        return resp;
+        return too_many_requests(Some(&account.id), rl.events, remaining, reset);
     }
     window.1 += n;
     let remaining = rl.events - window.1;

@@ -302,28 +302,25 @@ impl Stack {
     }
 }
 
-pub async fn fake_conversions(client: &reqwest::Client, fake_url: &str) -> Vec<Value> {
+/// The list `/_fake/<name>` answers under the key `<name>`.
+async fn fake_list(client: &reqwest::Client, fake_url: &str, name: &str) -> Vec<Value> {
     let v: Value = client
-        .get(format!("{fake_url}/_fake/conversions"))
+        .get(format!("{fake_url}/_fake/{name}"))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    v["conversions"].as_array().cloned().unwrap_or_default()
+    v[name].as_array().cloned().unwrap_or_default()
+}
+
+pub async fn fake_conversions(client: &reqwest::Client, fake_url: &str) -> Vec<Value> {
+    fake_list(client, fake_url, "conversions").await
 }
 
 pub async fn fake_requests(client: &reqwest::Client, fake_url: &str) -> Vec<Value> {
-    let v: Value = client
-        .get(format!("{fake_url}/_fake/requests"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["requests"].as_array().cloned().unwrap_or_default()
+    fake_list(client, fake_url, "requests").await
 }
 
 /// POSTs `body` to the ingest URL with the test API key.
