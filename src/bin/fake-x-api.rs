@@ -5,6 +5,11 @@ use clap::Parser;
 use conversion_gateway::fake_x::{app, FakeConfig, FakeX};
 use std::path::PathBuf;
 
+// Same allocator as the gateway: the fake parses whole batches into JSON values, and glibc malloc was a
+// third of its CPU, taken from the gateway it shares the machine with in the benchmark.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "fake-x-api",
