@@ -752,6 +752,9 @@ fn validate_account(
     {
         return err(&p, "account names use only a-z, 0-9 and _ (they appear in metrics and in GATEWAY_ACCOUNTS__<NAME>__... variables)");
     }
+    if name == crate::metrics::UNKNOWN_ACCOUNT {
+        return err(&p, "\"unknown\" is reserved: metrics count rejected events of no configured account under it; choose another name");
+    }
     let base36 = |key: &str, v: Option<String>, example: &str| -> Result<String, ConfigError> {
         let full = format!("{p}.{key}");
         match v.map(|v| v.trim().to_owned()) {
@@ -1039,6 +1042,7 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
                 "accounts.acme.auth.kind",
             ),
             ("", "[log]\nformat = \"xml\"\n", "log.format"),
+            ("[accounts.acme]", "[accounts.unknown]", "accounts.unknown"),
             ("", "[delivery]\nlinger = \"0s\"\n", "delivery.linger"),
             ("", "[spool]\nmax_bytes = \"huge\"\n", "spool.max_bytes"),
             (

@@ -10,6 +10,7 @@ pub mod conversion;
 pub mod dispatch;
 pub mod fake_x;
 pub mod limiter;
+pub mod metrics;
 pub mod spool;
 pub mod telemetry;
 pub mod upstream;

@@ -3,17 +3,18 @@
 
 use axum::serve::{Listener, ListenerExt};
 use clap::{Parser, Subcommand};
-use conversion_gateway::api::{self, ApiKeys, AppState};
+use conversion_gateway::api::{self, AccountView, AdminState, ApiKeys, AppState};
 use conversion_gateway::config::{self, Settings};
-use conversion_gateway::dispatch::{DispatchSettings, Dispatcher};
+use conversion_gateway::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
 use conversion_gateway::limiter::{EmbeddedLimiter, Gcra, Limiter};
+use conversion_gateway::metrics::Metrics;
 use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Spool};
 use conversion_gateway::telemetry;
 use conversion_gateway::upstream::{Client, Target};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -125,6 +126,7 @@ async fn run(settings: Settings) -> Result<(), String> {
         Client::new(settings.upstream.clone())
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
     );
+    let metrics = Arc::new(Metrics::new(settings.accounts.keys().map(String::as_str)));
     let state = Arc::new(AppState {
         rules: settings.mapping_rules(),
         spool: spool.clone(),
@@ -136,6 +138,7 @@ async fn run(settings: Settings) -> Result<(), String> {
         max_events_per_request: settings.server.max_events_per_request,
         shutting_down: Default::default(),
         now: chrono::Utc::now,
+        metrics: metrics.clone(),
     });
 
     let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
@@ -166,7 +169,17 @@ async fn run(settings: Settings) -> Result<(), String> {
         pause_cap: settings.delivery.pause_cap,
     };
     let mut dispatchers = tokio::task::JoinSet::new();
+    let mut views = Vec::new();
     for (name, account) in &settings.accounts {
+        let status: Arc<Mutex<AccountStatus>> = Default::default();
+        views.push(AccountView {
+            name: name.clone(),
+            ad_account_id: account.ad_account_id.clone(),
+            pixel_id: account.pixel_id.clone(),
+            rate_limit_events: account.rate_limit.events,
+            rate_limit_window: account.rate_limit.window,
+            status: status.clone(),
+        });
         let dispatcher = Dispatcher {
             target: Target {
                 account: name.clone(),
@@ -178,7 +191,8 @@ async fn run(settings: Settings) -> Result<(), String> {
             client: client.clone(),
             limiter: limiter.clone(),
             settings: dispatch_settings.clone(),
-            status: Default::default(),
+            status,
+            metrics: metrics.clone(),
         };
         dispatchers.spawn(dispatcher.run(stop_rx.clone()));
     }
@@ -192,8 +206,15 @@ async fn run(settings: Settings) -> Result<(), String> {
     };
     let ingest_server =
         axum::serve(ingest, api::app(state.clone())).with_graceful_shutdown(wait(&http_stop_tx));
-    let admin_server = axum::serve(admin, api::admin_app(state.clone()))
-        .with_graceful_shutdown(wait(&http_stop_tx));
+    let admin_state = Arc::new(AdminState {
+        app: state.clone(),
+        keys: ApiKeys::new(&settings.server.admin_api_keys, false),
+        enabled: !settings.server.admin_api_keys.is_empty(),
+        accounts: views,
+        limiter: limiter.clone(),
+    });
+    let admin_server =
+        axum::serve(admin, api::admin_app(admin_state)).with_graceful_shutdown(wait(&http_stop_tx));
     let ingest_task = tokio::spawn(async move { ingest_server.await });
     let admin_task = tokio::spawn(async move { admin_server.await });
 

@@ -1,87 +1,16 @@
 //! The ingest router driven with `oneshot`: every status and shape of `POST /v1/events`.
 
+mod oneshot;
+
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use axum::Router;
-use conversion_gateway::api::{self, ApiKeys, AppState};
-use conversion_gateway::config::Secret;
-use conversion_gateway::conversion::{AccountRules, Rules};
+use conversion_gateway::api::{self, ApiKeys};
 use conversion_gateway::spool::{MemorySpool, Spool};
-use http_body_util::BodyExt;
+use oneshot::*;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
-
-const KEY: &str = "test-key-1";
-
-fn state_with(spool: Arc<dyn Spool>, accounts: &[&str]) -> Arc<AppState> {
-    let accounts = accounts
-        .iter()
-        .map(|n| {
-            let events = [("purchase".to_string(), "o9d2g".to_string())].into();
-            (
-                n.to_string(),
-                AccountRules {
-                    pixel_id: "o9d7n".into(),
-                    events,
-                    default_phone_region: phonenumber::country::Id::US,
-                },
-            )
-        })
-        .collect();
-    Arc::new(AppState {
-        rules: Rules {
-            accounts,
-            max_event_age: Duration::from_secs(7 * 86400),
-        },
-        spool,
-        keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),
-        max_body_bytes: 4096,
-        max_events_per_request: 5,
-        shutting_down: Default::default(),
-        now: chrono::Utc::now,
-    })
-}
-
-fn setup() -> (Router, Arc<MemorySpool>, Arc<AppState>) {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
-    let st = state_with(spool.clone(), &["acme"]);
-    (api::app(st.clone()), spool, st)
-}
-
-fn post() -> axum::http::request::Builder {
-    Request::post("/v1/events")
-        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
-        .header(header::CONTENT_TYPE, "application/json")
-}
-
-async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, body, headers)
-}
-
-async fn post_json(app: &Router, body: Value) -> (StatusCode, Value, axum::http::HeaderMap) {
-    send(app, post().body(Body::from(body.to_string())).unwrap()).await
-}
-
-fn assert_problem(
-    status: StatusCode,
-    body: &Value,
-    headers: &axum::http::HeaderMap,
-    want: StatusCode,
-    needle: &str,
-) {
-    assert_eq!(status, want, "{body}");
-    assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
-    assert_eq!(body["status"], want.as_u16());
-    assert!(body["detail"].as_str().unwrap().contains(needle), "{body}");
-}
 
 #[tokio::test]
 async fn single_event_is_accepted_and_spooled_hashed() {
@@ -324,7 +253,7 @@ async fn full_spool_and_shutdown_answer_503_with_retry_after() {
     st.shutting_down.store(true, Ordering::Relaxed);
     let (s, b, h) = post_json(&app, json!({"event": "purchase", "twclid": "a"})).await;
     assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    let admin = api::admin_app(st);
+    let admin = api::admin_app(admin_state(st));
     assert_eq!(
         send(&admin, Request::get("/readyz").body(Body::empty()).unwrap())
             .await

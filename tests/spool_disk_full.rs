@@ -14,6 +14,7 @@ fn record(i: usize) -> Record {
     Record {
         account: "acme".into(),
         received_at_ms: chrono::Utc::now().timestamp_millis(),
+        event_name: None,
         conversion: Conversion {
             conversion_time: "2026-11-28T00:00:00.000Z".into(),
             event_id: "o9d2g".into(),

@@ -165,17 +165,26 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
             Judgement::Accepted {
                 account,
                 conversion,
+                event_name,
             } => records.push(Record {
                 account,
                 conversion,
                 received_at_ms,
+                event_name,
             }),
-            Judgement::Suppressed { .. } => out.suppressed += 1,
-            Judgement::Rejected(errors) => out.rejected.push(RejectedEvent { index, errors }),
+            Judgement::Suppressed { account } => {
+                out.suppressed += 1;
+                st.metrics.received(account.as_deref(), "suppressed", 1);
+            }
+            Judgement::Rejected(errors) => {
+                st.metrics.received(st.rules.account_of(raw), "rejected", 1);
+                out.rejected.push(RejectedEvent { index, errors });
+            }
         }
     }
     drop(events);
     if !records.is_empty() {
+        let accounts: Vec<String> = records.iter().map(|r| r.account.clone()).collect();
         let admissions = st.spool.append(records).await.map_err(|e| {
             tracing::error!(error = %e, "spool refused events");
             Problem::unavailable(
@@ -183,11 +192,29 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
                 1,
             )
         })?;
-        for a in admissions {
-            match a {
-                Admission::Queued => out.accepted += 1,
-                Admission::Duplicate => out.duplicates += 1,
+        // Counted per (account, outcome), not per event: one metric update each.
+        let mut tally: Vec<(&str, &'static str, u64)> = Vec::new();
+        for (a, account) in admissions.into_iter().zip(&accounts) {
+            let outcome = match a {
+                Admission::Queued => {
+                    out.accepted += 1;
+                    "accepted"
+                }
+                Admission::Duplicate => {
+                    out.duplicates += 1;
+                    "duplicate"
+                }
+            };
+            match tally
+                .iter_mut()
+                .find(|(acc, o, _)| *acc == account && *o == outcome)
+            {
+                Some(t) => t.2 += 1,
+                None => tally.push((account, outcome, 1)),
             }
+        }
+        for (account, outcome, n) in tally {
+            st.metrics.received(Some(account), outcome, n);
         }
     }
     tracing::debug!(

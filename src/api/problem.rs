@@ -52,13 +52,18 @@ impl Problem {
         )
     }
 
-    pub fn not_found(path: &str) -> Self {
+    /// No route at `path`; `hint` says where to go instead.
+    pub fn not_found(path: &str, hint: &str) -> Self {
         Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",
             "Not found",
-            format!("no route {path}; events go to POST /v1/events"),
+            format!("no route {path}; {hint}"),
         )
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
     }
 
     pub fn method_not_allowed(allow: &'static str) -> Self {

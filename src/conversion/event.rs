@@ -26,10 +26,39 @@ pub struct AccountRules {
     pub default_phone_region: phonenumber::country::Id,
 }
 
+impl AccountRules {
+    /// The SET id an event name maps to: the name as configured, else the one that differs only in case.
+    pub fn event_set(&self, name: &str) -> Option<&String> {
+        self.events.get(name).or_else(|| {
+            self.events
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Rules {
     pub accounts: BTreeMap<String, AccountRules>,
     pub max_event_age: Duration,
+}
+
+impl Rules {
+    /// The configured account an event belongs to, as `map_event` tells it: the one it names, or the only
+    /// one. `None` when it names none of them (or none while several are configured).
+    pub fn account_of<'a>(&'a self, raw: &Value) -> Option<&'a str> {
+        let named = match raw.get("account") {
+            Some(Value::String(s)) => Some(s.trim().to_owned()).filter(|s| !s.is_empty()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        match named {
+            Some(a) => self.accounts.get_key_value(&a).map(|(k, _)| k.as_str()),
+            None if self.accounts.len() == 1 => self.accounts.keys().next().map(String::as_str),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,6 +83,9 @@ pub enum Judgement {
     Accepted {
         account: String,
         conversion: Conversion,
+        /// The `event` name the caller sent, when the SET id came from it: a replayed dead letter is mapped
+        /// again with the configuration of the day (e.g. after a wrong SET id was fixed).
+        event_name: Option<String>,
     },
     /// The user opted out: never stored, never sent.
     Suppressed {
@@ -118,6 +150,12 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
     let account = &rules.accounts[&account_name];
 
     let event_id = fields.event_id(account);
+    let event_name = obj
+        .get("event")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|n| account.event_set(n).is_some())
+        .map(str::to_owned);
 
     let conversion_time = match fields.string("conversion_time") {
         None => Some(now),
@@ -222,6 +260,7 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
     match (event_id, conversion_time) {
         (Some(event_id), Some(t)) if errs.is_empty() => Judgement::Accepted {
             account: account_name,
+            event_name,
             conversion: Conversion {
                 conversion_time: wire_time(t),
                 event_id,
@@ -351,10 +390,7 @@ impl<'a> Fields<'a, '_> {
 
     fn event_id(&mut self, account: &AccountRules) -> Option<String> {
         let by_name = self.string("event").and_then(|name| {
-            let found = account.events.get(&name).or_else(|| {
-                account.events.iter().find(|(k, _)| k.eq_ignore_ascii_case(&name)).map(|(_, v)| v)
-            });
-            match found {
+            match account.event_set(&name) {
                 Some(set) => Some(set.clone()),
                 None => self.err(
                     "event",

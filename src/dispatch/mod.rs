@@ -12,6 +12,8 @@ pub mod policy;
 
 use crate::conversion::Conversion;
 use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+
 use crate::spool::{Entry, Spool};
 use crate::upstream::{Client, Outcome, Target};
 use policy::Action;
@@ -52,6 +54,7 @@ pub struct Dispatcher {
     pub limiter: Arc<dyn Limiter>,
     pub settings: DispatchSettings,
     pub status: Arc<Mutex<AccountStatus>>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn epoch() -> Duration {
@@ -108,6 +111,7 @@ impl Acker {
         account: String,
         ids: Vec<u64>,
         status: Arc<Mutex<AccountStatus>>,
+        metrics: Arc<Metrics>,
     ) {
         self.finish().await;
         let failed = self.failed.clone();
@@ -115,7 +119,8 @@ impl Acker {
         let task = tokio::spawn(async move {
             match spool.ack(&account, &ids).await {
                 Ok(()) => {
-                    status.lock().unwrap_or_else(|p| p.into_inner()).delivered += ids.len() as u64
+                    status.lock().unwrap_or_else(|p| p.into_inner()).delivered += ids.len() as u64;
+                    metrics.delivered(&account, ids.len() as u64);
                 }
                 Err(e) => {
                     tracing::error!(account = %account, error = %e, "cannot ack a delivered batch; it will be resent");
@@ -252,7 +257,14 @@ impl Dispatcher {
                 batch.iter().map(|e| e.record.conversion.clone()).collect();
             let started = Instant::now();
             let outcome = self.client.send(&self.target, &conversions).await;
-            let latency_ms = started.elapsed().as_millis() as u64;
+            let latency = started.elapsed();
+            let latency_ms = latency.as_millis() as u64;
+            self.metrics.upstream_request(
+                &self.target.account,
+                &outcome.status_label(),
+                latency.as_secs_f64(),
+                batch.len(),
+            );
             let action = policy::decide(&outcome, batch.len(), epoch().as_secs());
             if matches!(
                 outcome,
@@ -291,6 +303,7 @@ impl Dispatcher {
                         s.hold_until = hold_until;
                         if let Some(reason) = s.paused.take() {
                             tracing::info!(account = %self.target.account, reason, "account resumed");
+                            self.metrics.paused(&self.target.account, None);
                         }
                     }
                     let ids: Vec<u64> = batch.iter().map(|e| e.id).collect();
@@ -300,6 +313,7 @@ impl Dispatcher {
                             self.target.account.clone(),
                             ids,
                             self.status.clone(),
+                            self.metrics.clone(),
                         )
                         .await;
                 }
@@ -318,6 +332,7 @@ impl Dispatcher {
                         let mut s = self.status();
                         if s.paused.as_deref() != Some(reason) {
                             tracing::warn!(account = %self.target.account, reason, x_message = %message, "account paused; events are kept");
+                            self.metrics.paused(&self.target.account, Some(reason));
                         }
                         s.paused = Some(reason.to_owned());
                         s.last_error = Some(message);
@@ -358,8 +373,12 @@ impl Dispatcher {
         if let Some(until) = hold {
             let now = epoch();
             let until = Duration::from_secs(until);
-            if until > now && pause_for(until - now, stop).await {
-                return false;
+            if until > now {
+                self.metrics
+                    .rate_limit_delay(&self.target.account, (until - now).as_secs_f64());
+                if pause_for(until - now, stop).await {
+                    return false;
+                }
             }
         }
         let now = epoch().as_nanos() as u64;
@@ -367,6 +386,8 @@ impl Dispatcher {
             Ok(at) if at > now => {
                 let wait = Duration::from_nanos(at - now);
                 tracing::debug!(account = %self.target.account, wait_ms = wait.as_millis() as u64, "waiting for budget");
+                self.metrics
+                    .rate_limit_delay(&self.target.account, wait.as_secs_f64());
                 !pause_for(wait, stop).await
             }
             Ok(_) => !*stop.borrow(),
@@ -408,6 +429,8 @@ impl Dispatcher {
         {
             Ok(()) => {
                 self.status().dead_lettered += ids.len() as u64;
+                self.metrics
+                    .dead_lettered(&self.target.account, reason, ids.len() as u64);
                 let conversion_ids: Vec<&str> = entries
                     .iter()
                     .map(|e| e.record.conversion.conversion_id.as_str())

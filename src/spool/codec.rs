@@ -2,13 +2,18 @@
 //! with SHA-256 identifiers as 32 raw bytes instead of 64 hex characters. About half the size of JSON
 //! and several times cheaper to read back, which is what the forwarding rate is made of.
 //!
-//! Invariant: `decode(encode(c, t)) == (c, t)` for every conversion the mapping produces.
+//! Version 2 appends the caller's event name; version 1 records (without it) are still read.
+//!
+//! Invariant: `decode(account, encode(r)) == r` for every record the mapping produces.
 
+use super::Record;
 use crate::conversion::identifiers::hex_lower;
 use crate::conversion::{Content, Conversion, Identifier};
 use serde::{Deserialize, Serialize};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Records written before the event name was kept.
+const VERSION_1: u8 = 1;
 
 #[derive(Serialize, Deserialize)]
 struct StoredEvent {
@@ -87,9 +92,11 @@ struct StoredContent {
     content_group_id: Option<String>,
 }
 
-pub fn encode(c: &Conversion, received_at_ms: i64) -> Result<Vec<u8>, String> {
+/// A record without its account (the account is part of the key).
+pub fn encode(r: &Record) -> Result<Vec<u8>, String> {
+    let c = &r.conversion;
     let stored = StoredEvent {
-        received_at_ms,
+        received_at_ms: r.received_at_ms,
         conversion_time: c.conversion_time.clone(),
         event_id: c.event_id.clone(),
         conversion_id: c.conversion_id.clone(),
@@ -128,57 +135,70 @@ pub fn encode(c: &Conversion, received_at_ms: i64) -> Result<Vec<u8>, String> {
         }),
         event_source_url: c.event_source_url.clone(),
     };
-    postcard::to_extend(&stored, vec![VERSION]).map_err(|e| e.to_string())
+    let bytes = postcard::to_extend(&stored, vec![VERSION]).map_err(|e| e.to_string())?;
+    postcard::to_extend(&r.event_name, bytes).map_err(|e| e.to_string())
 }
 
-pub fn decode(bytes: &[u8]) -> Result<(Conversion, i64), String> {
-    match bytes.split_first() {
+pub fn decode(account: &str, bytes: &[u8]) -> Result<Record, String> {
+    let (s, event_name) = match bytes.split_first() {
         Some((&VERSION, rest)) => {
-            let s: StoredEvent = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
-            let conversion = Conversion {
-                conversion_time: s.conversion_time,
-                event_id: s.event_id,
-                identifiers: s
-                    .identifiers
-                    .into_iter()
-                    .map(|i| match i {
-                        StoredIdentifier::Twclid(twclid) => Identifier::Twclid { twclid },
-                        StoredIdentifier::HashedEmail(d) => Identifier::HashedEmail {
-                            hashed_email: d.into_hex(),
-                        },
-                        StoredIdentifier::HashedPhoneNumber(d) => Identifier::HashedPhoneNumber {
-                            hashed_phone_number: d.into_hex(),
-                        },
-                        StoredIdentifier::Device(ip_address, user_agent) => Identifier::Device {
-                            ip_address,
-                            user_agent,
-                        },
-                    })
-                    .collect(),
-                conversion_id: s.conversion_id,
-                value: s.value,
-                price_currency: s.price_currency,
-                number_items: s.number_items,
-                description: s.description,
-                contents: s.contents.map(|list| {
-                    list.into_iter()
-                        .map(|x| Content {
-                            content_id: x.content_id,
-                            content_name: x.content_name,
-                            content_type: x.content_type,
-                            content_price: x.content_price,
-                            num_items: x.num_items,
-                            content_group_id: x.content_group_id,
-                        })
-                        .collect()
-                }),
-                event_source_url: s.event_source_url,
-            };
-            Ok((conversion, s.received_at_ms))
+            let (s, rest) =
+                postcard::take_from_bytes::<StoredEvent>(rest).map_err(|e| e.to_string())?;
+            let name: Option<String> = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+            (s, name)
         }
-        Some((v, _)) => Err(format!("unknown spool record version {v}")),
-        None => Err("empty spool record".into()),
-    }
+        Some((&VERSION_1, rest)) => (
+            postcard::from_bytes::<StoredEvent>(rest).map_err(|e| e.to_string())?,
+            None,
+        ),
+        Some((v, _)) => return Err(format!("unknown spool record version {v}")),
+        None => return Err("empty spool record".into()),
+    };
+    let conversion = Conversion {
+        conversion_time: s.conversion_time,
+        event_id: s.event_id,
+        identifiers: s
+            .identifiers
+            .into_iter()
+            .map(|i| match i {
+                StoredIdentifier::Twclid(twclid) => Identifier::Twclid { twclid },
+                StoredIdentifier::HashedEmail(d) => Identifier::HashedEmail {
+                    hashed_email: d.into_hex(),
+                },
+                StoredIdentifier::HashedPhoneNumber(d) => Identifier::HashedPhoneNumber {
+                    hashed_phone_number: d.into_hex(),
+                },
+                StoredIdentifier::Device(ip_address, user_agent) => Identifier::Device {
+                    ip_address,
+                    user_agent,
+                },
+            })
+            .collect(),
+        conversion_id: s.conversion_id,
+        value: s.value,
+        price_currency: s.price_currency,
+        number_items: s.number_items,
+        description: s.description,
+        contents: s.contents.map(|list| {
+            list.into_iter()
+                .map(|x| Content {
+                    content_id: x.content_id,
+                    content_name: x.content_name,
+                    content_type: x.content_type,
+                    content_price: x.content_price,
+                    num_items: x.num_items,
+                    content_group_id: x.content_group_id,
+                })
+                .collect()
+        }),
+        event_source_url: s.event_source_url,
+    };
+    Ok(Record {
+        account: account.to_owned(),
+        conversion,
+        received_at_ms: s.received_at_ms,
+        event_name,
+    })
 }
 
 #[cfg(test)]
@@ -220,11 +240,21 @@ mod tests {
         }
     }
 
+    fn record(c: Conversion, received_at_ms: i64, event_name: Option<&str>) -> Record {
+        Record {
+            account: "acme".into(),
+            conversion: c,
+            received_at_ms,
+            event_name: event_name.map(String::from),
+        }
+    }
+
     #[test]
     fn round_trip_and_size() {
         let c = sample();
-        let bytes = encode(&c, 1_795_000_000_123).unwrap();
-        assert_eq!(decode(&bytes).unwrap(), (c.clone(), 1_795_000_000_123));
+        let r = record(c.clone(), 1_795_000_000_123, Some("purchase"));
+        let bytes = encode(&r).unwrap();
+        assert_eq!(decode("acme", &bytes).unwrap(), r);
         let json = serde_json::to_vec(&c).unwrap();
         assert!(
             bytes.len() * 3 < json.len() * 2,
@@ -242,10 +272,18 @@ mod tests {
             event_source_url: None,
             ..c
         };
-        assert_eq!(
-            decode(&encode(&minimal, -5).unwrap()).unwrap(),
-            (minimal, -5)
-        );
+        let r = record(minimal, -5, None);
+        assert_eq!(decode("acme", &encode(&r).unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn version_1_records_are_read_without_an_event_name() {
+        let r = record(sample(), 42, None);
+        let v2 = encode(&r).unwrap();
+        assert_eq!(v2.last(), Some(&0), "None is one zero byte at the end");
+        let mut v1 = vec![VERSION_1];
+        v1.extend_from_slice(&v2[1..v2.len() - 1]);
+        assert_eq!(decode("acme", &v1).unwrap(), r);
     }
 
     #[test]
@@ -265,8 +303,9 @@ mod tests {
 
     #[test]
     fn unknown_versions_and_garbage_are_errors() {
-        assert!(decode(&[]).is_err());
-        assert!(decode(&[9, 1, 2]).is_err());
-        assert!(decode(&[VERSION, 0xff, 0xff]).is_err());
+        assert!(decode("a", &[]).is_err());
+        assert!(decode("a", &[9, 1, 2]).is_err());
+        assert!(decode("a", &[VERSION, 0xff, 0xff]).is_err());
+        assert!(decode("a", &[VERSION_1, 0xff, 0xff]).is_err());
     }
 }

@@ -13,7 +13,7 @@
 
 use super::codec;
 use super::dedup::{full_seq, FingerprintTable};
-use super::{Admission, DeadLetter, Entry, Record, Spool, SpoolError};
+use super::{Admission, DeadLetter, DeadLetterQuery, Entry, Record, Spool, SpoolError};
 
 use crate::limiter::{LimiterState, Nanos};
 use futures_util::future::BoxFuture;
@@ -79,6 +79,17 @@ enum Cmd {
         key: String,
         tat: Nanos,
         reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    /// Dead letters back to the queue, each with its (re-mapped, encoded) record.
+    Replay {
+        account: String,
+        letters: Vec<(u64, Vec<u8>)>,
+        reply: oneshot::Sender<Result<usize, SpoolError>>,
+    },
+    DeleteDead {
+        account: String,
+        ids: Vec<u64>,
+        reply: oneshot::Sender<Result<usize, SpoolError>>,
     },
     /// Finish what is queued before it, close the file, stop the thread.
     Close {
@@ -282,7 +293,7 @@ impl Spool for DiskSpool {
         let prepared: Result<Vec<Prepared>, SpoolError> = records
             .into_iter()
             .map(|r| {
-                let bytes = codec::encode(&r.conversion, r.received_at_ms).map_err(storage)?;
+                let bytes = codec::encode(&r).map_err(storage)?;
                 Ok(Prepared {
                     key: dedup_key(&r),
                     account: r.account,
@@ -320,14 +331,9 @@ impl Spool for DiskSpool {
                     .take(max)
                 {
                     let (k, v) = item.map_err(storage)?;
-                    let (conversion, received_at_ms) = codec::decode(v.value()).map_err(storage)?;
                     out.push(Entry {
                         id: k.value().1,
-                        record: Record {
-                            account: account.clone(),
-                            conversion,
-                            received_at_ms,
-                        },
+                        record: codec::decode(&account, v.value()).map_err(storage)?,
                     });
                 }
                 Ok(out)
@@ -389,21 +395,108 @@ impl Spool for DiskSpool {
         .boxed()
     }
 
-    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
+    fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, SpoolError> {
         let db = self.current_db()?;
         let txn = db.begin_read().map_err(storage)?;
         let table = txn.open_table(DEAD).map_err(storage)?;
         let mut out = Vec::new();
-        for item in table.iter().map_err(storage)?.rev().take(limit) {
+        for item in table.range(q.after.saturating_add(1)..).map_err(storage)? {
+            if out.len() >= q.limit {
+                break;
+            }
             let (_, v) = item.map_err(storage)?;
-            out.push(serde_json::from_slice(v.value()).map_err(storage)?);
+            let letter: DeadLetter = serde_json::from_slice(v.value()).map_err(storage)?;
+            if q.account.as_ref().is_none_or(|a| *a == letter.account) {
+                out.push(letter);
+            }
         }
-        out.reverse();
         Ok(out)
+    }
+
+    fn dead_letter_counts(&self) -> Result<(u64, u64), SpoolError> {
+        let db = self.current_db()?;
+        let txn = db.begin_read().map_err(storage)?;
+        let kept = txn
+            .open_table(DEAD)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)?;
+        let evicted = txn
+            .open_table(META)
+            .map_err(storage)?
+            .get("dead_evicted")
+            .map_err(storage)?
+            .map_or(0, |v| v.value());
+        Ok((kept, evicted))
+    }
+
+    fn replay<'a>(
+        &'a self,
+        account: &'a str,
+        letters: Vec<(u64, Record)>,
+    ) -> BoxFuture<'a, Result<usize, SpoolError>> {
+        let encoded: Result<Vec<(u64, Vec<u8>)>, SpoolError> = letters
+            .iter()
+            .map(|(id, r)| Ok((*id, codec::encode(r).map_err(storage)?)))
+            .collect();
+        async move {
+            let letters = encoded?;
+            self.call(|reply| Cmd::Replay {
+                account: account.to_owned(),
+                letters,
+                reply,
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn delete_dead_letters<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<usize, SpoolError>> {
+        async move {
+            self.call(|reply| Cmd::DeleteDead {
+                account: account.to_owned(),
+                ids: ids.to_vec(),
+                reply,
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn oldest(&self, account: &str) -> Result<Option<i64>, SpoolError> {
+        let db = self.current_db()?;
+        let txn = db.begin_read().map_err(storage)?;
+        let table = txn.open_table(EVENTS).map_err(storage)?;
+        let first = table
+            .range((account, 0)..=(account, u64::MAX))
+            .map_err(storage)?
+            .next();
+        match first {
+            None => Ok(None),
+            Some(item) => {
+                let (_, v) = item.map_err(storage)?;
+                Ok(Some(
+                    codec::decode(account, v.value())
+                        .map_err(storage)?
+                        .received_at_ms,
+                ))
+            }
+        }
     }
 
     fn bytes(&self) -> u64 {
         lock(&self.shared).total_bytes
+    }
+
+    fn account_bytes(&self, account: &str) -> u64 {
+        lock(&self.shared)
+            .counts
+            .get(account)
+            .map_or(0, |c| c.bytes)
     }
 
     fn health(&self) -> Result<(), String> {
@@ -481,6 +574,10 @@ enum Reply {
         oneshot::Sender<Result<(), SpoolError>>,
         Result<(), SpoolError>,
     ),
+    Count(
+        oneshot::Sender<Result<usize, SpoolError>>,
+        Result<usize, SpoolError>,
+    ),
 }
 
 impl Reply {
@@ -490,6 +587,9 @@ impl Reply {
                 let _ = tx.send(override_err.map_or(r, |e| Err(e.clone())));
             }
             Reply::Unit(tx, r) => {
+                let _ = tx.send(override_err.map_or(r, |e| Err(e.clone())));
+            }
+            Reply::Count(tx, r) => {
                 let _ = tx.send(override_err.map_or(r, |e| Err(e.clone())));
             }
         }
@@ -595,6 +695,28 @@ impl Writer {
                             tables.evict_dead(self.opts.max_dead_letters)?;
                             replies.push(Reply::Unit(reply, Ok(())));
                         }
+                        Cmd::Replay {
+                            account,
+                            letters,
+                            reply,
+                        } => {
+                            let result =
+                                tables.replay(&account, letters, &mut room, &mut effects)?;
+                            replies.push(Reply::Count(reply, result));
+                        }
+                        Cmd::DeleteDead {
+                            account,
+                            ids,
+                            reply,
+                        } => {
+                            let mut deleted = 0;
+                            for id in ids {
+                                if tables.take_dead(&account, id)?.is_some() {
+                                    deleted += 1;
+                                }
+                            }
+                            replies.push(Reply::Count(reply, Ok(deleted)));
+                        }
                         Cmd::Close { reply } => replies.push(Reply::Unit(reply, Ok(()))),
                         Cmd::SaveTat { key, tat, reply } => {
                             tables
@@ -642,7 +764,15 @@ impl Writer {
                 for (k, t) in &effects.tats {
                     s.tats.insert(k.clone(), *t);
                 }
-                s.unhealthy = self.refusal(&s);
+                let now = self.refusal(&s);
+                match (&s.unhealthy, &now) {
+                    (None, Some(why)) => {
+                        tracing::warn!(reason = %why, "spool refusing events; ingest answers 503")
+                    }
+                    (Some(_), None) => tracing::info!("spool accepting events again"),
+                    _ => {}
+                }
+                s.unhealthy = now;
                 let to_notify: Vec<Arc<Notify>> = effects
                     .appended
                     .iter()
@@ -744,6 +874,9 @@ impl Cmd {
     fn fail(self, e: &SpoolError) {
         match self {
             Cmd::Append { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Cmd::Replay { reply, .. } | Cmd::DeleteDead { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));
             }
             Cmd::Ack { reply, .. }
@@ -853,7 +986,7 @@ impl Tables<'_> {
             c.0 -= 1;
             c.1 -= value.len() as i64;
             if let Some((reason, message)) = dead {
-                let (conversion, received_at_ms) = codec::decode(&value).map_err(storage)?;
+                let record = codec::decode(account, &value).map_err(storage)?;
                 let id = self.next("dead_seq")?;
                 let letter = DeadLetter {
                     id,
@@ -861,14 +994,68 @@ impl Tables<'_> {
                     reason: reason.to_owned(),
                     message: message.to_owned(),
                     dead_lettered_at_ms: now_ms(),
-                    conversion,
-                    received_at_ms,
+                    conversion: record.conversion,
+                    received_at_ms: record.received_at_ms,
+                    event_name: record.event_name,
                 };
                 let bytes = serde_json::to_vec(&letter).map_err(storage)?;
                 self.dead.insert(id, bytes.as_slice()).map_err(storage)?;
             }
         }
         Ok(())
+    }
+
+    /// Removes dead letter `id` if it is `account`'s.
+    fn take_dead(&mut self, account: &str, id: u64) -> Result<Option<DeadLetter>, SpoolError> {
+        let letter: Option<DeadLetter> = match self.dead.get(id).map_err(storage)? {
+            Some(v) => Some(serde_json::from_slice(v.value()).map_err(storage)?),
+            None => None,
+        };
+        match letter {
+            Some(l) if l.account == account => {
+                self.dead.remove(id).map_err(storage)?;
+                Ok(Some(l))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Dead letters of `account` back into its queue as the given encoded records; `Ok(Err(why))` when they
+    /// do not fit in `room` (nothing moved).
+    fn replay(
+        &mut self,
+        account: &str,
+        letters: Vec<(u64, Vec<u8>)>,
+        room: &mut Room,
+        fx: &mut Effects,
+    ) -> Result<Result<usize, SpoolError>, SpoolError> {
+        if let Err(why) = room.take(letters.iter().map(|(_, b)| b.len() as u64).sum()) {
+            return Ok(Err(why));
+        }
+        let mut seq = self
+            .meta
+            .get("seq")
+            .map_err(storage)?
+            .map_or(0, |v| v.value());
+        let mut moved = 0;
+        for (id, bytes) in letters {
+            if self.take_dead(account, id)?.is_none() {
+                continue;
+            }
+            seq += 1;
+            self.events
+                .insert((account, seq), bytes.as_slice())
+                .map_err(storage)?;
+            let c = fx.counts.entry(account.to_owned()).or_default();
+            c.0 += 1;
+            c.1 += bytes.len() as i64;
+            moved += 1;
+        }
+        if moved > 0 && !fx.appended.iter().any(|a| a == account) {
+            fx.appended.push(account.to_owned());
+        }
+        self.meta.insert("seq", seq).map_err(storage)?;
+        Ok(Ok(moved))
     }
 
     fn evict_dead(&mut self, max: u64) -> Result<(), SpoolError> {
@@ -977,6 +1164,7 @@ mod tests {
         Record {
             account: account.into(),
             received_at_ms: now_ms(),
+            event_name: Some("purchase".into()),
             conversion: Conversion {
                 value: Some("1.00".into()),
                 ..Conversion::minimal("2026-11-28T00:00:00.000Z", "o9d2g", "t", id)
@@ -1116,8 +1304,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(spool.backlog("a"), 0);
-        let dead = spool.dead_letters(10).unwrap();
+        let dead = spool.dead_letters(&page(None, 0, 10)).unwrap();
         assert_eq!(dead.len(), 3, "bounded by max_dead_letters, oldest evicted");
+        assert_eq!(spool.dead_letter_counts().unwrap(), (3, 2));
         assert_eq!(
             dead.iter()
                 .map(|d| d.conversion.conversion_id.as_str())
@@ -1127,6 +1316,116 @@ mod tests {
         assert!(dead
             .iter()
             .all(|d| d.reason == "expired" && d.account == "a"));
+    }
+
+    fn page(account: Option<&str>, after: u64, limit: usize) -> DeadLetterQuery {
+        DeadLetterQuery {
+            account: account.map(String::from),
+            after,
+            limit,
+        }
+    }
+
+    fn rules(set: &str) -> crate::conversion::Rules {
+        crate::conversion::Rules {
+            accounts: [(
+                "a".to_string(),
+                crate::conversion::AccountRules {
+                    pixel_id: "o9d7n".into(),
+                    events: [("purchase".to_string(), set.to_string())].into(),
+                    default_phone_region: phonenumber::country::Id::US,
+                },
+            )]
+            .into(),
+            max_event_age: Duration::from_secs(86400),
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_letters_page_by_account_replay_remapped_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_dead_letters = 100;
+        let spool = DiskSpool::open(o.clone()).unwrap();
+        let mut batch: Vec<Record> = (0..6).map(|i| record("a", &format!("a{i}"))).collect();
+        batch.extend((0..2).map(|i| record("b", &format!("b{i}"))));
+        spool.append(batch).await.unwrap();
+        let first_at = spool.oldest("a").unwrap().expect("a has events");
+        assert!(first_at > 0 && spool.oldest("nobody").unwrap().is_none());
+        assert!(spool.account_bytes("a") > spool.account_bytes("b"));
+        assert_eq!(
+            spool.account_bytes("a") + spool.account_bytes("b"),
+            spool.bytes()
+        );
+        for account in ["a", "b"] {
+            let ids: Vec<u64> = spool
+                .peek(account, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect();
+            spool
+                .dead_letter(account, &ids, "rejected", "unknown event")
+                .await
+                .unwrap();
+        }
+        assert_eq!(spool.backlog("a"), 0);
+        assert_eq!(spool.oldest("a").unwrap(), None);
+
+        // Pages of two, account a only, in order, each after the previous page's last id.
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let p = spool.dead_letters(&page(Some("a"), after, 2)).unwrap();
+            let Some(last) = p.last() else { break };
+            after = last.id;
+            assert!(p.len() <= 2);
+            seen.extend(p.iter().map(|d| d.conversion.conversion_id.clone()));
+        }
+        assert_eq!(seen, ["a0", "a1", "a2", "a3", "a4", "a5"]);
+        assert_eq!(spool.dead_letters(&page(None, 0, 100)).unwrap().len(), 8);
+
+        // Replay three of a's with a fixed mapping: back in the queue with the new SET id, out of the dead letters.
+        let letters = spool.dead_letters(&page(Some("a"), 0, 3)).unwrap();
+        assert_eq!(letters[0].event_name.as_deref(), Some("purchase"));
+        let fixed = rules("o9d2h");
+        let records: Vec<(u64, Record)> =
+            letters.iter().map(|d| (d.id, d.remapped(&fixed))).collect();
+        // An id of b's is not replayed into a.
+        let b_id = spool.dead_letters(&page(Some("b"), 0, 1)).unwrap()[0].id;
+        let mut with_foreign = records.clone();
+        with_foreign.push((b_id, records[0].1.clone()));
+        assert_eq!(spool.replay("a", with_foreign).await.unwrap(), 3);
+        assert_eq!(
+            spool.replay("a", records).await.unwrap(),
+            0,
+            "already replayed"
+        );
+        let queued = spool.peek("a", 10).await.unwrap();
+        assert_eq!(ids(&queued), ["a0", "a1", "a2"]);
+        assert!(queued
+            .iter()
+            .all(|e| e.record.conversion.event_id == "o9d2h"));
+        assert_eq!(spool.dead_letter_counts().unwrap(), (5, 0));
+
+        // Delete: only the named account's letters go.
+        let all_a: Vec<u64> = spool
+            .dead_letters(&page(Some("a"), 0, 100))
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(spool.delete_dead_letters("b", &all_a).await.unwrap(), 0);
+        assert_eq!(spool.delete_dead_letters("a", &all_a).await.unwrap(), 3);
+        assert_eq!(spool.dead_letters(&page(None, 0, 100)).unwrap().len(), 2);
+        spool.close().await.unwrap();
+
+        // All of it survives a restart.
+        let spool = DiskSpool::open(o).unwrap();
+        assert_eq!(spool.backlog("a"), 3);
+        assert_eq!(spool.dead_letter_counts().unwrap(), (2, 0));
+        spool.close().await.unwrap();
     }
 
     #[tokio::test]

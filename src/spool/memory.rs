@@ -1,7 +1,7 @@
 //! An in-memory `Spool`: the seam's reference implementation and the test double for dispatch.
 //! It keeps the trait's invariants but nothing survives a restart.
 
-use super::{Admission, DeadLetter, Entry, Record, Spool, SpoolError};
+use super::{Admission, DeadLetter, DeadLetterQuery, Entry, Record, Spool, SpoolError};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -168,6 +168,7 @@ impl Spool for MemorySpool {
                     dead_lettered_at_ms: chrono::Utc::now().timestamp_millis(),
                     conversion: record.conversion,
                     received_at_ms: record.received_at_ms,
+                    event_name: record.event_name,
                 };
                 inner.dead.push(letter);
             }
@@ -175,9 +176,73 @@ impl Spool for MemorySpool {
         async move { Ok(()) }.boxed()
     }
 
-    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError> {
-        let inner = self.lock();
-        Ok(inner.dead[inner.dead.len().saturating_sub(limit)..].to_vec())
+    fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, SpoolError> {
+        Ok(self
+            .lock()
+            .dead
+            .iter()
+            .filter(|d| d.id > q.after && q.account.as_ref().is_none_or(|a| *a == d.account))
+            .take(q.limit)
+            .cloned()
+            .collect())
+    }
+
+    fn dead_letter_counts(&self) -> Result<(u64, u64), SpoolError> {
+        Ok((self.lock().dead.len() as u64, 0))
+    }
+
+    fn replay<'a>(
+        &'a self,
+        account: &'a str,
+        letters: Vec<(u64, Record)>,
+    ) -> BoxFuture<'a, Result<usize, SpoolError>> {
+        let mut inner = self.lock();
+        let mut moved = 0;
+        for (id, record) in letters {
+            let Some(at) = inner
+                .dead
+                .iter()
+                .position(|d| d.id == id && d.account == account)
+            else {
+                continue;
+            };
+            inner.dead.remove(at);
+            inner.next_id += 1;
+            let next = inner.next_id;
+            inner
+                .queues
+                .entry(account.to_owned())
+                .or_default()
+                .insert(next, record);
+            moved += 1;
+        }
+        if moved > 0 {
+            inner.notifier(account).notify_one();
+        }
+        async move { Ok(moved) }.boxed()
+    }
+
+    fn delete_dead_letters<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<usize, SpoolError>> {
+        let mut inner = self.lock();
+        let before = inner.dead.len();
+        inner
+            .dead
+            .retain(|d| !(d.account == account && ids.contains(&d.id)));
+        let deleted = before - inner.dead.len();
+        async move { Ok(deleted) }.boxed()
+    }
+
+    fn oldest(&self, account: &str) -> Result<Option<i64>, SpoolError> {
+        Ok(self
+            .lock()
+            .queues
+            .get(account)
+            .and_then(|q| q.values().next())
+            .map(|r| r.received_at_ms))
     }
 
     /// The size the records would have in the durable spool, computed on demand (this is the test double).
@@ -187,15 +252,24 @@ impl Spool for MemorySpool {
             .queues
             .values()
             .flat_map(|q| q.values())
-            .map(|r| {
-                super::codec::encode(&r.conversion, r.received_at_ms).map_or(0, |b| b.len() as u64)
-            })
+            .map(encoded_len)
             .sum()
+    }
+
+    fn account_bytes(&self, account: &str) -> u64 {
+        self.lock()
+            .queues
+            .get(account)
+            .map_or(0, |q| q.values().map(encoded_len).sum())
     }
 
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+}
+
+fn encoded_len(r: &Record) -> u64 {
+    super::codec::encode(r).map_or(0, |b| b.len() as u64)
 }
 
 #[cfg(test)]
@@ -207,6 +281,7 @@ mod tests {
         Record {
             account: account.into(),
             received_at_ms: at,
+            event_name: None,
             conversion: Conversion::minimal(
                 "2026-11-28T00:00:00.000Z",
                 "o9d2g",

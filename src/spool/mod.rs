@@ -15,7 +15,7 @@ pub mod memory;
 pub use disk::{DiskSpool, DiskSpoolOptions};
 pub use memory::MemorySpool;
 
-use crate::conversion::Conversion;
+use crate::conversion::{Conversion, Rules};
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -28,6 +28,9 @@ pub struct Record {
     pub conversion: Conversion,
     /// When the gateway accepted it (epoch milliseconds).
     pub received_at_ms: i64,
+    /// The caller's event name when the SET id was mapped from it (see `Judgement::Accepted`).
+    #[serde(default)]
+    pub event_name: Option<String>,
 }
 
 impl Record {
@@ -53,6 +56,37 @@ pub struct DeadLetter {
     pub dead_lettered_at_ms: i64,
     pub conversion: Conversion,
     pub received_at_ms: i64,
+    #[serde(default)]
+    pub event_name: Option<String>,
+}
+
+impl DeadLetter {
+    /// The record to queue again on replay: when the caller named the event and the account still maps
+    /// that name, the SET id comes from today's mapping (the fix a replay usually follows).
+    pub fn remapped(&self, rules: &Rules) -> Record {
+        let mut conversion = self.conversion.clone();
+        if let Some(set) = self
+            .event_name
+            .as_deref()
+            .and_then(|name| rules.accounts.get(&self.account)?.event_set(name))
+        {
+            conversion.event_id = set.clone();
+        }
+        Record {
+            account: self.account.clone(),
+            conversion,
+            received_at_ms: self.received_at_ms,
+            event_name: self.event_name.clone(),
+        }
+    }
+}
+
+/// Which dead letters to list: of one account or all, after a cursor (an id), at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    pub account: Option<String>,
+    pub after: u64,
+    pub limit: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,11 +162,36 @@ pub trait Spool: Send + Sync + 'static {
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), SpoolError>>;
 
-    /// The most recent dead letters, oldest first (at most `limit`).
-    fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, SpoolError>;
+    /// Dead letters with ids above `q.after`, oldest first, at most `q.limit`, of `q.account` or all.
+    fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, SpoolError>;
+
+    /// Dead letters kept, and how many were evicted to stay within the bound since the spool was made.
+    fn dead_letter_counts(&self) -> Result<(u64, u64), SpoolError>;
+
+    /// Moves dead letters back to their account's queue, each as the given record (mapped again by the
+    /// caller), in one transaction; ids no longer among the dead letters are skipped. Answers how many
+    /// moved. Replayed records bypass the ingest dedup index: a replay is a deliberate resend.
+    fn replay<'a>(
+        &'a self,
+        account: &'a str,
+        letters: Vec<(u64, Record)>,
+    ) -> BoxFuture<'a, Result<usize, SpoolError>>;
+
+    /// Deletes the given dead letters of `account`; answers how many there were.
+    fn delete_dead_letters<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<usize, SpoolError>>;
+
+    /// When the oldest waiting record of `account` was accepted (epoch milliseconds).
+    fn oldest(&self, account: &str) -> Result<Option<i64>, SpoolError>;
 
     /// Bytes of waiting records.
     fn bytes(&self) -> u64;
+
+    /// Bytes of waiting records of `account`.
+    fn account_bytes(&self, account: &str) -> u64;
 
     /// `Err(why)` while the spool cannot take events (full, disk failing).
     fn health(&self) -> Result<(), String>;

@@ -1,0 +1,502 @@
+//! The admin listener (`server.admin_listen`): probes, `/metrics`, and the operator's `/v1` API — accounts
+//! and dead letters (list, replay, delete).
+//!
+//! Invariants: `/livez` never depends on X or the spool; `/readyz` fails only when the gateway cannot accept
+//! and durably spool events (spool full or failing, shutting down) — an X outage or a backlog never makes it
+//! unready, because a failing sidecar takes its whole pod out of service; every `/v1` route needs one of
+//! `server.admin_api_keys` (none configured: the `/v1` API is off and answers 403); nothing here shows a raw
+//! email, phone number, secret or token — spooled events hold hashes only.
+
+use super::{ApiKeys, AppState, Problem};
+use crate::dispatch::AccountStatus;
+use crate::limiter::Limiter;
+use crate::metrics::SpoolSnapshot;
+use crate::spool::{DeadLetter, DeadLetterQuery, SpoolError};
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What the admin API knows of a configured account.
+pub struct AccountView {
+    pub name: String,
+    pub ad_account_id: String,
+    pub pixel_id: String,
+    pub rate_limit_events: u64,
+    pub rate_limit_window: Duration,
+    /// Shared with the account's dispatcher.
+    pub status: Arc<Mutex<AccountStatus>>,
+}
+
+pub struct AdminState {
+    pub app: Arc<AppState>,
+    pub keys: ApiKeys,
+    /// Whether any admin key is configured (without one the `/v1` API is off).
+    pub enabled: bool,
+    pub accounts: Vec<AccountView>,
+    pub limiter: Arc<dyn Limiter>,
+}
+
+/// Dead letters per page when `limit` is not given, and the most one page holds.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+/// Dead letters moved per transaction by a replay.
+const REPLAY_CHUNK: usize = 500;
+
+const HINT: &str =
+    "the admin listener serves /livez, /readyz, /metrics, /v1/accounts and /v1/dead-letters";
+
+pub fn admin_app(state: Arc<AdminState>) -> Router {
+    let metrics = state.app.metrics.clone();
+    let v1 = Router::new()
+        .route("/v1/accounts", get(accounts).fallback(not_allowed_get))
+        .route(
+            "/v1/dead-letters",
+            get(list_dead_letters)
+                .delete(delete_dead_letters)
+                .fallback(|| async { Problem::method_not_allowed("GET, DELETE") }),
+        )
+        .route(
+            "/v1/dead-letters/replay",
+            post(replay_dead_letters).fallback(|| async { Problem::method_not_allowed("POST") }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_key,
+        ));
+    super::common_layers(
+        Router::new()
+            .route("/livez", get(|| async { "ok\n" }).fallback(not_allowed_get))
+            .route("/readyz", get(readyz).fallback(not_allowed_get))
+            .route("/metrics", get(metrics_text).fallback(not_allowed_get))
+            .merge(v1)
+            .fallback(|uri: Uri| async move { Problem::not_found(uri.path(), HINT) })
+            .with_state(state),
+        metrics,
+    )
+}
+
+async fn not_allowed_get() -> Problem {
+    Problem::method_not_allowed("GET")
+}
+
+async fn require_admin_key(
+    State(st): State<Arc<AdminState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !st.enabled {
+        return Problem::forbidden(
+            "the admin API is off: configure server.admin_api_keys to use it",
+        )
+        .into_response();
+    }
+    match st.keys.check(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(why) => Problem::unauthorized(why).into_response(),
+    }
+}
+
+async fn readyz(State(st): State<Arc<AdminState>>) -> Result<&'static str, Problem> {
+    if st.app.is_shutting_down() {
+        return Err(Problem::unavailable("shutting down", 5));
+    }
+    match st.app.spool.health() {
+        Ok(()) => Ok("ready\n"),
+        Err(why) => Err(Problem::unavailable(
+            format!("the spool cannot take events: {why}"),
+            5,
+        )),
+    }
+}
+
+fn epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn ms_to_rfc3339(ms: i64) -> Option<String> {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+async fn metrics_text(State(st): State<Arc<AdminState>>) -> Response {
+    let spool = &st.app.spool;
+    let snapshot = SpoolSnapshot {
+        accounts: st
+            .accounts
+            .iter()
+            .map(|a| {
+                let oldest = spool.oldest(&a.name).ok().flatten();
+                (
+                    a.name.clone(),
+                    spool.backlog(&a.name) as u64,
+                    oldest.map(|ms| ms as f64 / 1000.0),
+                )
+            })
+            .collect(),
+        bytes: spool.bytes(),
+        writable: spool.health().is_ok(),
+        dead_letters: 0,
+        dead_letters_evicted: 0,
+    };
+    let snapshot = match spool.dead_letter_counts() {
+        Ok((dead_letters, dead_letters_evicted)) => SpoolSnapshot {
+            dead_letters,
+            dead_letters_evicted,
+            ..snapshot
+        },
+        Err(_) => snapshot,
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.app.metrics.render(&snapshot),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct Backlog {
+    events: u64,
+    bytes: u64,
+    /// When the oldest waiting event was accepted.
+    oldest_event_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Budget {
+    /// `rate_limit.events` per `rate_limit.window` (seconds), shared by accounts of one ad account.
+    events: u64,
+    window_seconds: u64,
+    /// Conversions that could be sent right now.
+    available_now: u64,
+    /// X asked for no requests before this time (its rate-limit reset), if it did.
+    held_until: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AccountReport {
+    name: String,
+    ad_account_id: String,
+    pixel_id: String,
+    backlog: Backlog,
+    budget: Budget,
+    /// Why sending is paused (X refused the credentials or the pixel), or null.
+    paused: Option<String>,
+    last_status: Option<String>,
+    last_error: Option<String>,
+    last_debug_id: Option<String>,
+    /// Since this process started.
+    delivered: u64,
+    dead_lettered: u64,
+}
+
+#[derive(Serialize)]
+struct SpoolReport {
+    bytes: u64,
+    writable: bool,
+    /// Why the spool refuses events, while it does.
+    refusing_because: Option<String>,
+    dead_letters: u64,
+    dead_letters_evicted: u64,
+}
+
+#[derive(Serialize)]
+struct AccountsReport {
+    accounts: Vec<AccountReport>,
+    spool: SpoolReport,
+}
+
+fn unavailable(e: SpoolError) -> Problem {
+    Problem::unavailable(format!("{e}; retry later"), 1)
+}
+
+async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsReport>, Problem> {
+    let spool = &st.app.spool;
+    let now = epoch();
+    let mut out = Vec::with_capacity(st.accounts.len());
+    for a in &st.accounts {
+        let status = a.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let oldest = spool.oldest(&a.name).map_err(unavailable)?;
+        out.push(AccountReport {
+            name: a.name.clone(),
+            ad_account_id: a.ad_account_id.clone(),
+            pixel_id: a.pixel_id.clone(),
+            backlog: Backlog {
+                events: spool.backlog(&a.name) as u64,
+                bytes: spool.account_bytes(&a.name),
+                oldest_event_at: oldest.and_then(ms_to_rfc3339),
+            },
+            budget: Budget {
+                events: a.rate_limit_events,
+                window_seconds: a.rate_limit_window.as_secs(),
+                available_now: st
+                    .limiter
+                    .available(&a.ad_account_id, now.as_nanos() as u64),
+                held_until: status
+                    .hold_until
+                    .filter(|until| *until > now.as_secs())
+                    .and_then(|s| ms_to_rfc3339(s as i64 * 1000)),
+            },
+            paused: status.paused,
+            last_status: status.last_status,
+            last_error: status.last_error,
+            last_debug_id: status.last_debug_id,
+            delivered: status.delivered,
+            dead_lettered: status.dead_lettered,
+        });
+    }
+    let (dead_letters, dead_letters_evicted) = spool.dead_letter_counts().map_err(unavailable)?;
+    let refusing_because = spool.health().err();
+    Ok(Json(AccountsReport {
+        accounts: out,
+        spool: SpoolReport {
+            bytes: spool.bytes(),
+            writable: refusing_because.is_none(),
+            refusing_because,
+            dead_letters,
+            dead_letters_evicted,
+        },
+    }))
+}
+
+/// Query parameters, each checked by name: an unknown one is an error, not silently ignored.
+struct Params {
+    account: Option<String>,
+    limit: usize,
+    cursor: u64,
+}
+
+fn params(
+    st: &AdminState,
+    raw: &HashMap<String, String>,
+    allowed: &[&str],
+    account_required: bool,
+) -> Result<Params, Problem> {
+    if let Some(unknown) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(Problem::bad_request(format!(
+            "unknown query parameter {unknown:?}; this route takes {}",
+            allowed.join(", ")
+        )));
+    }
+    let account = match raw.get("account").map(|a| a.trim()) {
+        None | Some("") if account_required => {
+            return Err(Problem::bad_request(format!(
+                "account is required: one of {}",
+                st.account_names()
+            )))
+        }
+        None | Some("") => None,
+        Some(a) if st.accounts.iter().any(|v| v.name == a) => Some(a.to_owned()),
+        Some(a) => {
+            return Err(Problem::bad_request(format!(
+                "account: unknown account {a:?}; configured accounts: {}",
+                st.account_names()
+            )))
+        }
+    };
+    let limit = match raw.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(l) => match l.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(Problem::bad_request(format!(
+                    "limit must be a whole number from 1 to {MAX_LIMIT} (got {l:?})"
+                )))
+            }
+        },
+    };
+    let cursor = match raw.get("cursor").map(|c| c.trim()) {
+        None | Some("") => 0,
+        Some(c) => c.parse::<u64>().map_err(|_| {
+            Problem::bad_request(format!(
+                "cursor must be the next_cursor of a previous page (got {c:?})"
+            ))
+        })?,
+    };
+    Ok(Params {
+        account,
+        limit,
+        cursor,
+    })
+}
+
+impl AdminState {
+    fn account_names(&self) -> String {
+        self.accounts
+            .iter()
+            .map(|a| format!("{:?}", a.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[derive(Serialize)]
+struct DeadLetterView {
+    id: u64,
+    account: String,
+    /// `rejected` (X refused this conversion), `not_found`, or `expired` (older than max_event_age).
+    reason: String,
+    /// X's message, or what else explains the reason.
+    message: String,
+    dead_lettered_at: Option<String>,
+    received_at: Option<String>,
+    /// The event name the caller sent, when the SET id was mapped from it (a replay maps it again).
+    event_name: Option<String>,
+    /// The conversion as it would go to X: identifiers are hashed.
+    conversion: crate::conversion::Conversion,
+}
+
+impl From<DeadLetter> for DeadLetterView {
+    fn from(d: DeadLetter) -> Self {
+        DeadLetterView {
+            id: d.id,
+            account: d.account,
+            reason: d.reason,
+            message: d.message,
+            dead_lettered_at: ms_to_rfc3339(d.dead_lettered_at_ms),
+            received_at: ms_to_rfc3339(d.received_at_ms),
+            event_name: d.event_name,
+            conversion: d.conversion,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DeadLetterPage {
+    dead_letters: Vec<DeadLetterView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+async fn list_dead_letters(
+    State(st): State<Arc<AdminState>>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<DeadLetterPage>, Problem> {
+    let p = params(&st, &raw, &["account", "limit", "cursor"], false)?;
+    // One more than asked tells whether another page follows.
+    let mut letters = st
+        .app
+        .spool
+        .dead_letters(&DeadLetterQuery {
+            account: p.account,
+            after: p.cursor,
+            limit: p.limit + 1,
+        })
+        .map_err(unavailable)?;
+    let more = letters.len() > p.limit;
+    letters.truncate(p.limit);
+    let next_cursor = more
+        .then(|| letters.last().map(|d| d.id.to_string()))
+        .flatten();
+    Ok(Json(DeadLetterPage {
+        dead_letters: letters.into_iter().map(DeadLetterView::from).collect(),
+        next_cursor,
+    }))
+}
+
+#[derive(Serialize)]
+struct Deleted {
+    deleted: usize,
+}
+
+async fn delete_dead_letters(
+    State(st): State<Arc<AdminState>>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Deleted>, Problem> {
+    let p = params(&st, &raw, &["account"], true)?;
+    let account = p.account.unwrap_or_default();
+    let spool = &st.app.spool;
+    let mut deleted = 0;
+    loop {
+        let ids: Vec<u64> = spool
+            .dead_letters(&DeadLetterQuery {
+                account: Some(account.clone()),
+                after: 0,
+                limit: REPLAY_CHUNK,
+            })
+            .map_err(unavailable)?
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        let n = spool
+            .delete_dead_letters(&account, &ids)
+            .await
+            .map_err(unavailable)?;
+        deleted += n;
+        if n == 0 {
+            break;
+        }
+    }
+    tracing::info!(account = %account, deleted, "dead letters deleted");
+    Ok(Json(Deleted { deleted }))
+}
+
+#[derive(Serialize)]
+struct Replayed {
+    /// Dead letters moved back to the account's queue.
+    replayed: usize,
+    /// Of those, how many got a different SET id from today's `events` mapping.
+    remapped: usize,
+}
+
+async fn replay_dead_letters(
+    State(st): State<Arc<AdminState>>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<(StatusCode, Json<Replayed>), Problem> {
+    let p = params(&st, &raw, &["account"], true)?;
+    let account = p.account.unwrap_or_default();
+    let spool = &st.app.spool;
+    let rules = &st.app.rules;
+    let (mut replayed, mut remapped) = (0, 0);
+    let mut after = 0;
+    loop {
+        let letters = spool
+            .dead_letters(&DeadLetterQuery {
+                account: Some(account.clone()),
+                after,
+                limit: REPLAY_CHUNK,
+            })
+            .map_err(unavailable)?;
+        let Some(last) = letters.last().map(|d| d.id) else {
+            break;
+        };
+        after = last;
+        let records: Vec<_> = letters
+            .iter()
+            .map(|d| {
+                let r = d.remapped(rules);
+                if r.conversion.event_id != d.conversion.event_id {
+                    remapped += 1;
+                }
+                (d.id, r)
+            })
+            .collect();
+        replayed += spool
+            .replay(&account, records)
+            .await
+            .map_err(|e| match e {
+                SpoolError::Full => Problem::unavailable(
+                    format!("the spool is full; {replayed} dead letters were replayed before it filled, retry the rest later"),
+                    5,
+                ),
+                other => unavailable(other),
+            })?;
+    }
+    tracing::info!(account = %account, replayed, remapped, "dead letters replayed");
+    Ok((StatusCode::OK, Json(Replayed { replayed, remapped })))
+}

@@ -1,0 +1,424 @@
+//! Prometheus metrics, served as text on the admin listener's `/metrics`.
+//!
+//! Invariants: every label value comes from configuration (account names) or from a fixed set (outcomes,
+//! dead-letter and pause reasons, HTTP status codes, route templates) — never an id, a key or anything a
+//! client sent; every configured account's series exist at 0 from start-up, so a rate or an alert works
+//! before the first event; gauges about the spool are read from it when scraped, so they are never stale.
+
+use prometheus::core::Collector;
+use prometheus::{CounterVec, GaugeVec};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// What ingest decided for an event.
+pub const RECEIVED_OUTCOMES: [&str; 4] = ["accepted", "duplicate", "suppressed", "rejected"];
+/// Why an event went to the dead letters.
+pub const DEAD_LETTER_REASONS: [&str; 3] = ["rejected", "not_found", "expired"];
+/// Why an account is paused.
+pub const PAUSE_REASONS: [&str; 3] = ["unauthorized", "forbidden", "not_found"];
+/// The account label of a rejected event whose account could not be told (several accounts configured
+/// and none, or an unknown one, named). Configuration refuses an account of this name.
+pub const UNKNOWN_ACCOUNT: &str = "unknown";
+
+const PREFIX: &str = "conversion_gateway_";
+
+pub struct Metrics {
+    registry: Registry,
+    accounts: Vec<String>,
+    received: IntCounterVec,
+    delivered: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    batch_size: HistogramVec,
+    spool_events: IntGaugeVec,
+    spool_bytes: IntGauge,
+    spool_oldest: GaugeVec,
+    spool_writable: IntGauge,
+    dead_letters_stored: IntGauge,
+    paused: IntGaugeVec,
+    rate_limit_delay: CounterVec,
+    http_duration: HistogramVec,
+    evicted_dead_letters: IntCounter,
+}
+
+/// What the spool holds at scrape time.
+pub struct SpoolSnapshot {
+    /// Per configured account: waiting events and the oldest one's acceptance time (epoch seconds).
+    pub accounts: Vec<(String, u64, Option<f64>)>,
+    pub bytes: u64,
+    pub writable: bool,
+    pub dead_letters: u64,
+    /// Dead letters evicted since the spool was made (persisted, so it survives restarts).
+    pub dead_letters_evicted: u64,
+}
+
+fn name(s: &str) -> String {
+    format!("{PREFIX}{s}")
+}
+
+/// Registers a metric built from static definitions (which cannot fail, nor be registered twice).
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<C>,
+) -> C {
+    let metric = metric.expect("static metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+impl Metrics {
+    /// Registers every metric and creates the series of every account in `accounts` at 0.
+    pub fn new<'a>(accounts: impl IntoIterator<Item = &'a str>) -> Self {
+        let accounts: Vec<String> = accounts.into_iter().map(str::to_owned).collect();
+        let registry = Registry::new();
+        let counter = |n: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name(n), help), labels),
+            )
+        };
+        let gauge = |n: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name(n), help), labels),
+            )
+        };
+        let histogram = |n: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            register(
+                &registry,
+                HistogramVec::new(HistogramOpts::new(name(n), help).buckets(buckets), labels),
+            )
+        };
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let received = counter(
+            "events_received_total",
+            "Events POSTed to /v1/events, by what ingest decided.",
+            &["account", "outcome"],
+        );
+        let delivered = counter(
+            "events_delivered_total",
+            "Conversions X accepted.",
+            &["account"],
+        );
+        let dead_lettered = counter(
+            "events_dead_lettered_total",
+            "Events moved to the dead letters, by reason.",
+            &["account", "reason"],
+        );
+        let upstream_requests = counter(
+            "upstream_requests_total",
+            "Requests to X, by HTTP status (or timeout / connect_error).",
+            &["account", "status"],
+        );
+        let upstream_duration = histogram(
+            "upstream_request_duration_seconds",
+            "Time from sending a batch to X to having its answer.",
+            &["account"],
+            latency.clone(),
+        );
+        let batch_size = histogram(
+            "batch_size_events",
+            "Conversions per request to X.",
+            &["account"],
+            vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0],
+        );
+        let spool_events = gauge("spool_events", "Events waiting in the spool.", &["account"]);
+        let spool_bytes = register(
+            &registry,
+            IntGauge::new(name("spool_bytes"), "Bytes of events waiting in the spool."),
+        );
+        let spool_oldest = register(
+            &registry,
+            GaugeVec::new(
+                Opts::new(
+                    name("spool_oldest_event_timestamp_seconds"),
+                    "When the oldest waiting event was accepted (Unix time); 0 when none waits.",
+                ),
+                &["account"],
+            ),
+        );
+        let spool_writable = register(
+            &registry,
+            IntGauge::new(
+                name("spool_writable"),
+                "1 while the spool takes events, 0 while it is full or the disk fails (ingest answers 503).",
+            ),
+        );
+        let dead_letters_stored = register(
+            &registry,
+            IntGauge::new(
+                name("dead_letters"),
+                "Dead letters kept (see the admin API).",
+            ),
+        );
+        let paused = gauge(
+            "account_paused",
+            "1 while the account's sending is paused (X refused its credentials or pixel), by reason.",
+            &["account", "reason"],
+        );
+        let rate_limit_delay = register(
+            &registry,
+            CounterVec::new(
+                Opts::new(
+                    name("rate_limit_delay_seconds_total"),
+                    "Time batches waited for the account's budget or for X's rate-limit reset.",
+                ),
+                &["account"],
+            ),
+        );
+        let http_duration = histogram(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and status.",
+            &["route", "status"],
+            latency,
+        );
+        let evicted_dead_letters = register(
+            &registry,
+            IntCounter::new(
+                name("dead_letters_evicted_total"),
+                "Dead letters dropped, oldest first, to stay within spool.max_dead_letters.",
+            ),
+        );
+
+        for a in &accounts {
+            for outcome in RECEIVED_OUTCOMES {
+                received.with_label_values(&[a.as_str(), outcome]);
+            }
+            delivered.with_label_values(&[a]);
+            for reason in DEAD_LETTER_REASONS {
+                dead_lettered.with_label_values(&[a.as_str(), reason]);
+            }
+            upstream_duration.with_label_values(&[a]);
+            batch_size.with_label_values(&[a]);
+            spool_events.with_label_values(&[a]);
+            spool_oldest.with_label_values(&[a]);
+            for reason in PAUSE_REASONS {
+                paused.with_label_values(&[a.as_str(), reason]);
+            }
+            rate_limit_delay.with_label_values(&[a]);
+        }
+        received.with_label_values(&[UNKNOWN_ACCOUNT, "rejected"]);
+        spool_writable.set(1);
+
+        Metrics {
+            registry,
+            accounts,
+            received,
+            delivered,
+            dead_lettered,
+            upstream_requests,
+            upstream_duration,
+            batch_size,
+            spool_events,
+            spool_bytes,
+            spool_oldest,
+            spool_writable,
+            dead_letters_stored,
+            paused,
+            rate_limit_delay,
+            http_duration,
+            evicted_dead_letters,
+        }
+    }
+
+    /// The account label for `account`: itself when configured, else `unknown`.
+    fn account<'a>(&self, account: Option<&'a str>) -> &'a str {
+        match account {
+            Some(a) if self.accounts.iter().any(|c| c == a) => a,
+            _ => UNKNOWN_ACCOUNT,
+        }
+    }
+
+    /// `n` events of `account` got `outcome` (one of [`RECEIVED_OUTCOMES`]).
+    pub fn received(&self, account: Option<&str>, outcome: &str, n: u64) {
+        if n > 0 {
+            self.received
+                .with_label_values(&[self.account(account), outcome])
+                .inc_by(n);
+        }
+    }
+
+    pub fn delivered(&self, account: &str, n: u64) {
+        self.delivered.with_label_values(&[account]).inc_by(n);
+    }
+
+    pub fn dead_lettered(&self, account: &str, reason: &str, n: u64) {
+        self.dead_lettered
+            .with_label_values(&[account, reason])
+            .inc_by(n);
+    }
+
+    /// One request to X for `account`: its status label, how long it took and how many conversions it held.
+    pub fn upstream_request(&self, account: &str, status: &str, seconds: f64, batch: usize) {
+        self.upstream_requests
+            .with_label_values(&[account, status])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[account])
+            .observe(seconds);
+        self.batch_size
+            .with_label_values(&[account])
+            .observe(batch as f64);
+    }
+
+    /// Sets the account's pause gauge: 1 for `reason` (none: not paused), 0 for every other reason.
+    pub fn paused(&self, account: &str, reason: Option<&str>) {
+        for r in PAUSE_REASONS {
+            self.paused
+                .with_label_values(&[account, r])
+                .set(i64::from(Some(r) == reason));
+        }
+    }
+
+    pub fn rate_limit_delay(&self, account: &str, seconds: f64) {
+        self.rate_limit_delay
+            .with_label_values(&[account])
+            .inc_by(seconds);
+    }
+
+    /// One HTTP request answered; `route` is the matched route template (or `unmatched`).
+    pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
+        self.http_duration
+            .with_label_values(&[route, status_label(status)])
+            .observe(seconds);
+    }
+
+    /// The text exposition of every metric, with the spool gauges taken from `spool`.
+    pub fn render(&self, spool: &SpoolSnapshot) -> String {
+        for (account, events, oldest) in &spool.accounts {
+            self.spool_events
+                .with_label_values(&[account])
+                .set(*events as i64);
+            self.spool_oldest
+                .with_label_values(&[account])
+                .set(oldest.unwrap_or(0.0));
+        }
+        self.spool_bytes.set(spool.bytes as i64);
+        self.spool_writable.set(i64::from(spool.writable));
+        self.dead_letters_stored.set(spool.dead_letters as i64);
+        let seen = self.evicted_dead_letters.get();
+        if spool.dead_letters_evicted > seen {
+            self.evicted_dead_letters
+                .inc_by(spool.dead_letters_evicted - seen);
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for the text format, and the families are all valid.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// A status code as a label value, without allocating: the codes the gateway answers with, else the class.
+fn status_label(status: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 17] = [
+        (200, "200"),
+        (201, "201"),
+        (202, "202"),
+        (204, "204"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (413, "413"),
+        (415, "415"),
+        (422, "422"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, label)) = KNOWN.iter().find(|(code, _)| *code == status) {
+        return label;
+    }
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(accounts: &[(&str, u64, Option<f64>)]) -> SpoolSnapshot {
+        SpoolSnapshot {
+            accounts: accounts
+                .iter()
+                .map(|(a, n, t)| (a.to_string(), *n, *t))
+                .collect(),
+            bytes: 10,
+            writable: false,
+            dead_letters: 3,
+            dead_letters_evicted: 2,
+        }
+    }
+
+    #[test]
+    fn status_labels_are_a_fixed_set() {
+        assert_eq!(status_label(202), "202");
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(599), "5xx");
+        assert_eq!(status_label(301), "3xx");
+        assert_eq!(status_label(0), "5xx");
+    }
+
+    #[test]
+    fn only_configured_accounts_become_labels() {
+        let m = Metrics::new(["acme"]);
+        m.received(Some("acme"), "accepted", 2);
+        m.received(Some("evil\"} 1\n"), "rejected", 1);
+        m.received(None, "rejected", 1);
+        let text = m.render(&snapshot(&[("acme", 4, Some(1.5))]));
+        assert!(text.contains(
+            "conversion_gateway_events_received_total{account=\"acme\",outcome=\"accepted\"} 2"
+        ));
+        assert!(text.contains(
+            "conversion_gateway_events_received_total{account=\"unknown\",outcome=\"rejected\"} 2"
+        ));
+        assert!(!text.contains("evil"));
+        assert!(text.contains("conversion_gateway_spool_events{account=\"acme\"} 4"));
+        assert!(text.contains(
+            "conversion_gateway_spool_oldest_event_timestamp_seconds{account=\"acme\"} 1.5"
+        ));
+        assert!(text.contains("conversion_gateway_spool_writable 0"));
+        assert!(text.contains("conversion_gateway_dead_letters 3"));
+        assert!(text.contains("conversion_gateway_dead_letters_evicted_total 2"));
+        // The evicted total follows the spool's persisted count without double counting.
+        let text = m.render(&snapshot(&[("acme", 0, None)]));
+        assert!(text.contains("conversion_gateway_dead_letters_evicted_total 2"));
+        assert!(text.contains(
+            "conversion_gateway_spool_oldest_event_timestamp_seconds{account=\"acme\"} 0"
+        ));
+    }
+
+    #[test]
+    fn pause_gauge_has_one_reason_at_a_time() {
+        let m = Metrics::new(["acme"]);
+        m.paused("acme", Some("forbidden"));
+        m.paused("acme", Some("unauthorized"));
+        let text = m.render(&snapshot(&[]));
+        let line = |r: &str| {
+            format!("conversion_gateway_account_paused{{account=\"acme\",reason=\"{r}\"}}")
+        };
+        assert!(text.contains(&format!("{} 1", line("unauthorized"))));
+        assert!(text.contains(&format!("{} 0", line("forbidden"))));
+        m.paused("acme", None);
+        let text = m.render(&snapshot(&[]));
+        assert!(PAUSE_REASONS
+            .iter()
+            .all(|r| text.contains(&format!("{} 0", line(r)))));
+    }
+}
