@@ -367,7 +367,9 @@ async fn dead_letters_page_replay_with_the_fixed_mapping_and_delete() {
         ("/v1/dead-letters?limit=1001", "limit"),
         ("/v1/dead-letters?limit=ten", "limit"),
         ("/v1/dead-letters?cursor=abc", "cursor"),
-        ("/v1/dead-letters?account=acne", "acne"),
+        ("/v1/dead-letters?account=Acme", "account must be"),
+        ("/v1/dead-letters?cursor=", "cursor"),
+        ("/v1/dead-letters?limit=+5", "limit"),
         ("/v1/dead-letters?acount=acme", "acount"),
     ] {
         let (s, b, h) = send(&a.admin, get(uri)).await;
@@ -379,7 +381,11 @@ async fn dead_letters_page_replay_with_the_fixed_mapping_and_delete() {
     ] {
         let (s, b, h) = send(&a.admin, call(method, uri)).await;
         assert_problem(s, &b, &h, StatusCode::BAD_REQUEST, "account is required");
+        let (s, b, h) = send(&a.admin, call(method, &format!("{uri}?account=acne"))).await;
+        assert_problem(s, &b, &h, StatusCode::NOT_FOUND, "\"acme\", \"beta\"");
     }
+    let (s, b, h) = send(&a.admin, get("/v1/dead-letters?account=acne")).await;
+    assert_problem(s, &b, &h, StatusCode::NOT_FOUND, "no account \"acne\"");
 
     // Replay acme's: back in its queue; the SET id comes from today's mapping (purchase -> o9d2g).
     let (s, b, _) = send(

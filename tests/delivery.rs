@@ -21,34 +21,6 @@ fn events(prefix: &str, range: std::ops::Range<usize>) -> Value {
     json!({ "events": list })
 }
 
-async fn received_ids(http: &reqwest::Client, fake_url: &str) -> Vec<String> {
-    fake_conversions(http, fake_url)
-        .await
-        .iter()
-        .map(|c| {
-            c["conversion"]["conversion_id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect()
-}
-
-async fn wait_received(
-    http: &reqwest::Client,
-    fake_url: &str,
-    want: &HashSet<String>,
-    limit: Duration,
-) -> Vec<String> {
-    eventually(limit, async || {
-        let got = received_ids(http, fake_url).await;
-        let set: HashSet<&String> = got.iter().collect();
-        want.iter().all(|id| set.contains(id)).then_some(got)
-    })
-    .await
-    .unwrap_or_else(|| panic!("not every accepted event reached X within {limit:?}"))
-}
-
 async fn fault(http: &reqwest::Client, fake_url: &str, spec: Value) -> Value {
     http.post(format!("{fake_url}/_fake/faults"))
         .json(&spec)

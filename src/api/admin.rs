@@ -290,26 +290,43 @@ fn params(
             allowed.join(", ")
         )));
     }
-    let account = match raw.get("account").map(|a| a.trim()) {
-        None | Some("") if account_required => {
+    let digits = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    let account = match raw.get("account") {
+        None if account_required => {
             return Err(Problem::bad_request(format!(
                 "account is required: one of {}",
                 st.account_names()
             )))
         }
-        None | Some("") => None,
-        Some(a) if st.accounts.iter().any(|v| v.name == a) => Some(a.to_owned()),
-        Some(a) => {
+        None => None,
+        Some(a) if st.accounts.iter().any(|v| v.name == *a) => Some(a.clone()),
+        Some(a)
+            if a.is_empty()
+                || !a
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
+        {
             return Err(Problem::bad_request(format!(
-                "account: unknown account {a:?}; configured accounts: {}",
+                "account must be an account name (a-z, 0-9, _), one of {}",
                 st.account_names()
             )))
+        }
+        Some(a) => {
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                format!(
+                    "account: no account {a:?} is configured; configured accounts: {}",
+                    st.account_names()
+                ),
+            ))
         }
     };
     let limit = match raw.get("limit") {
         None => DEFAULT_LIMIT,
-        Some(l) => match l.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if digits(l) && (1..=MAX_LIMIT).contains(&n) => n,
             _ => {
                 return Err(Problem::bad_request(format!(
                     "limit must be a whole number from 1 to {MAX_LIMIT} (got {l:?})"
@@ -317,13 +334,15 @@ fn params(
             }
         },
     };
-    let cursor = match raw.get("cursor").map(|c| c.trim()) {
-        None | Some("") => 0,
-        Some(c) => c.parse::<u64>().map_err(|_| {
-            Problem::bad_request(format!(
+    let cursor = match raw.get("cursor") {
+        None => 0,
+        // A cursor beyond every id (however many digits) is past the last page.
+        Some(c) if digits(c) => c.parse::<u64>().unwrap_or(u64::MAX),
+        Some(c) => {
+            return Err(Problem::bad_request(format!(
                 "cursor must be the next_cursor of a previous page (got {c:?})"
-            ))
-        })?,
+            )))
+        }
     };
     Ok(Params {
         account,

@@ -1,8 +1,10 @@
 //! The first-party event -> X conversion mapping. Pure: the caller passes the rules and `now`.
 //!
 //! Each event is judged on its own and every problem is reported with the field it is in. An event
-//! flagged `opt_out: true` is suppressed before anything else is looked at. Raw email and phone numbers
-//! are hashed here and nowhere else; no error message repeats them.
+//! flagged `opt_out: true` is suppressed: never stored, never sent. Its fields are still checked — a
+//! malformed field is an error whatever the consent — but nothing is required of it (a backend may strip
+//! identifiers of users who opted out). Raw email and phone numbers are hashed here and nowhere else; no
+//! error message repeats them.
 
 use super::identifiers::{hashed_email, hashed_phone, prehashed, twclid_from_url};
 use super::values::{currency, money, parse_time, positive_int, price, wire_time};
@@ -50,7 +52,6 @@ impl Rules {
     pub fn account_of<'a>(&'a self, raw: &Value) -> Option<&'a str> {
         let named = match raw.get("account") {
             Some(Value::String(s)) => Some(s.trim().to_owned()).filter(|s| !s.is_empty()),
-            Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
         match named {
@@ -108,18 +109,28 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         errs: &mut errs,
     };
 
-    match obj.get("opt_out") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-        Some(Value::Bool(true)) => {
-            let account = fields
-                .string("account")
-                .filter(|a| rules.accounts.contains_key(a));
-            return Judgement::Suppressed { account };
-        }
+    let opt_out = match obj.get("opt_out") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
         Some(_) => {
             // Unclear consent is never sent.
             return Judgement::Rejected(vec![FieldError::new("opt_out", "must be true or false")]);
         }
+    };
+    if opt_out && obj.get("account").is_none_or(Value::is_null) && rules.accounts.len() > 1 {
+        // Whose it is cannot be told, and it is never sent: it only has to be well-formed for one of them.
+        let mut first_errors = None;
+        for name in rules.accounts.keys() {
+            let mut named = obj.clone();
+            named.insert("account".into(), Value::String(name.clone()));
+            match map_event(&Value::Object(named), rules, now) {
+                Judgement::Rejected(e) => {
+                    first_errors.get_or_insert(e);
+                }
+                _ => return Judgement::Suppressed { account: None },
+            }
+        }
+        return Judgement::Rejected(first_errors.unwrap_or_default());
     }
 
     let account_name = match fields.string("account") {
@@ -254,8 +265,23 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
     let description = fields.string("description");
     let contents = fields.contents();
     let conversion_id = fields
-        .string("conversion_id")
+        .id("conversion_id")
         .unwrap_or_else(|| derive_conversion_id(&account_name, raw));
+
+    if opt_out {
+        // What the event holds must be well-formed; what it lacks does not matter, it is never sent.
+        errs.retain(|e| {
+            let root = e.field.split(['.', '[']).next().unwrap_or("");
+            obj.get(root).is_some_and(|v| !v.is_null())
+        });
+        return if errs.is_empty() {
+            Judgement::Suppressed {
+                account: Some(account_name),
+            }
+        } else {
+            Judgement::Rejected(errs)
+        };
+    }
 
     match (event_id, conversion_time) {
         (Some(event_id), Some(t)) if errs.is_empty() => Judgement::Accepted {
@@ -345,12 +371,19 @@ impl<'a> Fields<'a, '_> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    /// A string field, trimmed; empty counts as absent. Numbers are accepted as their text (order ids).
+    /// A string field, trimmed; empty counts as absent.
     fn string(&mut self, key: &str) -> Option<String> {
         match self.present(key)? {
             Value::String(s) => Some(s.trim().to_owned()).filter(|s| !s.is_empty()),
-            Value::Number(n) => Some(n.to_string()),
             _ => self.err(key, "must be a string"),
+        }
+    }
+
+    /// An id field: a string as `string` reads it, or a number taken as its text (order ids often are).
+    fn id(&mut self, key: &str) -> Option<String> {
+        match self.present(key)? {
+            Value::Number(n) => Some(n.to_string()),
+            _ => self.string(key),
         }
     }
 
@@ -449,11 +482,10 @@ impl<'a> Fields<'a, '_> {
                 errs: &mut *self.errs,
             };
             let before = f.errs.len();
-            let mut sub = |key: &str| f.string(key);
-            let content_id = sub("content_id");
-            let content_name = sub("content_name");
-            let content_type = sub("content_type");
-            let content_group_id = sub("content_group_id");
+            let content_id = f.id("content_id");
+            let content_name = f.string("content_name");
+            let content_type = f.string("content_type");
+            let content_group_id = f.id("content_group_id");
             let content_price = f.present("content_price").and_then(|v| {
                 price(v)
                     .map_err(|e| f.errs.push(FieldError::new("content_price", e)))
@@ -798,11 +830,41 @@ mod tests {
     }
 
     #[test]
-    fn opt_out_suppresses_before_anything_else() {
-        assert!(matches!(
-            map_event(&json!({"opt_out": true}), &rules(&["acme"]), now()),
-            Judgement::Suppressed { .. }
-        ));
+    fn opt_out_suppresses_well_formed_events_and_requires_nothing() {
+        for raw in [
+            json!({"opt_out": true}),
+            json!({"event": "purchase", "email": "jane@example.com", "opt_out": true}),
+        ] {
+            assert_eq!(
+                map_event(&raw, &rules(&["acme"]), now()),
+                Judgement::Suppressed {
+                    account: Some("acme".into())
+                },
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            map_event(&json!({"opt_out": true}), &rules(&["acme", "beta"]), now()),
+            Judgement::Suppressed { account: None }
+        );
+        assert_eq!(
+            fields(&reject_with(
+                json!({"opt_out": true, "price_currency": 5}),
+                &rules(&["acme", "beta"])
+            )),
+            ["price_currency"]
+        );
+        // A malformed field is an error whatever the consent.
+        assert_eq!(
+            fields(&reject(
+                json!({"opt_out": true, "phone": 5, "contents": [{"num_items": -1}]})
+            )),
+            ["phone", "contents[0].num_items"]
+        );
+        assert_eq!(
+            fields(&reject(json!({"opt_out": true, "event": "nope"}))),
+            ["event"]
+        );
         assert!(matches!(
             map_event(
                 &json!({"event": "purchase", "twclid": "t", "opt_out": false}),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 pub const GATEWAY: &str = env!("CARGO_BIN_EXE_conversion-gateway");
 pub const FAKE: &str = env!("CARGO_BIN_EXE_fake-x-api");
 pub const API_KEY: &str = "e2e-api-key";
+/// The admin key: a canary too, it must never show anywhere.
+pub const ADMIN_KEY: &str = "CANARY-admin-key";
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -162,6 +165,7 @@ pub fn gateway_config(port: u16, admin_port: u16, fake_port: u16, consumer_secre
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 api_keys = ["{API_KEY}"]
+admin_api_keys = ["{ADMIN_KEY}"]
 shutdown_timeout = "10s"
 
 [upstream]
@@ -321,6 +325,36 @@ pub async fn fake_conversions(client: &reqwest::Client, fake_url: &str) -> Vec<V
 
 pub async fn fake_requests(client: &reqwest::Client, fake_url: &str) -> Vec<Value> {
     fake_list(client, fake_url, "requests").await
+}
+
+/// The conversion ids the fake accepted, in arrival order.
+pub async fn received_ids(http: &reqwest::Client, fake_url: &str) -> Vec<String> {
+    fake_conversions(http, fake_url)
+        .await
+        .iter()
+        .map(|c| {
+            c["conversion"]["conversion_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Waits until the fake accepted every id of `want`; the ids it accepted by then.
+pub async fn wait_received(
+    http: &reqwest::Client,
+    fake_url: &str,
+    want: &HashSet<String>,
+    limit: Duration,
+) -> Vec<String> {
+    eventually(limit, async || {
+        let got = received_ids(http, fake_url).await;
+        let set: HashSet<&String> = got.iter().collect();
+        want.iter().all(|id| set.contains(id)).then_some(got)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not every accepted event reached X within {limit:?}"))
 }
 
 /// POSTs `body` to the ingest URL with the test API key.
