@@ -9,9 +9,12 @@ use conversion_gateway::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
 use conversion_gateway::limiter::{EmbeddedLimiter, Gcra, Limiter};
 use conversion_gateway::metrics::Metrics;
 use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Spool};
-use conversion_gateway::telemetry;
 use conversion_gateway::upstream::{Client, Target};
+use conversion_gateway::{healthcheck, preview, telemetry};
+use std::io::Read;
 use std::path::PathBuf;
+use std::time::Duration;
+
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -42,21 +45,52 @@ enum Command {
     Run,
     /// Print the effective configuration, secrets shown as [REDACTED]; exit 1 naming the bad key if invalid.
     CheckConfig,
+    /// Read events from stdin (one object, an array, {"events": [...]}, or JSON Lines) and print, for each,
+    /// the X conversion it becomes (hashes only) or the errors it gets. Nothing is stored or sent.
+    /// Exit 0 when no event is rejected, 1 when some are, 2 when the input or configuration is unusable.
+    Preview,
+    /// Exit 0 when the running gateway (at server.admin_listen) is ready to take events, 1 otherwise:
+    /// for container health checks (the image has no curl).
+    Healthcheck {
+        /// Ask whether the process is alive (/livez) instead of ready (/readyz).
+        #[arg(long)]
+        live: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
     let settings = match config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("conversion-gateway: invalid configuration: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(if matches!(command, Command::Preview) {
+                2
+            } else {
+                1
+            });
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
         Command::CheckConfig => {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
+        }
+        Command::Preview => preview(&settings),
+        Command::Healthcheck { live, timeout } => {
+            let addr = healthcheck::local_address(settings.server.admin_listen);
+            let path = if live { "/livez" } else { "/readyz" };
+            match healthcheck::check(addr, path, Duration::from_secs(timeout.max(1))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("conversion-gateway: not healthy: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Run => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -77,6 +111,39 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+fn preview(settings: &Settings) -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("conversion-gateway: cannot read stdin: {e}");
+        return ExitCode::from(2);
+    }
+    match preview::preview(&input, &settings.mapping_rules(), chrono::Utc::now()) {
+        Ok(report) => {
+            match serde_json::to_string_pretty(&report) {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("conversion-gateway: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            if report.rejected > 0 {
+                eprintln!(
+                    "conversion-gateway: {} of {} events would be rejected",
+                    report.rejected,
+                    report.events.len()
+                );
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("conversion-gateway: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -202,3 +202,118 @@ async fn sigterm_exits_0_and_what_was_accepted_goes_out_after_restart() {
     .expect("the spooled events go out after the restart");
     assert_eq!(got.len(), 50);
 }
+
+/// Runs `conversion-gateway <args>` with `stdin`; (exit code, stdout, stderr).
+fn run_with_stdin(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(GATEWAY)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn preview_shows_each_conversion_or_its_errors_and_sends_nothing() {
+    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml");
+    let events = concat!(
+        r#"{"event": "purchase", "email": "Preview.Person@Example.com", "phone": "(650) 253-0000", "conversion_id": "p-1", "value": 20}"#,
+        "\n",
+        r#"{"event": "purchase", "email": "not-an-email"}"#,
+        "\n",
+        r#"{"event": "signup", "twclid": "t", "opt_out": true}"#,
+        "\n"
+    );
+    let (code, out, err) = run_with_stdin(&["--config", local, "preview"], events);
+    assert_eq!(code, 1, "one event is rejected: {err}");
+    assert!(err.contains("1 of 3 events would be rejected"), "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            &report["accepted"],
+            &report["suppressed"],
+            &report["rejected"]
+        ),
+        (&json!(1), &json!(1), &json!(1))
+    );
+    let first = &report["events"][0];
+    assert_eq!(first["outcome"], "accepted");
+    assert_eq!(first["pixel_id"], "o9d7n");
+    assert_eq!(first["conversion"]["event_id"], "o9d2g");
+    assert_eq!(first["conversion"]["value"], "20.00");
+    // SHA-256 of the normalized email and E.164 phone, never the raw values.
+    assert_eq!(
+        first["conversion"]["identifiers"][0]["hashed_email"],
+        sha256_hex("preview.person@example.com")
+    );
+    assert_eq!(
+        first["conversion"]["identifiers"][1]["hashed_phone_number"],
+        sha256_hex("+16502530000")
+    );
+    assert!(!out.contains("Preview.Person") && !out.contains("253-0000"));
+    assert_eq!(report["events"][1]["errors"][0]["field"], "email");
+    assert_eq!(report["events"][2]["outcome"], "suppressed");
+
+    let (code, out, _) = run_with_stdin(
+        &["--config", local, "preview"],
+        r#"{"events": [{"event": "signup", "twclid": "t"}]}"#,
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = run_with_stdin(&["--config", local, "preview"], "not json");
+    assert_eq!(code, 2);
+    assert!(err.contains("not JSON"), "{err}");
+    let (code, _, err) = run_with_stdin(&["--config", "/nonexistent.toml", "preview"], "{}");
+    assert_eq!(code, 2, "{err}");
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_asks_the_running_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"0.0.0.0:{admin}\"\napi_keys = [\"k\"]\n[upstream]\nsandbox = true\n\
+             [accounts.acme]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7n\"\n"
+        ),
+    );
+    let cfg = cfg.to_str().unwrap();
+    let health = |extra: &[&str]| {
+        let mut args = vec!["--config", cfg, "healthcheck", "--timeout", "2"];
+        args.extend_from_slice(extra);
+        Command::new(GATEWAY).args(&args).output().unwrap()
+    };
+    let out = health(&[]);
+    assert_eq!(out.status.code(), Some(1), "nobody listens yet");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    let spool = dir.path().join("spool");
+    let _gateway = spawn(
+        GATEWAY,
+        &["--config", cfg],
+        &[("GATEWAY_SPOOL__DIR", spool.to_str().unwrap())],
+        dir.path().join("gateway.log"),
+    );
+    wait_http(&format!("http://127.0.0.1:{admin}/readyz"));
+    assert_eq!(health(&[]).status.code(), Some(0));
+    assert_eq!(health(&["--live"]).status.code(), Some(0));
+}
