@@ -59,28 +59,6 @@ async fn readyz(http: &reqwest::Client, stack: &Stack) -> u16 {
         .as_u16()
 }
 
-/// promtool from Debian's prometheus package, installed with apt-get when missing.
-fn promtool() -> &'static str {
-    const PROMTOOL: &str = "/usr/bin/promtool";
-    if !Path::new(PROMTOOL).exists() {
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends", "prometheus"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").arg("update").status();
-            assert!(
-                install(),
-                "cannot install promtool (apt-get install prometheus)"
-            );
-        }
-    }
-    PROMTOOL
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_x_outage_is_not_a_reason_to_be_unready() {
     let stack = start_stack();

@@ -208,6 +208,21 @@ pub struct Stack {
     starts: usize,
 }
 
+/// Starts fake-x-api (`fake_config`) with its files in `dir`: the process, its port and its URL.
+pub fn start_fake(dir: &Path) -> (Proc, u16, String) {
+    let port = free_port();
+    let cfg = write(dir, "fake.toml", &fake_config(port));
+    let fake = spawn(
+        FAKE,
+        &["--config", cfg.to_str().unwrap()],
+        &[],
+        dir.join("fake.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&format!("{url}/_fake/health"));
+    (fake, port, url)
+}
+
 /// Starts fake-x-api and the gateway in front of it.
 pub fn start_stack() -> Stack {
     start_stack_with("CANARY-consumer-secret", &[])
@@ -216,16 +231,8 @@ pub fn start_stack() -> Stack {
 /// Like `start_stack`, with the gateway's consumer secret and extra `GATEWAY_*` variables.
 pub fn start_stack_with(consumer_secret: &str, envs: &[(&str, &str)]) -> Stack {
     let dir = tempfile::tempdir().unwrap();
-    let (fake_port, port, admin_port) = (free_port(), free_port(), free_port());
-    let fake_cfg = write(dir.path(), "fake.toml", &fake_config(fake_port));
-    let fake = spawn(
-        FAKE,
-        &["--config", fake_cfg.to_str().unwrap()],
-        &[],
-        dir.path().join("fake.log"),
-    );
-    let fake_url = format!("http://127.0.0.1:{fake_port}");
-    wait_http(&format!("{fake_url}/_fake/health"));
+    let (port, admin_port) = (free_port(), free_port());
+    let (fake, fake_port, fake_url) = start_fake(dir.path());
     let gateway = launch_gateway(
         dir.path(),
         0,
@@ -355,6 +362,28 @@ pub async fn wait_received(
     })
     .await
     .unwrap_or_else(|| panic!("not every accepted event reached X within {limit:?}"))
+}
+
+/// promtool from Debian's prometheus package, installed with apt-get when missing.
+pub fn promtool() -> &'static str {
+    const PROMTOOL: &str = "/usr/bin/promtool";
+    if !Path::new(PROMTOOL).exists() {
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "prometheus"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !install() {
+            let _ = Command::new("apt-get").arg("update").status();
+            assert!(
+                install(),
+                "cannot install promtool (apt-get install prometheus)"
+            );
+        }
+    }
+    PROMTOOL
 }
 
 /// POSTs `body` to the ingest URL with the test API key.
