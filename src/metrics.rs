@@ -193,6 +193,8 @@ impl Metrics {
                 received.with_label_values(&[a.as_str(), outcome]);
             }
             delivered.with_label_values(&[a]);
+            // The status X answers when all is well, so a success rate is defined before the first request.
+            upstream_requests.with_label_values(&[a.as_str(), "200"]);
             for reason in DEAD_LETTER_REASONS {
                 dead_lettered.with_label_values(&[a.as_str(), reason]);
             }

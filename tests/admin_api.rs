@@ -207,7 +207,8 @@ async fn metrics_start_at_zero_for_every_account_and_count_outcomes() {
             assert_eq!(sample(&m, &series), Some(0.0), "{series}");
         }
         for series in [
-            format!("conversion_gateway_events_delivered_total{{account=\"{account}\"}}"),
+                        format!("conversion_gateway_events_delivered_total{{account=\"{account}\"}}"),
+            format!("conversion_gateway_upstream_requests_total{{account=\"{account}\",status=\"200\"}}"),
             format!("conversion_gateway_events_dead_lettered_total{{account=\"{account}\",reason=\"rejected\"}}"),
             format!("conversion_gateway_spool_events{{account=\"{account}\"}}"),
             format!("conversion_gateway_spool_oldest_event_timestamp_seconds{{account=\"{account}\"}}"),

@@ -388,6 +388,16 @@ async fn no_canary_reaches_logs_metrics_admin_answers_or_the_spool() {
     ];
     let text = seen.join("\n");
     assert!(text.len() > 10_000, "trace-level logs were written");
+    let start = stack
+        .gateway_logs()
+        .lines()
+        .find(|l| l.contains("\"starting\""))
+        .map(String::from)
+        .expect("the effective configuration is logged at start-up");
+    assert!(
+        start.contains("[REDACTED]") && start.contains("o9d7n"),
+        "{start}"
+    );
     for canary in canaries {
         assert!(
             !text.contains(canary),
