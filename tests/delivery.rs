@@ -157,6 +157,27 @@ async fn the_budget_is_never_exceeded_and_the_backlog_drains_near_it() {
         "budget test: {total} events, {rate:.1}/s after the first batch, {} requests",
         sent.len()
     );
+    // The waiting shows in the metrics: about span_s seconds of it (the first batch went at once).
+    let metrics = http
+        .get(format!("{}/metrics", stack.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let delay: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("conversion_gateway_rate_limit_delay_seconds_total{account=\"acme\"} ")?
+                .parse()
+                .ok()
+        })
+        .expect("rate_limit_delay_seconds_total for acme");
+    assert!(
+        delay >= span_s * 0.5 && delay <= span_s + 5.0,
+        "{delay} s of delay over a {span_s} s drain"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,12 +373,8 @@ impl Dispatcher {
         if let Some(until) = hold {
             let now = epoch();
             let until = Duration::from_secs(until);
-            if until > now {
-                self.metrics
-                    .rate_limit_delay(&self.target.account, (until - now).as_secs_f64());
-                if pause_for(until - now, stop).await {
-                    return false;
-                }
+            if until > now && !self.delay_for_rate_limit(until - now, stop).await {
+                return false;
             }
         }
         let now = epoch().as_nanos() as u64;
@@ -386,9 +382,7 @@ impl Dispatcher {
             Ok(at) if at > now => {
                 let wait = Duration::from_nanos(at - now);
                 tracing::debug!(account = %self.target.account, wait_ms = wait.as_millis() as u64, "waiting for budget");
-                self.metrics
-                    .rate_limit_delay(&self.target.account, wait.as_secs_f64());
-                !pause_for(wait, stop).await
+                self.delay_for_rate_limit(wait, stop).await
             }
             Ok(_) => !*stop.borrow(),
             Err(e) => {
@@ -398,6 +392,15 @@ impl Dispatcher {
                     && Box::pin(self.wait_for_budget(n, stop)).await
             }
         }
+    }
+
+    /// Waits `d` for budget or X's reset, counting the time actually waited; `false` on shutdown.
+    async fn delay_for_rate_limit(&self, d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+        let started = Instant::now();
+        let stopped = pause_for(d, stop).await;
+        self.metrics
+            .rate_limit_delay(&self.target.account, started.elapsed().as_secs_f64());
+        !stopped
     }
 
     /// Moves events older than `max_event_age` to the dead letters and returns the rest.
