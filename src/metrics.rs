@@ -180,6 +180,19 @@ impl Metrics {
             &["route", "status"],
             latency,
         );
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    name("build_info"),
+                    "Always 1; the running version in its label.",
+                ),
+                &["version"],
+            ),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let evicted_dead_letters = register(
             &registry,
             IntCounter::new(
@@ -398,6 +411,10 @@ mod tests {
         assert!(text.contains("conversion_gateway_spool_writable 0"));
         assert!(text.contains("conversion_gateway_dead_letters 3"));
         assert!(text.contains("conversion_gateway_dead_letters_evicted_total 2"));
+        assert!(text.contains(&format!(
+            "conversion_gateway_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
         // The evicted total follows the spool's persisted count without double counting.
         let text = m.render(&snapshot(&[("acme", 0, None)]));
         assert!(text.contains("conversion_gateway_dead_letters_evicted_total 2"));
