@@ -14,15 +14,17 @@ pub use problem::Problem;
 use crate::conversion::Rules;
 use crate::metrics::Metrics;
 use crate::spool::Spool;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::Uri;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
 use chrono::{DateTime, Utc};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 pub struct AppState {
@@ -45,21 +47,83 @@ impl AppState {
 }
 
 /// Times every request into `http_request_duration_seconds` (by route template, never the raw path) and
-/// logs it at debug level.
-async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let method = request.method().clone();
-    let response = next.run(request).await;
-    let elapsed = started.elapsed();
-    let status = response.status().as_u16();
-    metrics.http_request(&route, status, elapsed.as_secs_f64());
-    tracing::debug!(%method, route, status, latency_us = elapsed.as_micros() as u64, "http request");
-    response
+/// logs it at debug level. A plain tower layer: no boxed future or cloned router per request.
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+struct ObserveLayer(Arc<Metrics>);
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+impl<S, B> tower::Service<Request> for Observe<S>
+where
+    S: tower::Service<Request, Response = axum::http::Response<B>>,
+{
+    type Response = axum::http::Response<B>;
+    type Error = S::Error;
+    type Future = Observed<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let method = tracing::enabled!(tracing::Level::DEBUG).then(|| request.method().clone());
+        Observed {
+            inner: self.inner.call(request),
+            started: Instant::now(),
+            route,
+            method,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Observed<F> {
+        #[pin]
+        inner: F,
+        started: Instant,
+        route: Option<MatchedPath>,
+        method: Option<axum::http::Method>,
+        metrics: Arc<Metrics>,
+    }
+}
+
+impl<F, B, E> Future for Observed<F>
+where
+    F: Future<Output = Result<axum::http::Response<B>, E>>,
+{
+    type Output = Result<axum::http::Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let Ok(response) = &result {
+            let elapsed = this.started.elapsed();
+            let route = this.route.as_ref().map_or("unmatched", |p| p.as_str());
+            let status = response.status().as_u16();
+            this.metrics
+                .http_request(route, status, elapsed.as_secs_f64());
+            if let Some(method) = this.method {
+                tracing::debug!(%method, route, status, latency_us = elapsed.as_micros() as u64, "http request");
+            }
+        }
+        Poll::Ready(result)
+    }
 }
 
 /// Layers both listeners share: a panic in a handler becomes a 500 problem (the process and the other
@@ -67,7 +131,7 @@ async fn observe(State(metrics): State<Arc<Metrics>>, request: Request, next: Ne
 fn common_layers(router: Router, metrics: Arc<Metrics>) -> Router {
     router.layer(
         tower::ServiceBuilder::new()
-            .layer(axum::middleware::from_fn_with_state(metrics, observe))
+            .layer(ObserveLayer(metrics))
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
                 Problem::new(
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
