@@ -222,6 +222,15 @@ fn unavailable(e: SpoolError) -> Problem {
     Problem::unavailable(format!("{e}; retry later"), 1)
 }
 
+/// Reads dead letters off the async workers: a filtered page may scan many of them.
+async fn dead_letters(st: &AdminState, q: DeadLetterQuery) -> Result<Vec<DeadLetter>, Problem> {
+    let spool = st.app.spool.clone();
+    tokio::task::spawn_blocking(move || spool.dead_letters(&q))
+        .await
+        .map_err(|e| unavailable(SpoolError::Unavailable(e.to_string())))?
+        .map_err(unavailable)
+}
+
 async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsReport>, Problem> {
     let spool = &st.app.spool;
     let now = epoch();
@@ -405,15 +414,15 @@ async fn list_dead_letters(
 ) -> Result<Json<DeadLetterPage>, Problem> {
     let p = params(&st, &raw, &["account", "limit", "cursor"], false)?;
     // One more than asked tells whether another page follows.
-    let mut letters = st
-        .app
-        .spool
-        .dead_letters(&DeadLetterQuery {
+    let mut letters = dead_letters(
+        &st,
+        DeadLetterQuery {
             account: p.account,
             after: p.cursor,
             limit: p.limit + 1,
-        })
-        .map_err(unavailable)?;
+        },
+    )
+    .await?;
     let more = letters.len() > p.limit;
     letters.truncate(p.limit);
     let next_cursor = more
@@ -439,16 +448,18 @@ async fn delete_dead_letters(
     let spool = &st.app.spool;
     let mut deleted = 0;
     loop {
-        let ids: Vec<u64> = spool
-            .dead_letters(&DeadLetterQuery {
+        let ids: Vec<u64> = dead_letters(
+            &st,
+            DeadLetterQuery {
                 account: Some(account.clone()),
                 after: 0,
                 limit: REPLAY_CHUNK,
-            })
-            .map_err(unavailable)?
-            .iter()
-            .map(|d| d.id)
-            .collect();
+            },
+        )
+        .await?
+        .iter()
+        .map(|d| d.id)
+        .collect();
         if ids.is_empty() {
             break;
         }
@@ -484,13 +495,15 @@ async fn replay_dead_letters(
     let (mut replayed, mut remapped) = (0, 0);
     let mut after = 0;
     loop {
-        let letters = spool
-            .dead_letters(&DeadLetterQuery {
+        let letters = dead_letters(
+            &st,
+            DeadLetterQuery {
                 account: Some(account.clone()),
                 after,
                 limit: REPLAY_CHUNK,
-            })
-            .map_err(unavailable)?;
+            },
+        )
+        .await?;
         let Some(last) = letters.last().map(|d| d.id) else {
             break;
         };
