@@ -257,6 +257,7 @@ impl DiskSpool {
             shared: shared.clone(),
             opts,
             dedup: Mutex::new(dedup),
+            disk_low: Default::default(),
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -532,7 +533,13 @@ struct Writer {
     shared: Arc<Mutex<Shared>>,
     opts: DiskSpoolOptions,
     dedup: Mutex<DedupState>,
+    /// The last free-space reading: (when, whether below `min_free_bytes`).
+    disk_low: std::cell::Cell<Option<(std::time::Instant, bool)>>,
 }
+
+/// How long a free-space reading is trusted. Reading it costs a syscall, and every group needed two;
+/// `min_free_bytes` is the margin for what is written in between (and ENOSPC is handled anyway).
+const FREE_SPACE_FRESH: Duration = Duration::from_millis(50);
 
 /// The live range of the dedup log and the fingerprints of its entries.
 #[derive(Default)]
@@ -804,13 +811,26 @@ impl Writer {
         }
     }
 
+    /// Whether the file system under the spool has less than `min_free_bytes` free (a recent reading).
+    fn disk_low(&self) -> bool {
+        let now = std::time::Instant::now();
+        match self.disk_low.get() {
+            Some((at, low)) if now.duration_since(at) < FREE_SPACE_FRESH => low,
+            _ => {
+                let low = fs4::available_space(&self.opts.dir)
+                    .is_ok_and(|free| free < self.opts.min_free_bytes);
+                self.disk_low.set(Some((now, low)));
+                low
+            }
+        }
+    }
+
     /// How much appends may add in this group, and why they stop there.
     fn room(&self) -> Room {
         let mut s = lock(&self.shared);
         let total = s.total_bytes;
         let by_size = self.opts.max_bytes.saturating_sub(total);
-        let low =
-            fs4::available_space(&self.opts.dir).is_ok_and(|free| free < self.opts.min_free_bytes);
+        let low = self.disk_low();
         let by_disk = if low {
             let mark = *s.low_water.get_or_insert(total);
             Some((mark / 10 * 9).saturating_sub(total))
@@ -830,8 +850,7 @@ impl Writer {
         if s.total_bytes >= self.opts.max_bytes {
             return Some(SpoolError::Full.to_string());
         }
-        let low =
-            fs4::available_space(&self.opts.dir).is_ok_and(|free| free < self.opts.min_free_bytes);
+        let low = self.disk_low();
         match s.low_water {
             Some(mark) if low && s.total_bytes >= mark / 10 * 9 => {
                 Some(Room::disk_message(self.opts.min_free_bytes))
