@@ -42,6 +42,8 @@ pub struct Metrics {
     rate_limit_delay: CounterVec,
     http_duration: HistogramVec,
     evicted_dead_letters: IntCounter,
+    resident_memory: IntGauge,
+    open_fds: IntGauge,
 }
 
 /// What the spool holds at scrape time.
@@ -193,6 +195,18 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Process metrics under their conventional names, read from /proc at scrape time (Linux).
+        let resident_memory = register(
+            &registry,
+            IntGauge::new(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+            ),
+        );
+        let open_fds = register(
+            &registry,
+            IntGauge::new("process_open_fds", "Number of open file descriptors."),
+        );
         let evicted_dead_letters = register(
             &registry,
             IntCounter::new(
@@ -241,6 +255,8 @@ impl Metrics {
             rate_limit_delay,
             http_duration,
             evicted_dead_letters,
+            resident_memory,
+            open_fds,
         }
     }
 
@@ -319,6 +335,12 @@ impl Metrics {
         self.spool_bytes.set(spool.bytes as i64);
         self.spool_writable.set(i64::from(spool.writable));
         self.dead_letters_stored.set(spool.dead_letters as i64);
+        if let Some(rss) = resident_bytes() {
+            self.resident_memory.set(rss as i64);
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
         let seen = self.evicted_dead_letters.get();
         if spool.dead_letters_evicted > seen {
             self.evicted_dead_letters
@@ -329,6 +351,20 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// The process's resident memory, from `VmRSS` in /proc/self/status (in kB there, whatever the page size).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// A status code as a label value, without allocating: the codes the gateway answers with, else the class.
@@ -415,6 +451,14 @@ mod tests {
             "conversion_gateway_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         )));
+        let sample = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        // This test process: more than a megabyte resident, and stdin/stdout/stderr open.
+        assert!(sample("process_resident_memory_bytes") > 1e6);
+        assert!(sample("process_open_fds") >= 3.0);
         // The evicted total follows the spool's persisted count without double counting.
         let text = m.render(&snapshot(&[("acme", 0, None)]));
         assert!(text.contains("conversion_gateway_dead_letters_evicted_total 2"));
