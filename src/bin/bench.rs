@@ -84,6 +84,28 @@ impl Drop for Proc {
     }
 }
 
+/// nginx, stopped on drop with SIGTERM so that its master takes its workers down with it (SIGKILL on
+/// the master alone left the workers running, holding the port).
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -335,7 +357,7 @@ fn nginx_binary() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn start_nginx(dir: &Path, port: u16) -> Result<Proc, String> {
+fn start_nginx(dir: &Path, port: u16) -> Result<Nginx, String> {
     if nginx_binary().is_none() {
         eprintln!("bench: nginx is missing; installing it with apt-get (the reference for the ingest rate)");
         let _ = Command::new("apt-get")
@@ -374,8 +396,9 @@ fn start_nginx(dir: &Path, port: u16) -> Result<Proc, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
+    let nginx = Nginx(child);
     wait_port(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    Ok(Proc(child))
+    Ok(nginx)
 }
 
 /// The Lua script that makes wrk send the same unique-`conversion_id` events as the bench's own generator.
