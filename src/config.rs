@@ -738,6 +738,15 @@ impl RawSettings {
     }
 }
 
+/// Whether `name` can name an account: a-z, 0-9 and `_`, not empty (names appear in metric labels and in
+/// `GATEWAY_ACCOUNTS__<NAME>__...` variables).
+pub fn is_account_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 fn validate_account(
     name: &str,
     a: RawAccount,
@@ -745,11 +754,7 @@ fn validate_account(
     sandbox: bool,
 ) -> Result<Account, ConfigError> {
     let p = format!("accounts.{name}");
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
+    if !is_account_name(name) {
         return err(&p, "account names use only a-z, 0-9 and _ (they appear in metrics and in GATEWAY_ACCOUNTS__<NAME>__... variables)");
     }
     if name == crate::metrics::UNKNOWN_ACCOUNT {

@@ -309,12 +309,7 @@ fn params(
         }
         None => None,
         Some(a) if st.accounts.iter().any(|v| v.name == *a) => Some(a.clone()),
-        Some(a)
-            if a.is_empty()
-                || !a
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
-        {
+        Some(a) if !crate::config::is_account_name(a) => {
             return Err(Problem::bad_request(format!(
                 "account must be an account name (a-z, 0-9, _), one of {}",
                 st.account_names()
