@@ -152,9 +152,7 @@ async fn runs_as_uid_65532_on_a_read_only_root_with_only_the_spool_writable() {
         dir.path().join("gateway.log"),
     );
     let ready = eventually(Duration::from_secs(10), async || {
-        rawhttp::get_ok(&format!("http://127.0.0.1:{admin}/readyz"))
-            .ok()
-            .filter(|ok| *ok)
+        get_ok(&format!("http://127.0.0.1:{admin}/readyz")).then_some(())
     })
     .await;
     assert!(

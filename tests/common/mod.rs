@@ -91,10 +91,8 @@ pub fn spawn(bin: &str, args: &[&str], envs: &[(&str, &str)], log: PathBuf) -> P
 pub fn wait_http(url: &str) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
-        if let Ok(r) = rawhttp::get_ok(url) {
-            if r {
-                return;
-            }
+        if get_ok(url) {
+            return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -115,25 +113,16 @@ pub async fn eventually<T>(limit: Duration, mut f: impl AsyncFnMut() -> Option<T
     }
 }
 
-pub mod rawhttp {
-    /// A tiny blocking GET over std, for readiness polling outside a runtime.
-    pub fn get_ok(url: &str) -> std::io::Result<bool> {
-        use std::io::{Read, Write};
-        let rest = url.strip_prefix("http://").unwrap();
-        let (host, path) = rest
-            .split_once('/')
-            .map(|(h, p)| (h, format!("/{p}")))
-            .unwrap_or((rest, "/".into()));
-        let mut s = std::net::TcpStream::connect(host)?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        Ok(buf.starts_with("HTTP/1.1 200"))
-    }
+/// Whether `GET url` (`http://ip:port/path`) answers 200: the gateway's own `healthcheck` probe, usable
+/// outside a runtime.
+pub fn get_ok(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let addr = host.parse().expect("an ip:port URL");
+    conversion_gateway::healthcheck::check(addr, &path, Duration::from_secs(2)).is_ok()
 }
 
 /// The fake's configuration for two accounts: one OAuth 1.0a, one pixel token.
