@@ -4,7 +4,7 @@
 //! Pure: the caller passes the text, the rules and `now`. Invariant: the report holds only what ingest
 //! would keep (hashes, never a raw email or phone number) and the same judgement ingest would make.
 
-use crate::conversion::{map_event, Conversion, FieldError, Judgement, Rules};
+use crate::conversion::{events_of, map_event, Conversion, FieldError, Judgement, Rules};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -43,17 +43,7 @@ pub struct Report {
 fn events(input: &str) -> Result<Vec<Value>, String> {
     match serde_json::from_str::<Value>(input) {
         Ok(Value::Array(list)) => Ok(list),
-        Ok(Value::Object(mut obj)) if obj.contains_key("events") => {
-            if obj.len() > 1 {
-                return Err("a batch is {\"events\": [...]} and nothing else".into());
-            }
-            match obj.remove("events") {
-                Some(Value::Array(list)) => Ok(list),
-                _ => Err("events must be an array of event objects".into()),
-            }
-        }
-        Ok(v @ Value::Object(_)) => Ok(vec![v]),
-        Ok(_) => Err("expected an event object, an array of them, or {\"events\": [...]}".into()),
+        Ok(body) => events_of(body),
         Err(whole) => input
             .lines()
             .enumerate()

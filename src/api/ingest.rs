@@ -5,7 +5,7 @@
 //! after the spool took the accepted events; one bad event never affects the others of the request.
 
 use super::{AppState, Problem};
-use crate::conversion::{map_event, FieldError, Judgement};
+use crate::conversion::{events_of, map_event, FieldError, Judgement};
 use crate::spool::{Admission, Record};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -110,29 +110,7 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
     let bytes = read_body(body, st.max_body_bytes, &parts.headers).await?;
     let parsed: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;
-    let events: Vec<Value> = match parsed {
-        Value::Object(mut obj) if obj.contains_key("events") => {
-            if let Some(extra) = obj.keys().find(|k| *k != "events") {
-                return Err(Problem::bad_request(format!(
-                    "unexpected top-level field {extra:?}: a batch is {{\"events\": [...]}} and nothing else; put fields inside each event"
-                )));
-            }
-            match obj.remove("events") {
-                Some(Value::Array(list)) => list,
-                _ => {
-                    return Err(Problem::bad_request(
-                        "events must be an array of event objects",
-                    ))
-                }
-            }
-        }
-        obj @ Value::Object(_) => vec![obj],
-        _ => {
-            return Err(Problem::bad_request(
-                "the body must be one event object or {\"events\": [ ... ]}",
-            ))
-        }
-    };
+    let events = events_of(parsed).map_err(Problem::bad_request)?;
     if events.is_empty() {
         return Err(Problem::bad_request(
             "events is empty; send at least one event",

@@ -95,6 +95,26 @@ pub enum Judgement {
     Rejected(Vec<FieldError>),
 }
 
+/// The events of a `POST /v1/events` body: one event object, or `{"events": [...]}` and nothing else.
+/// `Err` says what is wrong with the shape; the events themselves are judged one by one by `map_event`.
+pub fn events_of(body: Value) -> Result<Vec<Value>, String> {
+    match body {
+        Value::Object(mut obj) if obj.contains_key("events") => {
+            if let Some(extra) = obj.keys().find(|k| *k != "events") {
+                return Err(format!(
+                    "unexpected top-level field {extra:?}: a batch is {{\"events\": [...]}} and nothing else; put fields inside each event"
+                ));
+            }
+            match obj.remove("events") {
+                Some(Value::Array(list)) => Ok(list),
+                _ => Err("events must be an array of event objects".into()),
+            }
+        }
+        obj @ Value::Object(_) => Ok(vec![obj]),
+        _ => Err("the body must be one event object or {\"events\": [ ... ]}".into()),
+    }
+}
+
 /// Maps one event as the caller sent it.
 pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
     let Some(obj) = raw.as_object() else {

@@ -10,7 +10,8 @@ pub mod values;
 pub mod wire;
 
 pub use event::{
-    derive_conversion_id, is_base36_id, map_event, AccountRules, FieldError, Judgement, Rules,
+    derive_conversion_id, events_of, is_base36_id, map_event, AccountRules, FieldError, Judgement,
+    Rules,
 };
 pub use wire::{Batch, Content, Conversion, Identifier};
 
