@@ -572,6 +572,18 @@ struct Effects {
     appended: Vec<String>,
 }
 
+impl Effects {
+    /// `events` more (or fewer) waiting events of `account`, taking `bytes` more (or fewer).
+    fn count(&mut self, account: &str, events: i64, bytes: i64) {
+        let c = match self.counts.get_mut(account) {
+            Some(c) => c,
+            None => self.counts.entry(account.to_owned()).or_default(),
+        };
+        c.0 += events;
+        c.1 += bytes;
+    }
+}
+
 enum Reply {
     Append(
         oneshot::Sender<Result<Vec<Admission>, SpoolError>>,
@@ -929,6 +941,31 @@ impl Tables<'_> {
         Ok(n)
     }
 
+    /// The last event id handed out (ids increase across accounts).
+    fn last_seq(&self) -> Result<u64, SpoolError> {
+        Ok(self
+            .meta
+            .get("seq")
+            .map_err(storage)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Queues the encoded event `bytes` as `account`'s event `seq`, counted in `fx`.
+    fn queue(
+        &mut self,
+        account: &str,
+        seq: u64,
+        bytes: &[u8],
+        fx: &mut Effects,
+    ) -> Result<(), SpoolError> {
+        self.events.insert((account, seq), bytes).map_err(storage)?;
+        if !fx.appended.iter().any(|a| a == account) {
+            fx.appended.push(account.to_owned());
+        }
+        fx.count(account, 1, bytes.len() as i64);
+        Ok(())
+    }
+
     /// Appends what is new; `Ok(Err(why))` when the records do not fit in `room` (nothing written).
     fn append(
         &mut self,
@@ -940,11 +977,7 @@ impl Tables<'_> {
             return Ok(Err(why));
         }
         let mut out = Vec::with_capacity(encoded.len());
-        let mut seq = self
-            .meta
-            .get("seq")
-            .map_err(storage)?
-            .map_or(0, |v| v.value());
+        let mut seq = self.last_seq()?;
         for Prepared {
             key,
             account,
@@ -969,15 +1002,7 @@ impl Tables<'_> {
             self.dedup.next += 1;
             self.changes.inserted.push((fp, log_seq));
             seq += 1;
-            self.events
-                .insert((account.as_str(), seq), bytes.as_slice())
-                .map_err(storage)?;
-            if !fx.appended.contains(&account) {
-                fx.appended.push(account.clone());
-            }
-            let c = fx.counts.entry(account).or_default();
-            c.0 += 1;
-            c.1 += bytes.len() as i64;
+            self.queue(&account, seq, &bytes, fx)?;
             out.push(Admission::Queued);
         }
         self.meta.insert("seq", seq).map_err(storage)?;
@@ -1001,9 +1026,7 @@ impl Tables<'_> {
             else {
                 continue;
             };
-            let c = fx.counts.entry(account.to_owned()).or_default();
-            c.0 -= 1;
-            c.1 -= value.len() as i64;
+            fx.count(account, -1, -(value.len() as i64));
             if let Some((reason, message)) = dead {
                 let record = codec::decode(account, &value).map_err(storage)?;
                 let id = self.next("dead_seq")?;
@@ -1051,27 +1074,15 @@ impl Tables<'_> {
         if let Err(why) = room.take(letters.iter().map(|(_, b)| b.len() as u64).sum()) {
             return Ok(Err(why));
         }
-        let mut seq = self
-            .meta
-            .get("seq")
-            .map_err(storage)?
-            .map_or(0, |v| v.value());
+        let mut seq = self.last_seq()?;
         let mut moved = 0;
         for (id, bytes) in letters {
             if self.take_dead(account, id)?.is_none() {
                 continue;
             }
             seq += 1;
-            self.events
-                .insert((account, seq), bytes.as_slice())
-                .map_err(storage)?;
-            let c = fx.counts.entry(account.to_owned()).or_default();
-            c.0 += 1;
-            c.1 += bytes.len() as i64;
+            self.queue(account, seq, &bytes, fx)?;
             moved += 1;
-        }
-        if moved > 0 && !fx.appended.iter().any(|a| a == account) {
-            fx.appended.push(account.to_owned());
         }
         self.meta.insert("seq", seq).map_err(storage)?;
         Ok(Ok(moved))
@@ -1084,13 +1095,7 @@ impl Tables<'_> {
                 break;
             }
             len -= 1;
-            let evicted = self
-                .meta
-                .get("dead_evicted")
-                .map_err(storage)?
-                .map_or(0, |v| v.value())
-                + 1;
-            self.meta.insert("dead_evicted", evicted).map_err(storage)?;
+            self.next("dead_evicted")?;
         }
         Ok(())
     }
