@@ -276,7 +276,6 @@ async fn run(settings: Settings) -> Result<(), String> {
     let admin_state = Arc::new(AdminState {
         app: state.clone(),
         keys: ApiKeys::new(&settings.server.admin_api_keys, false),
-        enabled: !settings.server.admin_api_keys.is_empty(),
         accounts: views,
         limiter: limiter.clone(),
     });

@@ -133,7 +133,6 @@ async fn without_admin_keys_the_v1_api_is_off() {
     let state = Arc::new(AdminState {
         app: base.app.clone(),
         keys: api::ApiKeys::new(&[], false),
-        enabled: false,
         accounts: Vec::new(),
         limiter: base.limiter.clone(),
     });

@@ -37,9 +37,8 @@ pub struct AccountView {
 
 pub struct AdminState {
     pub app: Arc<AppState>,
+    /// `server.admin_api_keys`; with none the `/v1` API is off.
     pub keys: ApiKeys,
-    /// Whether any admin key is configured (without one the `/v1` API is off).
-    pub enabled: bool,
     pub accounts: Vec<AccountView>,
     pub limiter: Arc<dyn Limiter>,
 }
@@ -92,7 +91,7 @@ async fn require_admin_key(
     request: Request,
     next: Next,
 ) -> Response {
-    if !st.enabled {
+    if st.keys.accepts_none() {
         return Problem::forbidden(
             "the admin API is off: configure server.admin_api_keys to use it",
         )

@@ -25,6 +25,11 @@ impl ApiKeys {
         }
     }
 
+    /// Whether no request can pass: no key configured and unauthenticated access not allowed.
+    pub fn accepts_none(&self) -> bool {
+        self.digests.is_empty() && !self.open
+    }
+
     /// `Err(detail)` when the request does not carry an accepted key.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), &'static str> {
         if self.open {

@@ -76,7 +76,6 @@ pub fn admin_state(app: Arc<AppState>) -> Arc<api::AdminState> {
     Arc::new(api::AdminState {
         app,
         keys: ApiKeys::new(&[Secret::new(ADMIN_KEY)], false),
-        enabled: true,
         accounts,
         limiter: Arc::new(EmbeddedLimiter::new(
             [(
