@@ -1,15 +1,23 @@
-//! The embedded, durable spool: one redb file under `spool.dir`.
+//! The embedded, durable spool: one redb file and one intake log under `spool.dir`.
 //!
-//! One storage thread owns every write and group-commits: callers hand over their command and wait; the
-//! thread drains whatever is queued into one write transaction, commits (fsync), then answers them all.
-//! Invariants: an `append` is answered `Ok` only after its commit; an event leaves the `events` table only
-//! through `ack` (X accepted it) or `dead_letter` (moved to `dead_letters` in the same transaction); the
-//! dedup log and the limiter state are committed in the same transactions as the events they guard.
+//! One storage thread owns every write. Appends are group-committed to the intake log (`intake_log`): the
+//! thread drains whatever is queued, checks each event against the dedup index, writes the new ones as one
+//! frame (`O_DSYNC`), then answers them all. It moves logged events into redb in one transaction at the
+//! latest 25 ms later, or with the next other write (ack, dead letter, limiter save), which it also commits
+//! (fsync) before answering; after such a commit the log may start over.
+//! Invariants: an `append` is answered `Ok` only once its events are on disk (in the log); a logged event
+//! is in exactly one of `pending` (memory, backed by the log) and redb's `events` table, and readers see
+//! both as one queue (ids in redb are below every pending id of the same account); the log is reset only
+//! when nothing is pending; at start-up, logged events with ids above redb's last one are put into redb
+//! before anything else. An event leaves the `events` table only through `ack` (X accepted it) or
+//! `dead_letter` (moved to `dead_letters` in the same transaction); the dedup log and the limiter state are
+//! committed in the same transactions as the events they guard.
 //! The dedup log is appended in time order; its fingerprints live in memory (`dedup::FingerprintTable`),
 //! rebuilt from the log at start-up, and every fingerprint match is confirmed against the full key.
 //! Counters (per account events and bytes) live in the `meta` table, so start-up never scans the spool.
-//! When the disk fails or fills, the failed transaction is rolled back whole, callers get an error, and
-//! the thread reopens the database (redb refuses further writes after an I/O error) until writes succeed.
+//! When the disk fails or fills, the failed write is undone whole (a frame is left behind the log's next
+//! epoch, a transaction is rolled back), callers get an error, and the thread reopens the database (redb
+//! refuses further writes after an I/O error) until writes succeed. Events already logged stay pending.
 
 use super::codec;
 use super::dedup::{full_seq, FingerprintTable};
@@ -20,12 +28,14 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use super::intake_log::{IntakeLog, IntakeRecord};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Notify};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify};
 
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 /// Dedup log: sequence -> 32-byte key ‖ received time (epoch ms, little endian), in arrival order.
@@ -58,11 +68,22 @@ struct Prepared {
     bytes: Vec<u8>,
 }
 
+type AppendReply = oneshot::Sender<Result<Vec<Admission>, SpoolError>>;
+
 enum Cmd {
     Append {
         records: Vec<Prepared>,
-        reply: oneshot::Sender<Result<Vec<Admission>, SpoolError>>,
+        reply: AppendReply,
     },
+    Write(Op),
+    /// Finish what is queued before it, close the file, stop the thread.
+    Close {
+        reply: oneshot::Sender<Result<(), SpoolError>>,
+    },
+}
+
+/// What changes the redb file directly, in the storage thread's next transaction.
+enum Op {
     Ack {
         account: String,
         ids: Vec<u64>,
@@ -91,10 +112,6 @@ enum Cmd {
         ids: Vec<u64>,
         reply: oneshot::Sender<Result<usize, SpoolError>>,
     },
-    /// Finish what is queued before it, close the file, stop the thread.
-    Close {
-        reply: oneshot::Sender<Result<(), SpoolError>>,
-    },
 }
 
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,8 +135,9 @@ struct Shared {
 
 pub struct DiskSpool {
     db: Arc<Handle>,
-    tx: mpsc::UnboundedSender<Cmd>,
+    tx: std_mpsc::Sender<Cmd>,
     shared: Arc<Mutex<Shared>>,
+    pending: Arc<Mutex<Pending>>,
 }
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -203,67 +221,147 @@ impl Handle {
     }
 }
 
+/// The waiting events' counters and the limiter states, from the `meta` table.
+fn load_counts(db: &Database, shared: &mut Shared) -> Result<(), SpoolError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
+    for item in meta.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        let (k, v) = (k.value().to_owned(), v.value());
+        if let Some(account) = k.strip_prefix("events:") {
+            shared.counts.entry(account.to_owned()).or_default().events = v;
+        } else if let Some(account) = k.strip_prefix("bytes:") {
+            shared.counts.entry(account.to_owned()).or_default().bytes = v;
+            shared.total_bytes += v;
+        } else if let Some(key) = k.strip_prefix("tat:") {
+            shared.tats.insert(key.to_owned(), v);
+        }
+    }
+    Ok(())
+}
+
+/// Puts the logged events that redb does not have (ids after its last one) into it, in one transaction,
+/// with the same ids and dedup entries they were logged with. Returns how many.
+fn recover(
+    db: &Database,
+    shared: &mut Shared,
+    logged: Vec<IntakeRecord>,
+) -> Result<usize, SpoolError> {
+    let meta_u64 = |name: &str| -> Result<u64, SpoolError> {
+        let txn = db.begin_read().map_err(storage)?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        Ok(meta.get(name).map_err(storage)?.map_or(0, |v| v.value()))
+    };
+    let (seq, dedup_next) = (meta_u64("seq")?, meta_u64("dedup_next")?);
+    let mut missing = Pending::default();
+    let mut fx = Effects::default();
+    let (mut last_seq, mut last_log) = (seq, dedup_next);
+    for r in logged.into_iter().filter(|r| r.seq > seq) {
+        fx.count(&r.account, 1, r.bytes.len() as i64);
+        last_seq = last_seq.max(r.seq);
+        last_log = last_log.max(r.log_seq + 1);
+        missing.insert(r);
+    }
+    if missing.len == 0 {
+        return Ok(0);
+    }
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut tables = Tables::open(&txn)?;
+        tables.put_logged(&missing)?;
+        tables.meta.insert("seq", last_seq).map_err(storage)?;
+        tables
+            .meta
+            .insert("dedup_next", last_log)
+            .map_err(storage)?;
+        tables.store_counts(&shared.counts, &fx)?;
+    }
+    txn.commit().map_err(storage)?;
+    for (account, (de, db)) in &fx.counts {
+        let c = shared.counts.entry(account.clone()).or_default();
+        c.events += *de as u64;
+        c.bytes += *db as u64;
+        shared.total_bytes += *db as u64;
+    }
+    Ok(missing.len)
+}
+
+/// The dedup fingerprints from the dedup log, and the last event id handed out.
+fn load_dedup(db: &Database) -> Result<(DedupState, u64), SpoolError> {
+    let mut dedup = DedupState::default();
+    let txn = db.begin_read().map_err(storage)?;
+    let log = txn.open_table(DEDUP_LOG).map_err(storage)?;
+    dedup.table = FingerprintTable::with_capacity(log.len().map_err(storage)? as usize);
+    let mut first = None;
+    for item in log.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        let seq = k.value();
+        first.get_or_insert(seq);
+        dedup.table.insert(fingerprint(v.value()), seq);
+        dedup.next = seq + 1;
+    }
+    let meta = txn.open_table(META).map_err(storage)?;
+    let meta_u64 = |name: &str| -> Result<u64, SpoolError> {
+        Ok(meta.get(name).map_err(storage)?.map_or(0, |v| v.value()))
+    };
+    dedup.next = dedup.next.max(meta_u64("dedup_next")?);
+    dedup.first = first.unwrap_or(dedup.next);
+    Ok((dedup, meta_u64("seq")?))
+}
+
 impl DiskSpool {
     /// Opens (or creates) the spool under `opts.dir` and starts its storage thread. What was committed before
-    /// is there again; nothing is read into memory but the counters.
+    /// is there again, and what the intake log holds beyond it is put into redb first; nothing is read into
+    /// memory but the counters and the dedup fingerprints.
     pub fn open(opts: DiskSpoolOptions) -> Result<Arc<Self>, SpoolError> {
         std::fs::create_dir_all(&opts.dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", opts.dir.display())))?;
         let path = opts.dir.join("spool.redb");
         let db = open_db(&path, opts.cache_bytes)?;
         let mut shared = Shared::default();
-        let mut dedup = DedupState::default();
-        {
-            let txn = db.begin_read().map_err(storage)?;
-            let log = txn.open_table(DEDUP_LOG).map_err(storage)?;
-            dedup.table = FingerprintTable::with_capacity(log.len().map_err(storage)? as usize);
-            let mut first = None;
-            for item in log.iter().map_err(storage)? {
-                let (k, v) = item.map_err(storage)?;
-                let seq = k.value();
-                first.get_or_insert(seq);
-                dedup.table.insert(fingerprint(v.value()), seq);
-                dedup.next = seq + 1;
-            }
-            let meta = txn.open_table(META).map_err(storage)?;
-            dedup.next = dedup.next.max(
-                meta.get("dedup_next")
-                    .map_err(storage)?
-                    .map_or(0, |v| v.value()),
+        load_counts(&db, &mut shared)?;
+        let log_path = opts.dir.join("intake.log");
+        let (mut intake, logged) = IntakeLog::open(&log_path)
+            .map_err(|e| storage(format!("cannot read {}: {e}", log_path.display())))?;
+        let recovered = recover(&db, &mut shared, logged)?;
+        if recovered > 0 {
+            tracing::warn!(
+                events = recovered,
+                "the spool was not closed cleanly; events of the intake log put into the spool file"
             );
-            dedup.first = first.unwrap_or(dedup.next);
-            for item in meta.iter().map_err(storage)? {
-                let (k, v) = item.map_err(storage)?;
-                let (k, v) = (k.value().to_owned(), v.value());
-                if let Some(account) = k.strip_prefix("events:") {
-                    shared.counts.entry(account.to_owned()).or_default().events = v;
-                } else if let Some(account) = k.strip_prefix("bytes:") {
-                    shared.counts.entry(account.to_owned()).or_default().bytes = v;
-                    shared.total_bytes += v;
-                } else if let Some(key) = k.strip_prefix("tat:") {
-                    shared.tats.insert(key.to_owned(), v);
-                }
-            }
         }
+        intake
+            .reset()
+            .map_err(|e| storage(format!("cannot reset {}: {e}", log_path.display())))?;
+        let (dedup, seq) = load_dedup(&db)?;
         let db = Arc::new(Handle {
             db: RwLock::new(Some(Arc::new(db))),
             path: path.clone(),
             cache_bytes: opts.cache_bytes,
         });
         let shared = Arc::new(Mutex::new(shared));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             shared: shared.clone(),
+            pending: pending.clone(),
             opts,
-            dedup: Mutex::new(dedup),
+            dedup,
+            intake,
+            seq,
             disk_low: Default::default(),
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| storage(format!("cannot start the storage thread: {e}")))?;
-        Ok(Arc::new(DiskSpool { db, tx, shared }))
+        Ok(Arc::new(DiskSpool {
+            db,
+            tx,
+            shared,
+            pending,
+        }))
     }
 
     fn current_db(&self) -> Result<Arc<Database>, SpoolError> {
@@ -318,10 +416,21 @@ impl Spool for DiskSpool {
     ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
         let db = self.current_db();
         let account = account.to_owned();
+        let pending = self.pending.clone();
         async move {
             let db = db?;
             tokio::task::spawn_blocking(move || -> Result<Vec<Entry>, SpoolError> {
-                let txn = db.begin_read().map_err(storage)?;
+                // One view: the storage thread moves pending events into redb under this lock.
+                let (txn, logged) = {
+                    let p = lock_pending(&pending);
+                    let txn = db.begin_read().map_err(storage)?;
+                    let logged: Vec<(u64, Vec<u8>)> = p
+                        .after(&account, after)
+                        .take(max)
+                        .map(|(id, e)| (*id, e.bytes.clone()))
+                        .collect();
+                    (txn, logged)
+                };
                 let table = txn.open_table(EVENTS).map_err(storage)?;
                 let mut out = Vec::new();
                 for item in table
@@ -335,6 +444,13 @@ impl Spool for DiskSpool {
                     out.push(Entry {
                         id: k.value().1,
                         record: codec::decode(&account, v.value()).map_err(storage)?,
+                    });
+                }
+                // Every id in redb is below every pending id of the same account.
+                for (id, bytes) in logged.into_iter().take(max - out.len()) {
+                    out.push(Entry {
+                        id,
+                        record: codec::decode(&account, &bytes).map_err(storage)?,
                     });
                 }
                 Ok(out)
@@ -351,10 +467,12 @@ impl Spool for DiskSpool {
         ids: &'a [u64],
     ) -> BoxFuture<'a, Result<(), SpoolError>> {
         async move {
-            self.call(|reply| Cmd::Ack {
-                account: account.to_owned(),
-                ids: ids.to_vec(),
-                reply,
+            self.call(|reply| {
+                Cmd::Write(Op::Ack {
+                    account: account.to_owned(),
+                    ids: ids.to_vec(),
+                    reply,
+                })
             })
             .await
         }
@@ -384,12 +502,14 @@ impl Spool for DiskSpool {
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), SpoolError>> {
         async move {
-            self.call(|reply| Cmd::DeadLetter {
-                account: account.to_owned(),
-                ids: ids.to_vec(),
-                reason: reason.to_owned(),
-                message: message.to_owned(),
-                reply,
+            self.call(|reply| {
+                Cmd::Write(Op::DeadLetter {
+                    account: account.to_owned(),
+                    ids: ids.to_vec(),
+                    reason: reason.to_owned(),
+                    message: message.to_owned(),
+                    reply,
+                })
             })
             .await
         }
@@ -442,10 +562,12 @@ impl Spool for DiskSpool {
             .collect();
         async move {
             let letters = encoded?;
-            self.call(|reply| Cmd::Replay {
-                account: account.to_owned(),
-                letters,
-                reply,
+            self.call(|reply| {
+                Cmd::Write(Op::Replay {
+                    account: account.to_owned(),
+                    letters,
+                    reply,
+                })
             })
             .await
         }
@@ -458,10 +580,12 @@ impl Spool for DiskSpool {
         ids: &'a [u64],
     ) -> BoxFuture<'a, Result<usize, SpoolError>> {
         async move {
-            self.call(|reply| Cmd::DeleteDead {
-                account: account.to_owned(),
-                ids: ids.to_vec(),
-                reply,
+            self.call(|reply| {
+                Cmd::Write(Op::DeleteDead {
+                    account: account.to_owned(),
+                    ids: ids.to_vec(),
+                    reply,
+                })
             })
             .await
         }
@@ -470,14 +594,19 @@ impl Spool for DiskSpool {
 
     fn oldest(&self, account: &str) -> Result<Option<i64>, SpoolError> {
         let db = self.current_db()?;
-        let txn = db.begin_read().map_err(storage)?;
+        let (txn, logged) = {
+            let p = lock_pending(&self.pending);
+            let txn = db.begin_read().map_err(storage)?;
+            let logged = p.after(account, 0).next().map(|(_, e)| e.received_at_ms);
+            (txn, logged)
+        };
         let table = txn.open_table(EVENTS).map_err(storage)?;
         let first = table
             .range((account, 0)..=(account, u64::MAX))
             .map_err(storage)?
             .next();
         match first {
-            None => Ok(None),
+            None => Ok(logged),
             Some(item) => {
                 let (_, v) = item.map_err(storage)?;
                 Ok(Some(
@@ -515,10 +644,12 @@ impl LimiterState for DiskSpool {
 
     fn save<'a>(&'a self, key: &'a str, tat: Nanos) -> BoxFuture<'a, Result<(), String>> {
         async move {
-            self.call(|reply| Cmd::SaveTat {
-                key: key.to_owned(),
-                tat,
-                reply,
+            self.call(|reply| {
+                Cmd::Write(Op::SaveTat {
+                    key: key.to_owned(),
+                    tat,
+                    reply,
+                })
             })
             .await
             .map_err(|e| e.to_string())
@@ -531,15 +662,80 @@ impl LimiterState for DiskSpool {
 struct Writer {
     db: Arc<Handle>,
     shared: Arc<Mutex<Shared>>,
+    pending: Arc<Mutex<Pending>>,
     opts: DiskSpoolOptions,
-    dedup: Mutex<DedupState>,
+    dedup: DedupState,
+    intake: IntakeLog,
+    /// The last event id handed out (ids increase across accounts).
+    seq: u64,
     /// The last free-space reading: (when, whether below `min_free_bytes`).
-    disk_low: std::cell::Cell<Option<(std::time::Instant, bool)>>,
+    disk_low: std::cell::Cell<Option<(Instant, bool)>>,
 }
 
 /// How long a free-space reading is trusted. Reading it costs a syscall, and every group needed two;
 /// `min_free_bytes` is the margin for what is written in between (and ENOSPC is handled anyway).
 const FREE_SPACE_FRESH: Duration = Duration::from_millis(50);
+
+/// Logged events go into redb at the latest this long after the first of them was logged ...
+const APPLY_AFTER: Duration = Duration::from_millis(25);
+/// ... or once this many wait, or with the next other write (an ack, a dead letter, a limiter save).
+const APPLY_EVENTS: usize = 4096;
+/// While redb refuses writes, the log takes at most this many events before appends fail too.
+const MAX_PENDING: usize = 200_000;
+/// The intake log starts over once this much of it is in redb.
+const LOG_RESET_AT: u64 = 1 << 20;
+
+/// Events in the intake log but not yet in redb, by account and id. Readers see them as queued.
+#[derive(Default)]
+struct Pending {
+    events: HashMap<String, BTreeMap<u64, PendingEvent>>,
+    len: usize,
+    /// When the oldest of them was logged.
+    since: Option<Instant>,
+}
+
+struct PendingEvent {
+    log_seq: u64,
+    key: [u8; 32],
+    received_at_ms: i64,
+    bytes: Vec<u8>,
+}
+
+impl Pending {
+    fn insert(&mut self, r: IntakeRecord) {
+        let event = PendingEvent {
+            log_seq: r.log_seq,
+            key: r.key,
+            received_at_ms: r.received_at_ms,
+            bytes: r.bytes,
+        };
+        let queue = match self.events.get_mut(&r.account) {
+            Some(q) => q,
+            None => self.events.entry(r.account).or_default(),
+        };
+        queue.insert(r.seq, event);
+        self.len += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// `account`'s events with ids above `after`, in order.
+    fn after(&self, account: &str, after: u64) -> impl Iterator<Item = (&u64, &PendingEvent)> {
+        self.events
+            .get(account)
+            .into_iter()
+            .flat_map(move |q| q.range(after.saturating_add(1)..))
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.len = 0;
+        self.since = None;
+    }
+}
+
+fn lock_pending(m: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The live range of the dedup log and the fingerprints of its entries.
 #[derive(Default)]
@@ -548,20 +744,55 @@ struct DedupState {
     /// First live sequence (equal to `next` when the log is empty).
     first: u64,
     next: u64,
+    /// Full keys of the entries still only in the intake log.
+    unapplied: HashMap<u64, [u8; 32]>,
 }
 
-/// Changes to the dedup state made by a transaction, undone if it fails.
+impl DedupState {
+    /// Whether `key` is in the dedup log: a fingerprint match confirmed by the full key, from memory for
+    /// entries not yet in redb, from `durable` for the others.
+    fn seen(
+        &self,
+        key: &[u8; 32],
+        durable: &mut impl FnMut(u64) -> Result<Option<[u8; 32]>, SpoolError>,
+    ) -> Result<bool, SpoolError> {
+        let Some(last) = self.next.checked_sub(1) else {
+            return Ok(false);
+        };
+        for low in self.table.candidates(fingerprint(key)) {
+            let Some(seq) = full_seq(low, self.first, last) else {
+                continue;
+            };
+            let full = match self.unapplied.get(&seq) {
+                Some(k) => Some(*k),
+                None => durable(seq)?,
+            };
+            if full.as_ref() == Some(key) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Dedup log entries removed by a transaction, dropped from memory once it committed.
 #[derive(Default)]
 struct DedupChanges {
-    inserted: Vec<(u64, u64)>,
     purged: Vec<(u64, u64)>,
-    next_before: u64,
 }
 
 fn fingerprint(entry: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&entry[..8]);
     u64::from_le_bytes(b)
+}
+
+/// A dedup log entry: the 32-byte key, then the received time (epoch ms, little endian).
+fn log_entry(key: &[u8; 32], received_at_ms: i64) -> [u8; 40] {
+    let mut entry = [0u8; 40];
+    entry[..32].copy_from_slice(key);
+    entry[32..].copy_from_slice(&(received_at_ms.max(0) as u64).to_le_bytes());
+    entry
 }
 
 /// The effect of one transaction, applied to the in-memory counters after its commit.
@@ -581,6 +812,14 @@ impl Effects {
         };
         c.0 += events;
         c.1 += bytes;
+    }
+
+    /// A new event of `account`, `bytes` long: counted, and its dispatcher woken.
+    fn queued(&mut self, account: &str, bytes: usize) {
+        if !self.appended.iter().any(|a| a == account) {
+            self.appended.push(account.to_owned());
+        }
+        self.count(account, 1, bytes as i64);
     }
 }
 
@@ -616,8 +855,24 @@ impl Reply {
 }
 
 impl Writer {
-    fn run(self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        while let Some(first) = rx.blocking_recv() {
+    fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
+        loop {
+            let first = match self.apply_due_in() {
+                Some(wait) => match rx.recv_timeout(wait) {
+                    Ok(cmd) => Some(cmd),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        self.apply(Vec::new());
+                        continue;
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => None,
+                },
+                None => rx.recv().ok(),
+            };
+            let Some(first) = first else {
+                // Every handle is gone: what the log holds goes into redb now rather than at the next start.
+                self.apply(Vec::new());
+                return;
+            };
             let mut cmds = vec![first];
             while cmds.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -631,11 +886,9 @@ impl Writer {
                 continue;
             };
             let rest = cmds.split_off(at);
-            if !cmds.is_empty() {
-                self.commit_group(cmds);
-            }
+            self.commit_group(cmds);
+            self.apply(Vec::new());
             self.db.close();
-            rx.close();
             let closed = SpoolError::Unavailable("the spool is closed".into());
             for cmd in rest
                 .into_iter()
@@ -652,45 +905,180 @@ impl Writer {
         }
     }
 
-    fn commit_group(&self, cmds: Vec<Cmd>) {
+    /// How long until the logged events are due in redb, if any are waiting.
+    fn apply_due_in(&self) -> Option<Duration> {
+        let since = lock_pending(&self.pending).since?;
+        Some(APPLY_AFTER.saturating_sub(since.elapsed()))
+    }
+
+    fn commit_group(&mut self, cmds: Vec<Cmd>) {
+        let mut appends = Vec::new();
+        let mut ops = Vec::new();
+        for cmd in cmds {
+            match cmd {
+                Cmd::Append { records, reply } => appends.push((records, reply)),
+                Cmd::Write(op) => ops.push(op),
+                Cmd::Close { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+        if !appends.is_empty() {
+            self.log_appends(appends);
+        }
+        let due = {
+            let p = lock_pending(&self.pending);
+            p.len >= APPLY_EVENTS || p.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER)
+        };
+        if !ops.is_empty() || due {
+            self.apply(ops);
+        }
+    }
+
+    /// Appends: dedup-checked, written to the intake log as one frame and synced, then answered. They go
+    /// into redb with the next `apply`; until then readers find them in `pending`.
+    fn log_appends(&mut self, appends: Vec<(Vec<Prepared>, AppendReply)>) {
+        let waiting = lock_pending(&self.pending).len;
+        if self.intake.is_broken() || waiting >= MAX_PENDING {
+            // Only a commit to redb makes room (and lets the log start over after a failure).
+            self.apply(Vec::new());
+        }
+        let refused = if self.intake.is_broken() {
+            Some("the intake log could not be written and redb cannot take its events yet")
+        } else if lock_pending(&self.pending).len >= MAX_PENDING {
+            Some("events are not moving into the spool file; writes to it fail")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            let e = SpoolError::Unavailable(why.into());
+            for (_, reply) in appends {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let mut room = self.room();
+        let mut logged: Vec<IntakeRecord> = Vec::new();
+        let mut effects = Effects::default();
+        let mut replies = Vec::with_capacity(appends.len());
+        let mut read: Option<redb::ReadOnlyTable<u64, &'static [u8]>> = None;
+        let db = self.db.get();
+        let mut durable = |seq: u64| -> Result<Option<[u8; 32]>, SpoolError> {
+            if read.is_none() {
+                let db = db.as_ref().map_err(Clone::clone)?;
+                let txn = db.begin_read().map_err(storage)?;
+                read = Some(txn.open_table(DEDUP_LOG).map_err(storage)?);
+            }
+            let Some(table) = read.as_ref() else {
+                return Ok(None);
+            };
+            Ok(table
+                .get(seq)
+                .map_err(storage)?
+                .and_then(|v| v.value().get(..32)?.try_into().ok()))
+        };
+        let mut failed = None;
+        for (records, reply) in appends {
+            if let Err(why) = room.take(records.iter().map(|p| p.bytes.len() as u64).sum()) {
+                replies.push(Reply::Append(reply, Err(why)));
+                continue;
+            }
+            let mut admissions = Vec::with_capacity(records.len());
+            for p in records {
+                match self.dedup.seen(&p.key, &mut durable) {
+                    Ok(true) => {
+                        admissions.push(Admission::Duplicate);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        break;
+                    }
+                }
+                let log_seq = self.dedup.next;
+                self.dedup.next += 1;
+                self.dedup.table.insert(fingerprint(&p.key), log_seq);
+                self.dedup.unapplied.insert(log_seq, p.key);
+                self.seq += 1;
+                effects.queued(&p.account, p.bytes.len());
+                logged.push(IntakeRecord {
+                    seq: self.seq,
+                    log_seq,
+                    received_at_ms: p.received_at_ms,
+                    key: p.key,
+                    account: p.account,
+                    bytes: p.bytes,
+                });
+                admissions.push(Admission::Queued);
+            }
+            replies.push(Reply::Append(reply, Ok(admissions)));
+        }
+        let failed = match failed {
+            Some(e) => Some(e),
+            None if logged.is_empty() => None,
+            None => self.intake.append(&logged).err().map(|e| {
+                storage(format!(
+                    "cannot write the intake log under {}: {e}",
+                    self.opts.dir.display()
+                ))
+            }),
+        };
+        if let Some(e) = failed {
+            // Not accepted: forget their keys, so that the caller's retry is not taken for a duplicate.
+            // (Ids and log sequences handed out stay unused; a gap is harmless.)
+            for r in &logged {
+                self.dedup.table.remove(fingerprint(&r.key), r.log_seq);
+                self.dedup.unapplied.remove(&r.log_seq);
+            }
+            self.failed(&e);
+            replies.into_iter().for_each(|r| r.send(Some(&e)));
+            return;
+        }
+        {
+            let mut p = lock_pending(&self.pending);
+            for r in logged {
+                p.insert(r);
+            }
+        }
+        self.publish(&effects);
+        replies.into_iter().for_each(|r| r.send(None));
+    }
+
+    /// One redb transaction: the logged events first, then `ops`, then the dedup purge and the counters.
+    /// Committed (fsync) before anyone is answered; after it the intake log may start over.
+    fn apply(&mut self, ops: Vec<Op>) {
+        if ops.is_empty() && !self.intake.is_broken() && lock_pending(&self.pending).len == 0 {
+            return;
+        }
         let db = match self.db.get() {
             Ok(db) => db,
             Err(e) => {
-                for cmd in cmds {
-                    cmd.fail(&e);
+                for op in ops {
+                    op.fail(&e);
                 }
                 // Do not spin while the disk is gone.
                 std::thread::sleep(Duration::from_millis(100));
                 return;
             }
         };
-        let room = self.room();
-        let mut replies = Vec::with_capacity(cmds.len());
+        let mut room = self.room();
+        let mut replies = Vec::with_capacity(ops.len());
         let mut effects = Effects::default();
-        let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-        let mut changes = DedupChanges {
-            next_before: dedup.next,
-            ..Default::default()
-        };
+        let mut changes = DedupChanges::default();
+        let mut pending = lock_pending(&self.pending);
         let outcome = (|| -> Result<(), SpoolError> {
             let txn = db.begin_write().map_err(storage)?;
             {
-                let mut tables = Tables {
-                    events: txn.open_table(EVENTS).map_err(storage)?,
-                    log: txn.open_table(DEDUP_LOG).map_err(storage)?,
-                    dedup: &mut dedup,
-                    changes: &mut changes,
-                    dead: txn.open_table(DEAD).map_err(storage)?,
-                    meta: txn.open_table(META).map_err(storage)?,
-                };
-                let mut room = room.clone();
-                for cmd in cmds {
-                    match cmd {
-                        Cmd::Append { records, reply } => {
-                            let result = tables.append(records, &mut room, &mut effects)?;
-                            replies.push(Reply::Append(reply, result));
-                        }
-                        Cmd::Ack {
+                let mut tables = Tables::open(&txn)?;
+                tables.put_logged(&pending)?;
+                // Their counts are in memory already (since they were logged); this stores them.
+                for account in pending.events.keys() {
+                    effects.count(account, 0, 0);
+                }
+                for op in ops {
+                    match op {
+                        Op::Ack {
                             account,
                             ids,
                             reply,
@@ -698,7 +1086,7 @@ impl Writer {
                             tables.remove(&account, &ids, None, &mut effects)?;
                             replies.push(Reply::Unit(reply, Ok(())));
                         }
-                        Cmd::DeadLetter {
+                        Op::DeadLetter {
                             account,
                             ids,
                             reason,
@@ -714,16 +1102,21 @@ impl Writer {
                             tables.evict_dead(self.opts.max_dead_letters)?;
                             replies.push(Reply::Unit(reply, Ok(())));
                         }
-                        Cmd::Replay {
+                        Op::Replay {
                             account,
                             letters,
                             reply,
                         } => {
-                            let result =
-                                tables.replay(&account, letters, &mut room, &mut effects)?;
+                            let result = tables.replay(
+                                &account,
+                                letters,
+                                &mut self.seq,
+                                &mut room,
+                                &mut effects,
+                            )?;
                             replies.push(Reply::Count(reply, result));
                         }
-                        Cmd::DeleteDead {
+                        Op::DeleteDead {
                             account,
                             ids,
                             reply,
@@ -736,8 +1129,7 @@ impl Writer {
                             }
                             replies.push(Reply::Count(reply, Ok(deleted)));
                         }
-                        Cmd::Close { reply } => replies.push(Reply::Unit(reply, Ok(()))),
-                        Cmd::SaveTat { key, tat, reply } => {
+                        Op::SaveTat { key, tat, reply } => {
                             tables
                                 .meta
                                 .insert(format!("tat:{key}").as_str(), tat)
@@ -747,85 +1139,95 @@ impl Writer {
                         }
                     }
                 }
-                tables.purge_dedup(now_ms() - self.opts.dedup_window.as_millis() as i64)?;
-                if tables.dedup.next != tables.changes.next_before {
-                    let next = tables.dedup.next;
-                    tables.meta.insert("dedup_next", next).map_err(storage)?;
-                }
-                tables.store_counts(&self.shared, &effects)?;
+                tables.meta.insert("seq", self.seq).map_err(storage)?;
+                tables
+                    .meta
+                    .insert("dedup_next", self.dedup.next)
+                    .map_err(storage)?;
+                tables.purge_dedup(
+                    &self.dedup,
+                    &mut changes,
+                    now_ms() - self.opts.dedup_window.as_millis() as i64,
+                )?;
+                tables.store_counts(&lock(&self.shared).counts, &effects)?;
             }
             txn.commit().map_err(storage)
         })();
-        match &outcome {
-            Ok(()) => {
-                for (fp, seq) in &changes.purged {
-                    dedup.table.remove(*fp, *seq);
-                    dedup.first = dedup.first.max(seq + 1);
-                }
+        if let Err(e) = outcome {
+            // The logged events stay pending (and in the log). Ids a failed replay took stay unused.
+            drop(pending);
+            self.failed(&e);
+            // Reopen before answering, so that no caller reads through the failed handle.
+            drop(db);
+            self.db.close();
+            if let Err(e) = self.db.get() {
+                tracing::error!(error = %e, "cannot reopen the spool yet; retrying on the next access");
             }
-            Err(_) => {
-                for (fp, seq) in &changes.inserted {
-                    dedup.table.remove(*fp, *seq);
-                }
-                dedup.next = changes.next_before;
+            replies.into_iter().for_each(|r| r.send(Some(&e)));
+            return;
+        }
+        pending.clear();
+        drop(pending);
+        self.dedup.unapplied.clear();
+        for (fp, seq) in &changes.purged {
+            self.dedup.table.remove(*fp, *seq);
+            self.dedup.first = self.dedup.first.max(seq + 1);
+        }
+        // Everything logged is in redb now, durably.
+        if self.intake.is_broken() || self.intake.len() >= LOG_RESET_AT {
+            if let Err(e) = self.intake.reset() {
+                tracing::error!(error = %e, "cannot reset the intake log; appends wait until it can be");
             }
         }
-        drop(dedup);
-        match outcome {
-            Ok(()) => {
-                let mut s = lock(&self.shared);
-                for (account, (de, db)) in &effects.counts {
-                    let c = s.counts.entry(account.clone()).or_default();
-                    c.events = (c.events as i64 + de).max(0) as u64;
-                    c.bytes = (c.bytes as i64 + db).max(0) as u64;
-                    s.total_bytes = (s.total_bytes as i64 + db).max(0) as u64;
-                }
-                for (k, t) in &effects.tats {
-                    s.tats.insert(k.clone(), *t);
-                }
-                let now = self.refusal(&s);
-                match (&s.unhealthy, &now) {
-                    (None, Some(why)) => {
-                        tracing::warn!(reason = %why, "spool refusing events; ingest answers 503")
-                    }
-                    (Some(_), None) => tracing::info!("spool accepting events again"),
-                    _ => {}
-                }
-                s.unhealthy = now;
-                let to_notify: Vec<Arc<Notify>> = effects
-                    .appended
-                    .iter()
-                    .map(|a| s.notifiers.entry(a.clone()).or_default().clone())
-                    .collect();
-                drop(s);
-                for n in to_notify {
-                    n.notify_one();
-                }
-                replies.into_iter().for_each(|r| r.send(None));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "spool write failed; nothing of this group was kept");
-                {
-                    let mut s = lock(&self.shared);
-                    s.unhealthy = Some(e.to_string());
-                    // Most write failures are a full disk: only refill what acks empty from here on.
-                    let total = s.total_bytes;
-                    s.low_water.get_or_insert(total);
-                }
-                // Reopen before answering, so that no caller reads through the failed handle.
-                drop(db);
-                self.db.close();
-                if let Err(e) = self.db.get() {
-                    tracing::error!(error = %e, "cannot reopen the spool yet; retrying on the next access");
-                }
-                replies.into_iter().for_each(|r| r.send(Some(&e)));
-            }
+        self.publish(&effects);
+        replies.into_iter().for_each(|r| r.send(None));
+    }
+
+    /// Applies what a write did to the in-memory counters and readiness, and wakes the dispatchers.
+    fn publish(&self, effects: &Effects) {
+        let mut s = lock(&self.shared);
+        for (account, (de, db)) in &effects.counts {
+            let c = s.counts.entry(account.clone()).or_default();
+            c.events = (c.events as i64 + de).max(0) as u64;
+            c.bytes = (c.bytes as i64 + db).max(0) as u64;
+            s.total_bytes = (s.total_bytes as i64 + db).max(0) as u64;
         }
+        for (k, t) in &effects.tats {
+            s.tats.insert(k.clone(), *t);
+        }
+        let now = self.refusal(&s);
+        match (&s.unhealthy, &now) {
+            (None, Some(why)) => {
+                tracing::warn!(reason = %why, "spool refusing events; ingest answers 503")
+            }
+            (Some(_), None) => tracing::info!("spool accepting events again"),
+            _ => {}
+        }
+        s.unhealthy = now;
+        let to_notify: Vec<Arc<Notify>> = effects
+            .appended
+            .iter()
+            .map(|a| s.notifiers.entry(a.clone()).or_default().clone())
+            .collect();
+        drop(s);
+        for n in to_notify {
+            n.notify_one();
+        }
+    }
+
+    /// A write failed: ingest is told (readiness), and, as most write failures are a full disk, appends only
+    /// refill what acks empty from here on.
+    fn failed(&self, e: &SpoolError) {
+        tracing::error!(error = %e, "spool write failed; nothing of this group was kept");
+        let mut s = lock(&self.shared);
+        s.unhealthy = Some(e.to_string());
+        let total = s.total_bytes;
+        s.low_water.get_or_insert(total);
     }
 
     /// Whether the file system under the spool has less than `min_free_bytes` free (a recent reading).
     fn disk_low(&self) -> bool {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         match self.disk_low.get() {
             Some((at, low)) if now.duration_since(at) < FREE_SPACE_FRESH => low,
             _ => {
@@ -907,13 +1309,21 @@ impl Cmd {
             Cmd::Append { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));
             }
-            Cmd::Replay { reply, .. } | Cmd::DeleteDead { reply, .. } => {
+            Cmd::Write(op) => op.fail(e),
+            Cmd::Close { reply } => {
                 let _ = reply.send(Err(e.clone()));
             }
-            Cmd::Ack { reply, .. }
-            | Cmd::DeadLetter { reply, .. }
-            | Cmd::SaveTat { reply, .. }
-            | Cmd::Close { reply } => {
+        }
+    }
+}
+
+impl Op {
+    fn fail(self, e: &SpoolError) {
+        match self {
+            Op::Replay { reply, .. } | Op::DeleteDead { reply, .. } => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            Op::Ack { reply, .. } | Op::DeadLetter { reply, .. } | Op::SaveTat { reply, .. } => {
                 let _ = reply.send(Err(e.clone()));
             }
         }
@@ -923,13 +1333,20 @@ impl Cmd {
 struct Tables<'t> {
     events: redb::Table<'t, (&'static str, u64), &'static [u8]>,
     log: redb::Table<'t, u64, &'static [u8]>,
-    dedup: &'t mut DedupState,
-    changes: &'t mut DedupChanges,
     dead: redb::Table<'t, u64, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
 }
 
-impl Tables<'_> {
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, SpoolError> {
+        Ok(Tables {
+            events: txn.open_table(EVENTS).map_err(storage)?,
+            log: txn.open_table(DEDUP_LOG).map_err(storage)?,
+            dead: txn.open_table(DEAD).map_err(storage)?,
+            meta: txn.open_table(META).map_err(storage)?,
+        })
+    }
+
     fn next(&mut self, name: &str) -> Result<u64, SpoolError> {
         let n = self
             .meta
@@ -941,15 +1358,6 @@ impl Tables<'_> {
         Ok(n)
     }
 
-    /// The last event id handed out (ids increase across accounts).
-    fn last_seq(&self) -> Result<u64, SpoolError> {
-        Ok(self
-            .meta
-            .get("seq")
-            .map_err(storage)?
-            .map_or(0, |v| v.value()))
-    }
-
     /// Queues the encoded event `bytes` as `account`'s event `seq`, counted in `fx`.
     fn queue(
         &mut self,
@@ -959,54 +1367,23 @@ impl Tables<'_> {
         fx: &mut Effects,
     ) -> Result<(), SpoolError> {
         self.events.insert((account, seq), bytes).map_err(storage)?;
-        if !fx.appended.iter().any(|a| a == account) {
-            fx.appended.push(account.to_owned());
-        }
-        fx.count(account, 1, bytes.len() as i64);
+        fx.queued(account, bytes.len());
         Ok(())
     }
 
-    /// Appends what is new; `Ok(Err(why))` when the records do not fit in `room` (nothing written).
-    fn append(
-        &mut self,
-        encoded: Vec<Prepared>,
-        room: &mut Room,
-        fx: &mut Effects,
-    ) -> Result<Result<Vec<Admission>, SpoolError>, SpoolError> {
-        if let Err(why) = room.take(encoded.iter().map(|p| p.bytes.len() as u64).sum()) {
-            return Ok(Err(why));
-        }
-        let mut out = Vec::with_capacity(encoded.len());
-        let mut seq = self.last_seq()?;
-        for Prepared {
-            key,
-            account,
-            received_at_ms,
-            bytes,
-        } in encoded
-        {
-            if self.seen(&key)? {
-                out.push(Admission::Duplicate);
-                continue;
+    /// Puts logged events into the queue and their keys into the dedup log, as they were logged.
+    fn put_logged(&mut self, logged: &Pending) -> Result<(), SpoolError> {
+        for (account, queue) in &logged.events {
+            for (seq, e) in queue {
+                self.events
+                    .insert((account.as_str(), *seq), e.bytes.as_slice())
+                    .map_err(storage)?;
+                self.log
+                    .insert(e.log_seq, log_entry(&e.key, e.received_at_ms).as_slice())
+                    .map_err(storage)?;
             }
-            let at = received_at_ms.max(0) as u64;
-            let log_seq = self.dedup.next;
-            let mut entry = [0u8; 40];
-            entry[..32].copy_from_slice(&key);
-            entry[32..].copy_from_slice(&at.to_le_bytes());
-            self.log
-                .insert(log_seq, entry.as_slice())
-                .map_err(storage)?;
-            let fp = fingerprint(&key);
-            self.dedup.table.insert(fp, log_seq);
-            self.dedup.next += 1;
-            self.changes.inserted.push((fp, log_seq));
-            seq += 1;
-            self.queue(&account, seq, &bytes, fx)?;
-            out.push(Admission::Queued);
         }
-        self.meta.insert("seq", seq).map_err(storage)?;
-        Ok(Ok(out))
+        Ok(())
     }
 
     /// Removes events; with `dead = Some((reason, message))` they move to the dead letters.
@@ -1068,23 +1445,22 @@ impl Tables<'_> {
         &mut self,
         account: &str,
         letters: Vec<(u64, Vec<u8>)>,
+        seq: &mut u64,
         room: &mut Room,
         fx: &mut Effects,
     ) -> Result<Result<usize, SpoolError>, SpoolError> {
         if let Err(why) = room.take(letters.iter().map(|(_, b)| b.len() as u64).sum()) {
             return Ok(Err(why));
         }
-        let mut seq = self.last_seq()?;
         let mut moved = 0;
         for (id, bytes) in letters {
             if self.take_dead(account, id)?.is_none() {
                 continue;
             }
-            seq += 1;
-            self.queue(account, seq, &bytes, fx)?;
+            *seq += 1;
+            self.queue(account, *seq, &bytes, fx)?;
             moved += 1;
         }
-        self.meta.insert("seq", seq).map_err(storage)?;
         Ok(Ok(moved))
     }
 
@@ -1100,34 +1476,18 @@ impl Tables<'_> {
         Ok(())
     }
 
-    /// Whether `key` is in the dedup log: a fingerprint match confirmed by the full key.
-    fn seen(&self, key: &[u8; 32]) -> Result<bool, SpoolError> {
-        let Some(last) = self.dedup.next.checked_sub(1) else {
-            return Ok(false);
-        };
-        let candidates: Vec<u64> = self
-            .dedup
-            .table
-            .candidates(fingerprint(key))
-            .filter_map(|low| full_seq(low, self.dedup.first, last))
-            .collect();
-        for seq in candidates {
-            if let Some(entry) = self.log.get(seq).map_err(storage)? {
-                if entry.value().get(..32) == Some(key.as_slice()) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
-
     /// Removes log entries older than the window, oldest first, a bounded number per transaction.
-    fn purge_dedup(&mut self, horizon_ms: i64) -> Result<(), SpoolError> {
+    fn purge_dedup(
+        &mut self,
+        dedup: &DedupState,
+        changes: &mut DedupChanges,
+        horizon_ms: i64,
+    ) -> Result<(), SpoolError> {
         let horizon = horizon_ms.max(0) as u64;
         let mut expired = Vec::new();
         for item in self
             .log
-            .range(self.dedup.first..)
+            .range(dedup.first..)
             .map_err(storage)?
             .take(PURGE_PER_COMMIT)
         {
@@ -1142,15 +1502,19 @@ impl Tables<'_> {
         }
         for (fp, seq) in expired {
             self.log.remove(seq).map_err(storage)?;
-            self.changes.purged.push((fp, seq));
+            changes.purged.push((fp, seq));
         }
         Ok(())
     }
 
-    fn store_counts(&mut self, shared: &Mutex<Shared>, fx: &Effects) -> Result<(), SpoolError> {
-        let s = lock(shared);
+    /// Stores the counters of the accounts `fx` touched: `base` (what memory holds) changed by `fx`.
+    fn store_counts(
+        &mut self,
+        base: &HashMap<String, Count>,
+        fx: &Effects,
+    ) -> Result<(), SpoolError> {
         for (account, (de, db)) in &fx.counts {
-            let c = s.counts.get(account).copied().unwrap_or_default();
+            let c = base.get(account).copied().unwrap_or_default();
             self.meta
                 .insert(
                     format!("events:{account}").as_str(),
@@ -1259,6 +1623,70 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    /// What the storage thread logs but has not yet put into redb when the process dies (kill -9 is tested
+    /// end to end in tests/delivery.rs; here the log is written by hand to know exactly what is in it).
+    #[tokio::test]
+    async fn an_unclean_stop_loses_nothing_the_intake_log_holds_and_recovers_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        spool.append(vec![record("a", "1")]).await.unwrap();
+        spool.close().await.unwrap();
+        drop(spool);
+        let bytes_before = {
+            let spool = DiskSpool::open(opts(dir.path())).unwrap();
+            let b = spool.bytes();
+            spool.close().await.unwrap();
+            b
+        };
+
+        // The process died after logging three events: the first was in redb already (a crash between the
+        // commit and the log's reset), the other two only in the log.
+        let logged = |seq: u64, log_seq: u64, r: Record| IntakeRecord {
+            seq,
+            log_seq,
+            received_at_ms: r.received_at_ms,
+            key: dedup_key(&r),
+            account: r.account.clone(),
+            bytes: codec::encode(&r).unwrap(),
+        };
+        let extra: Vec<IntakeRecord> = vec![
+            logged(1, 0, record("a", "1")),
+            logged(2, 1, record("a", "2")),
+            logged(3, 2, record("b", "3")),
+        ];
+        let (mut log, _) = IntakeLog::open(&dir.path().join("intake.log")).unwrap();
+        log.append(&extra).unwrap();
+        drop(log);
+
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        assert_eq!((spool.backlog("a"), spool.backlog("b")), (2, 1));
+        assert_eq!(ids(&spool.peek("a", 10).await.unwrap()), ["1", "2"]);
+        let added: u64 = extra[1..].iter().map(|r| r.bytes.len() as u64).sum();
+        assert_eq!(spool.bytes(), bytes_before + added);
+        // The dedup index knows the recovered events; new ones get ids after theirs.
+        assert_eq!(
+            spool
+                .append(vec![record("a", "2"), record("b", "3"), record("a", "4")])
+                .await
+                .unwrap(),
+            [
+                Admission::Duplicate,
+                Admission::Duplicate,
+                Admission::Queued
+            ]
+        );
+        let waiting = spool.peek("a", 10).await.unwrap();
+        assert_eq!(ids(&waiting), ["1", "2", "4"]);
+        assert!(waiting[2].id > 3);
+        spool.close().await.unwrap();
+        drop(spool);
+
+        // Recovered once: the log starts over after it, so a second start adds nothing.
+        let spool = DiskSpool::open(opts(dir.path())).unwrap();
+        assert_eq!((spool.backlog("a"), spool.backlog("b")), (3, 1));
+        assert_eq!(ids(&spool.peek("b", 10).await.unwrap()), ["3"]);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod dedup;
 pub mod disk;
+pub mod intake_log;
 pub mod memory;
 
 pub use disk::{DiskSpool, DiskSpoolOptions};
