@@ -1,13 +1,14 @@
 //! `bench`: drives the real gateway over HTTP on this machine and prints what it measured.
 //!
 //! ```sh
-//! cargo build --release --bins && ./target/release/bench            # about two minutes
+//! cargo build --release --bins && ./target/release/bench            # about three minutes
 //! ```
 //!
 //! It starts nginx (answering 202 to the same POSTs, the reference; installed with apt-get when missing),
 //! `fake-x-api` and `conversion-gateway` (durable spool in a temporary directory, budget lifted), and
 //! measures with its own HTTP/1.1 load generator on the same cores:
-//! 1. single-event POSTs, closed loop: requests/s, p50, p99, and the ratio to nginx;
+//! 1. single-event POSTs, closed loop, nginx and the gateway in turn for `--rounds` rounds (the reference
+//!    moves between runs on shared cores): requests/s, p50, p99, each round's ratio and their median;
 //! 2. 100-event POSTs, closed loop: events/s;
 //! 3. a steady 10,000 single-event POSTs/s (open loop, latency from the scheduled send): p50, p99;
 //! 4. RSS of the gateway with 1,000,000 events waiting in the spool (X down meanwhile);
@@ -42,6 +43,9 @@ struct Args {
     /// Events to leave waiting for the RSS and forwarding phases.
     #[arg(long, default_value_t = 1_000_000)]
     waiting: u64,
+    /// Rounds of single-event POSTs, nginx and the gateway in turn; the ratio reported is their median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Skip the nginx reference.
     #[arg(long)]
     no_nginx: bool,
@@ -103,6 +107,16 @@ impl Drop for Nginx {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); `None` for none.
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[n / 2]),
+        n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
 
@@ -408,7 +422,7 @@ local next_id = 0
 setup = function(thread) thread:set("tid", next_id); next_id = next_id + 1 end
 request = function()
   counter = counter + 1
-  local body = string.format('{"event":"purchase","conversion_id":"wrk-%d-%012d","email":"Jane.Doe+%d@Example.com","phone":"+1 (650) 253-%04d","value":129.99,"price_currency":"usd","number_items":2,"ip_address":"203.0.113.7","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","event_source_url":"https://shop.example/checkout?utm_source=x&twclid=23opevjt88psuo13lu8d020qkn","contents":[{"content_id":"sku-%d","content_name":"Blanket","content_type":"Pet supplies","content_price":64.99,"num_items":2}]}', tid, counter, counter % 1000, counter % 10000, counter % 97)
+  local body = string.format('{"event":"purchase","conversion_id":"wrk-RUN-%d-%012d","email":"Jane.Doe+%d@Example.com","phone":"+1 (650) 253-%04d","value":129.99,"price_currency":"usd","number_items":2,"ip_address":"203.0.113.7","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","event_source_url":"https://shop.example/checkout?utm_source=x&twclid=23opevjt88psuo13lu8d020qkn","contents":[{"content_id":"sku-%d","content_name":"Blanket","content_type":"Pet supplies","content_price":64.99,"num_items":2}]}', tid, counter, counter % 1000, counter % 10000, counter % 97)
   return wrk.format("POST", "/v1/events", {["Authorization"]="Bearer bench-key", ["Content-Type"]="application/json"}, body)
 end
 "#;
@@ -428,7 +442,11 @@ fn wrk_run(
             .status();
     }
     let script = dir.join("unique.lua");
-    std::fs::write(&script, WRK_SCRIPT).map_err(|e| e.to_string())?;
+    // Ids unique across runs: a repeated id is a duplicate, answered without being spooled.
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    std::fs::write(&script, WRK_SCRIPT.replace("RUN", &run.to_string()))
+        .map_err(|e| e.to_string())?;
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -536,28 +554,13 @@ fn main() -> Result<(), String> {
     );
 
     let counter = Arc::new(AtomicU64::new(0));
-    let mut wrk_nginx = None;
-    let nginx_rps = if args.no_nginx {
+    let _nginx;
+    let nginx_addr = if args.no_nginx {
         None
     } else {
         let port = free_port();
-        let _nginx = start_nginx(dir.path(), port)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let run = rt.block_on(closed_loop(
-            addr,
-            args.connections,
-            args.seconds,
-            Arc::new(AtomicU64::new(0)),
-            1,
-            single,
-        ));
-        println!("nginx `return 202`, single-event POSTs: {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
-        if args.wrk {
-            let (rps, p50, p99, bad) = wrk_run(dir.path(), addr, args.connections, args.seconds)?;
-            println!("  with wrk:                               {rps:>9.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  non-2xx {bad}");
-            wrk_nginx = Some(rps);
-        }
-        Some(run.rps())
+        _nginx = start_nginx(dir.path(), port)?;
+        Some(SocketAddr::from(([127, 0, 0, 1], port)))
     };
 
     // fake-x-api: no recording (counts only), no rate limit in the way.
@@ -639,29 +642,58 @@ fn main() -> Result<(), String> {
             }
         })
     };
-    let run = rt.block_on(closed_loop(
-        addr,
-        args.connections,
-        args.seconds,
-        counter.clone(),
-        1,
-        single,
-    ));
-    let ratio = nginx_rps
-        .map(|n| format!("  = {:.0}% of nginx", 100.0 * run.rps() / n))
-        .unwrap_or_default();
-    println!("gateway, durable single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}{ratio}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
-
-    if args.wrk {
+    // Single-event POSTs, nginx and the gateway in turn, so that both see the same machine: the reference
+    // moves by a quarter between runs on these shared cores. Each round's ratio, then their median.
+    let mut ratios = Vec::new();
+    let mut wrk_ratios = Vec::new();
+    let mut gateway_rps = Vec::new();
+    for round in 1..=args.rounds {
+        settle(&counter);
+        let reference = nginx_addr.map(|a| {
+            rt.block_on(closed_loop(
+                a,
+                args.connections,
+                args.seconds,
+                Arc::new(AtomicU64::new(0)),
+                1,
+                single,
+            ))
+        });
+        if let Some(n) = &reference {
+            println!("round {round}: nginx `return 202`, single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}", n.rps(), n.pct(0.5), n.pct(0.99), n.errors);
+        }
+        let run = rt.block_on(closed_loop(
+            addr,
+            args.connections,
+            args.seconds,
+            counter.clone(),
+            1,
+            single,
+        ));
+        let ratio = reference.map(|n| 100.0 * run.rps() / n.rps());
+        println!("round {round}: gateway, durable single-event POSTs: {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}{}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors, ratio.map(|r| format!("  = {r:.0}% of nginx")).unwrap_or_default());
+        ratios.extend(ratio);
+        gateway_rps.push(run.rps());
+        if !args.wrk {
+            continue;
+        }
+        settle(&counter);
+        let reference = match nginx_addr {
+            Some(a) => {
+                let (rps, p50, p99, bad) = wrk_run(dir.path(), a, args.connections, args.seconds)?;
+                println!("  with wrk: nginx                              {rps:>9.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  non-2xx {bad}");
+                Some(rps)
+            }
+            None => None,
+        };
         settle(&counter);
         let before = rt.block_on(get_json(fake_addr, "/_fake/stats"))["accepted_conversions"]
             .as_u64()
             .unwrap_or(0);
         let (rps, p50, p99, bad) = wrk_run(dir.path(), addr, args.connections, args.seconds)?;
-        let ratio = wrk_nginx
-            .map(|n| format!("  = {:.0}% of nginx with wrk", 100.0 * rps / n))
-            .unwrap_or_default();
-        println!("  with wrk:                               {rps:>9.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  non-2xx {bad}{ratio}");
+        let ratio = reference.map(|n| 100.0 * rps / n);
+        println!("  with wrk: gateway                            {rps:>9.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  non-2xx {bad}{}", ratio.map(|r| format!("  = {r:.0}% of nginx with wrk")).unwrap_or_default());
+        wrk_ratios.extend(ratio);
         // wrk's events count for the settling that follows.
         let sent = (rps * args.seconds as f64) as u64;
         let after = rt.block_on(get_json(fake_addr, "/_fake/stats"))["accepted_conversions"]
@@ -672,6 +704,17 @@ fn main() -> Result<(), String> {
             Ordering::Relaxed,
         );
     }
+    println!(
+        "gateway, durable single-event POSTs, median of {} rounds: {:>9.0} req/s{}{}",
+        args.rounds,
+        median(&mut gateway_rps).unwrap_or(0.0),
+        median(&mut ratios)
+            .map(|r| format!("  = {r:.0}% of nginx"))
+            .unwrap_or_default(),
+        median(&mut wrk_ratios)
+            .map(|r| format!("  ({r:.0}% with wrk)"))
+            .unwrap_or_default(),
+    );
     show_rss("single-event POSTs");
     settle(&counter);
     let run = rt.block_on(closed_loop(
@@ -766,4 +809,17 @@ fn main() -> Result<(), String> {
     );
     drop(gateway);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_rounds() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [27.0]), Some(27.0));
+        assert_eq!(median(&mut [30.0, 22.0, 26.0]), Some(26.0));
+        assert_eq!(median(&mut [30.0, 22.0, 26.0, 24.0]), Some(25.0));
+    }
 }
