@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use conversion_gateway::spool::{DeadLetterQuery, DiskSpool, DiskSpoolOptions, Spool};
+use conversion_gateway::spool::{DeadLetterQuery, DiskSpool, Spool};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -65,17 +65,6 @@ fn busiest_window(sent: &[(u64, u64)], window_ms: u64) -> (u64, u64) {
         })
         .max()
         .unwrap_or((0, 0))
-}
-
-fn spool_opts(dir: std::path::PathBuf) -> DiskSpoolOptions {
-    DiskSpoolOptions {
-        dir,
-        max_bytes: 1 << 30,
-        max_dead_letters: 1000,
-        dedup_window: Duration::from_secs(3600),
-        cache_bytes: 1 << 20,
-        min_free_bytes: 0,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,7 +148,8 @@ fn storage(e: impl std::fmt::Display) -> SpoolError {
     SpoolError::Unavailable(e.to_string())
 }
 
-fn dedup_key(r: &Record) -> [u8; 32] {
+/// The 32-byte key the dedup index keeps for a record: SHA-256 over its account, event id and conversion id.
+pub fn dedup_key(r: &Record) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [
         r.account.as_str(),
@@ -240,50 +241,54 @@ fn load_counts(db: &Database, shared: &mut Shared) -> Result<(), SpoolError> {
     Ok(())
 }
 
-/// Puts the logged events that redb does not have (ids after its last one) into it, in one transaction,
-/// with the same ids and dedup entries they were logged with. Returns how many.
-fn recover(
-    db: &Database,
-    shared: &mut Shared,
-    logged: Vec<IntakeRecord>,
-) -> Result<usize, SpoolError> {
+/// The logged events that redb does not have (ids after its last one), counted, with the last id and dedup
+/// log sequence they take.
+struct Unapplied {
+    events: Pending,
+    effects: Effects,
+    last_seq: u64,
+    next_log: u64,
+}
+
+fn unapplied(db: &Database, logged: Vec<IntakeRecord>) -> Result<Unapplied, SpoolError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
     let meta_u64 = |name: &str| -> Result<u64, SpoolError> {
-        let txn = db.begin_read().map_err(storage)?;
-        let meta = txn.open_table(META).map_err(storage)?;
         Ok(meta.get(name).map_err(storage)?.map_or(0, |v| v.value()))
     };
-    let (seq, dedup_next) = (meta_u64("seq")?, meta_u64("dedup_next")?);
-    let mut missing = Pending::default();
-    let mut fx = Effects::default();
-    let (mut last_seq, mut last_log) = (seq, dedup_next);
+    let seq = meta_u64("seq")?;
+    let mut out = Unapplied {
+        events: Pending::default(),
+        effects: Effects::default(),
+        last_seq: seq,
+        next_log: meta_u64("dedup_next")?,
+    };
     for r in logged.into_iter().filter(|r| r.seq > seq) {
-        fx.count(&r.account, 1, r.bytes.len() as i64);
-        last_seq = last_seq.max(r.seq);
-        last_log = last_log.max(r.log_seq + 1);
-        missing.insert(r);
+        out.effects.count(&r.account, 1, r.bytes.len() as i64);
+        out.last_seq = out.last_seq.max(r.seq);
+        out.next_log = out.next_log.max(r.log_seq + 1);
+        out.events.insert(r);
     }
-    if missing.len == 0 {
-        return Ok(0);
-    }
+    Ok(out)
+}
+
+/// Puts `missing` into redb in one transaction, with the ids and dedup entries they were logged with.
+fn recover(db: &Database, shared: &Shared, missing: &Unapplied) -> Result<(), SpoolError> {
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut tables = Tables::open(&txn)?;
-        tables.put_logged(&missing)?;
-        tables.meta.insert("seq", last_seq).map_err(storage)?;
+        tables.put_logged(&missing.events)?;
         tables
             .meta
-            .insert("dedup_next", last_log)
+            .insert("seq", missing.last_seq)
             .map_err(storage)?;
-        tables.store_counts(&shared.counts, &fx)?;
+        tables
+            .meta
+            .insert("dedup_next", missing.next_log)
+            .map_err(storage)?;
+        tables.store_counts(&shared.counts, &missing.effects)?;
     }
-    txn.commit().map_err(storage)?;
-    for (account, (de, db)) in &fx.counts {
-        let c = shared.counts.entry(account.clone()).or_default();
-        c.events += *de as u64;
-        c.bytes += *db as u64;
-        shared.total_bytes += *db as u64;
-    }
-    Ok(missing.len)
+    txn.commit().map_err(storage)
 }
 
 /// The dedup fingerprints from the dedup log, and the last event id handed out.
@@ -323,24 +328,58 @@ impl DiskSpool {
         let log_path = opts.dir.join("intake.log");
         let (mut intake, logged) = IntakeLog::open(&log_path)
             .map_err(|e| storage(format!("cannot read {}: {e}", log_path.display())))?;
-        let recovered = recover(&db, &mut shared, logged)?;
-        if recovered > 0 {
-            tracing::warn!(
-                events = recovered,
-                "the spool was not closed cleanly; events of the intake log put into the spool file"
-            );
+        let missing = unapplied(&db, logged)?;
+        let (mut dedup, mut seq) = load_dedup(&db)?;
+        let mut pending = Pending::default();
+        if missing.events.len > 0 {
+            match recover(&db, &shared, &missing) {
+                Ok(()) => {
+                    tracing::warn!(
+                        events = missing.events.len,
+                        "the spool was not closed cleanly; events of the intake log put into the spool file"
+                    );
+                    (dedup, seq) = load_dedup(&db)?;
+                }
+                // A full disk, say: they stay in the log and in memory, and go into redb once it takes writes.
+                Err(e) => {
+                    tracing::error!(
+                        events = missing.events.len,
+                        error = %e,
+                        "cannot put the intake log's events into the spool file yet; they stay pending"
+                    );
+                    for queue in missing.events.events.values() {
+                        for e in queue.values() {
+                            dedup.table.insert(fingerprint(&e.key), e.log_seq);
+                            dedup.unapplied.insert(e.log_seq, e.key);
+                        }
+                    }
+                    dedup.next = dedup.next.max(missing.next_log);
+                    seq = seq.max(missing.last_seq);
+                    pending = missing.events;
+                    pending.since = Some(Instant::now());
+                }
+            }
+            for (account, (de, db)) in &missing.effects.counts {
+                let c = shared.counts.entry(account.clone()).or_default();
+                c.events += *de as u64;
+                c.bytes += *db as u64;
+                shared.total_bytes += *db as u64;
+            }
         }
-        intake
-            .reset()
-            .map_err(|e| storage(format!("cannot reset {}: {e}", log_path.display())))?;
-        let (dedup, seq) = load_dedup(&db)?;
+        if pending.len == 0 {
+            // Everything logged is in redb; the log may start over. (If it cannot, appends after what it
+            // holds; those frames are all in redb, so a later start skips them.)
+            if let Err(e) = intake.reset() {
+                tracing::warn!(error = %e, "cannot reset the intake log at start-up");
+            }
+        }
         let db = Arc::new(Handle {
             db: RwLock::new(Some(Arc::new(db))),
             path: path.clone(),
             cache_bytes: opts.cache_bytes,
         });
         let shared = Arc::new(Mutex::new(shared));
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let pending = Arc::new(Mutex::new(pending));
         let (tx, rx) = std_mpsc::channel();
         let writer = Writer {
             db: db.clone(),
@@ -351,6 +390,7 @@ impl DiskSpool {
             intake,
             seq,
             disk_low: Default::default(),
+            apply_not_before: Instant::now(),
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -670,6 +710,8 @@ struct Writer {
     seq: u64,
     /// The last free-space reading: (when, whether below `min_free_bytes`).
     disk_low: std::cell::Cell<Option<(Instant, bool)>>,
+    /// After a failed transaction, logged events wait this long before the next try (ops still try at once).
+    apply_not_before: Instant,
 }
 
 /// How long a free-space reading is trusted. Reading it costs a syscall, and every group needed two;
@@ -682,6 +724,8 @@ const APPLY_AFTER: Duration = Duration::from_millis(25);
 const APPLY_EVENTS: usize = 4096;
 /// While redb refuses writes, the log takes at most this many events before appends fail too.
 const MAX_PENDING: usize = 200_000;
+/// How long logged events wait before redb is tried again after a failed transaction.
+const APPLY_RETRY: Duration = Duration::from_secs(1);
 /// The intake log starts over once this much of it is in redb.
 const LOG_RESET_AT: u64 = 1 << 20;
 
@@ -908,7 +952,8 @@ impl Writer {
     /// How long until the logged events are due in redb, if any are waiting.
     fn apply_due_in(&self) -> Option<Duration> {
         let since = lock_pending(&self.pending).since?;
-        Some(APPLY_AFTER.saturating_sub(since.elapsed()))
+        let due = (since + APPLY_AFTER).max(self.apply_not_before);
+        Some(due.saturating_duration_since(Instant::now()))
     }
 
     fn commit_group(&mut self, cmds: Vec<Cmd>) {
@@ -928,7 +973,8 @@ impl Writer {
         }
         let due = {
             let p = lock_pending(&self.pending);
-            p.len >= APPLY_EVENTS || p.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER)
+            (p.len >= APPLY_EVENTS || p.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER))
+                && Instant::now() >= self.apply_not_before
         };
         if !ops.is_empty() || due {
             self.apply(ops);
@@ -939,7 +985,9 @@ impl Writer {
     /// into redb with the next `apply`; until then readers find them in `pending`.
     fn log_appends(&mut self, appends: Vec<(Vec<Prepared>, AppendReply)>) {
         let waiting = lock_pending(&self.pending).len;
-        if self.intake.is_broken() || waiting >= MAX_PENDING {
+        if (self.intake.is_broken() || waiting >= MAX_PENDING)
+            && Instant::now() >= self.apply_not_before
+        {
             // Only a commit to redb makes room (and lets the log start over after a failure).
             self.apply(Vec::new());
         }
@@ -1059,6 +1107,7 @@ impl Writer {
                 }
                 // Do not spin while the disk is gone.
                 std::thread::sleep(Duration::from_millis(100));
+                self.apply_not_before = Instant::now() + APPLY_RETRY;
                 return;
             }
         };
@@ -1156,6 +1205,7 @@ impl Writer {
         if let Err(e) = outcome {
             // The logged events stay pending (and in the log). Ids a failed replay took stay unused.
             drop(pending);
+            self.apply_not_before = Instant::now() + APPLY_RETRY;
             self.failed(&e);
             // Reopen before answering, so that no caller reads through the failed handle.
             drop(db);

@@ -390,6 +390,18 @@ pub async fn post_events(
 }
 
 /// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped. Needs root (CI runs as root).
+/// Options of a disk spool under `dir` for tests: 1 GiB, a small cache, no free-space reserve.
+pub fn spool_opts(dir: PathBuf) -> conversion_gateway::spool::DiskSpoolOptions {
+    conversion_gateway::spool::DiskSpoolOptions {
+        dir,
+        max_bytes: 1 << 30,
+        max_dead_letters: 1000,
+        dedup_window: Duration::from_secs(3600),
+        cache_bytes: 1 << 20,
+        min_free_bytes: 0,
+    }
+}
+
 pub struct Tmpfs(pub tempfile::TempDir);
 
 impl Tmpfs {
