@@ -124,16 +124,24 @@ impl IntakeLog {
     }
 
     /// Starts a new epoch: every frame written so far is forgotten. Only when all of them are durable elsewhere.
+    /// After a failure the log refuses frames until a reset succeeds: the header on disk may then name an epoch
+    /// other than ours, and a frame written under ours could be skipped at the next start.
     pub fn reset(&mut self) -> io::Result<()> {
         let epoch = self.epoch + 1;
-        self.file.write_all_at(&header(epoch), 0)?;
-        if self.file.metadata()?.len() > KEEP_BYTES {
-            self.file.set_len(HEADER_LEN)?;
-            self.file.sync_data()?;
+        if let Err(e) = self.file.write_all_at(&header(epoch), 0) {
+            self.broken = true;
+            return Err(e);
         }
         self.epoch = epoch;
         self.end = HEADER_LEN;
         self.broken = false;
+        if self.file.metadata().is_ok_and(|m| m.len() > KEEP_BYTES) {
+            // Giving the space back is a nicety; the log is consistent either way.
+            let _ = self
+                .file
+                .set_len(HEADER_LEN)
+                .and_then(|()| self.file.sync_data());
+        }
         Ok(())
     }
 
