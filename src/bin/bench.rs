@@ -78,13 +78,53 @@ impl Drop for TempDir {
     }
 }
 
+/// The children running now, stopped by `stop_on_signal` when the bench itself is interrupted (drops do
+/// not run then, and the children kept running, skewing the next measurement).
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    RUNNING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// On SIGINT or SIGTERM: SIGTERM to every child still running, the scratch directory removed, exit 130.
+async fn stop_on_signal(scratch: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    for pid in running().iter() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+    eprintln!("bench: interrupted; its servers were stopped");
+    std::process::exit(130);
+}
+
 /// A child process killed on drop.
 struct Proc(Child);
+
+impl Proc {
+    fn new(child: Child) -> Self {
+        running().push(child.id());
+        Proc(child)
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        running().retain(|p| *p != self.0.id());
     }
 }
 
@@ -92,8 +132,16 @@ impl Drop for Proc {
 /// the master alone left the workers running, holding the port).
 struct Nginx(Child);
 
+impl Nginx {
+    fn new(child: Child) -> Self {
+        running().push(child.id());
+        Nginx(child)
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
+        running().retain(|p| *p != self.0.id());
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.0.id().to_string())
@@ -410,7 +458,7 @@ fn start_nginx(dir: &Path, port: u16) -> Result<Nginx, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let nginx = Nginx(child);
+    let nginx = Nginx::new(child);
     wait_port(SocketAddr::from(([127, 0, 0, 1], port)))?;
     Ok(nginx)
 }
@@ -543,6 +591,7 @@ fn main() -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    rt.spawn(stop_on_signal(dir.path().to_path_buf()));
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -575,7 +624,7 @@ fn main() -> Result<(), String> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let _fake = Proc(
+    let _fake = Proc::new(
         Command::new(&fake_bin)
             .arg("--config")
             .arg(&fake_cfg)
@@ -603,7 +652,7 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         let log = std::fs::File::create(dir.path().join(format!("{spool}.log")))
             .map_err(|e| e.to_string())?;
-        let proc = Proc(
+        let proc = Proc::new(
             Command::new(&gateway_bin)
                 .arg("--config")
                 .arg(&gw_cfg)
