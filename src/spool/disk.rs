@@ -332,14 +332,23 @@ impl DiskSpool {
         let (mut dedup, mut seq) = load_dedup(&db)?;
         let mut pending = Pending::default();
         if missing.events.len > 0 {
-            match recover(&db, &shared, &missing) {
-                Ok(()) => {
-                    tracing::warn!(
-                        events = missing.events.len,
-                        "the spool was not closed cleanly; events of the intake log put into the spool file"
-                    );
-                    (dedup, seq) = load_dedup(&db)?;
+            let recovered = recover(&db, &shared, &missing);
+            // Their dedup entries, as the log gave them: in redb now, or only in memory until it takes them.
+            for queue in missing.events.events.values() {
+                for e in queue.values() {
+                    dedup.table.insert(fingerprint(&e.key), e.log_seq);
+                    if recovered.is_err() {
+                        dedup.unapplied.insert(e.log_seq, e.key);
+                    }
                 }
+            }
+            dedup.next = dedup.next.max(missing.next_log);
+            seq = seq.max(missing.last_seq);
+            match recovered {
+                Ok(()) => tracing::warn!(
+                    events = missing.events.len,
+                    "the spool was not closed cleanly; events of the intake log put into the spool file"
+                ),
                 // A full disk, say: they stay in the log and in memory, and go into redb once it takes writes.
                 Err(e) => {
                     tracing::error!(
@@ -347,16 +356,7 @@ impl DiskSpool {
                         error = %e,
                         "cannot put the intake log's events into the spool file yet; they stay pending"
                     );
-                    for queue in missing.events.events.values() {
-                        for e in queue.values() {
-                            dedup.table.insert(fingerprint(&e.key), e.log_seq);
-                            dedup.unapplied.insert(e.log_seq, e.key);
-                        }
-                    }
-                    dedup.next = dedup.next.max(missing.next_log);
-                    seq = seq.max(missing.last_seq);
                     pending = missing.events;
-                    pending.since = Some(Instant::now());
                 }
             }
             for (account, (de, db)) in &missing.effects.counts {
@@ -367,8 +367,8 @@ impl DiskSpool {
             }
         }
         if pending.len == 0 {
-            // Everything logged is in redb; the log may start over. (If it cannot, appends after what it
-            // holds; those frames are all in redb, so a later start skips them.)
+            // Everything logged is in redb; the log may start over. (If it cannot, it refuses frames until a
+            // later reset succeeds: the first append tries again.)
             if let Err(e) = intake.reset() {
                 tracing::warn!(error = %e, "cannot reset the intake log at start-up");
             }
