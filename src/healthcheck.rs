@@ -24,11 +24,12 @@ pub fn check(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), Stri
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    // One write: `write!` would send the request in pieces, and a peer that answers after its first
+    // read and closes would see the rest arrive on a closed socket (EPIPE here).
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
     let mut answer = Vec::new();
     // A short answer: read until the peer closes or the limit is reached.
     let _ = stream.take(64 * 1024).read_to_end(&mut answer);
