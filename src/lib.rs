@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod app;
+pub mod clock;
 pub mod config;
 pub mod conversion;
 pub mod dispatch;
@@ -13,6 +15,9 @@ pub mod healthcheck;
 pub mod limiter;
 pub mod metrics;
 pub mod preview;
+pub mod reasons;
+pub mod shutdown;
 pub mod spool;
 pub mod telemetry;
 pub mod upstream;
+pub mod x_contract;

@@ -1,29 +1,18 @@
-//! `conversion-gateway`: wires configuration, spool, dispatchers, the X client and the HTTP listeners.
+//! `conversion-gateway`: parses the command line and runs what it asks for; the gateway itself is
+//! assembled in `conversion_gateway::app`.
 #![forbid(unsafe_code)]
 
-use axum::serve::{Listener, ListenerExt};
 use clap::{Parser, Subcommand};
-use conversion_gateway::api::{self, AccountView, AdminState, ApiKeys, AppState};
 use conversion_gateway::config::{self, Settings};
-use conversion_gateway::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
-use conversion_gateway::limiter::{EmbeddedLimiter, Gcra, Limiter};
-use conversion_gateway::metrics::Metrics;
-use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Spool};
-use conversion_gateway::upstream::{Client, Target};
-use conversion_gateway::{healthcheck, preview, telemetry};
+use conversion_gateway::{app, healthcheck, preview, telemetry};
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// redb's page cache: bounded so that memory stays small whatever the backlog.
-const SPOOL_CACHE_BYTES: usize = 8 << 20;
 
 #[derive(Parser)]
 #[command(
@@ -151,165 +140,11 @@ fn preview(settings: &Settings) -> ExitCode {
 async fn run(settings: Settings) -> Result<(), String> {
     telemetry::init(&settings.log);
     tracing::info!(config = ?settings, "starting");
-    if settings.upstream.sandbox {
-        tracing::warn!(
-            "sandbox mode: batches are built, validated and recorded, nothing is sent to X"
-        );
-    }
-
-    let disk = DiskSpool::open(DiskSpoolOptions {
-        dir: settings.spool.dir.clone(),
-        max_bytes: settings.spool.max_bytes,
-        max_dead_letters: settings.spool.max_dead_letters,
-        dedup_window: settings.delivery.dedup_window,
-        cache_bytes: SPOOL_CACHE_BYTES,
-        min_free_bytes: settings.spool.min_free_bytes,
-    })
-    .map_err(|e| {
-        format!(
-            "cannot open the spool in spool.dir {}: {e}",
-            settings.spool.dir.display()
-        )
-    })?;
-    let spool: Arc<dyn Spool> = disk.clone();
-    let waiting: usize = settings.accounts.keys().map(|a| spool.backlog(a)).sum();
-    tracing::info!(dir = %settings.spool.dir.display(), waiting, bytes = spool.bytes(), "spool open");
-    let budgets = settings
-        .accounts
-        .values()
-        .map(|a| {
-            (
-                a.ad_account_id.clone(),
-                Gcra::new(
-                    a.rate_limit.events,
-                    a.rate_limit.window,
-                    settings.delivery.max_batch as u64,
-                ),
-            )
-        })
-        .collect();
-    let limiter: Arc<dyn Limiter> = Arc::new(EmbeddedLimiter::new(budgets, disk.clone()));
-    let client = Arc::new(
-        Client::new(settings.upstream.clone())
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?,
-    );
-    let metrics = Arc::new(Metrics::new(settings.accounts.keys().map(String::as_str)));
-    let state = Arc::new(AppState {
-        rules: settings.mapping_rules(),
-        spool: spool.clone(),
-        keys: ApiKeys::new(
-            &settings.server.api_keys,
-            settings.server.allow_unauthenticated,
-        ),
-        max_body_bytes: settings.server.max_body_bytes,
-        max_events_per_request: settings.server.max_events_per_request,
-        shutting_down: Default::default(),
-        now: chrono::Utc::now,
-        metrics: metrics.clone(),
-    });
-
-    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {key} {addr}: {e}"))
-    };
-    // Answers are small and go out whole: no Nagle delay on them.
-    let ingest = bind("server.listen", settings.server.listen)
-        .await?
-        .tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-    let admin = bind("server.admin_listen", settings.server.admin_listen).await?;
-    tracing::info!(
-        ingest = %ingest.local_addr().map_err(|e| e.to_string())?,
-        admin = %admin.local_addr().map_err(|e| e.to_string())?,
-        "listening"
-    );
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let dispatch_settings = DispatchSettings {
-        max_batch: settings.delivery.max_batch,
-        linger: settings.delivery.linger,
-        max_event_age: settings.delivery.max_event_age,
-        retry_base: settings.delivery.retry_base,
-        retry_cap: settings.delivery.retry_cap,
-        pause_cap: settings.delivery.pause_cap,
-    };
-    let mut dispatchers = tokio::task::JoinSet::new();
-    let mut views = Vec::new();
-    for (name, account) in &settings.accounts {
-        let status: Arc<Mutex<AccountStatus>> = Default::default();
-        views.push(AccountView {
-            name: name.clone(),
-            ad_account_id: account.ad_account_id.clone(),
-            pixel_id: account.pixel_id.clone(),
-            rate_limit_events: account.rate_limit.events,
-            rate_limit_window: account.rate_limit.window,
-            status: status.clone(),
-        });
-        let dispatcher = Dispatcher {
-            target: Target {
-                account: name.clone(),
-                pixel_id: account.pixel_id.clone(),
-                auth: account.auth.clone(),
-            },
-            budget_key: account.ad_account_id.clone(),
-            spool: spool.clone(),
-            client: client.clone(),
-            limiter: limiter.clone(),
-            settings: dispatch_settings.clone(),
-            status,
-            metrics: metrics.clone(),
-        };
-        dispatchers.spawn(dispatcher.run(stop_rx.clone()));
-    }
-
-    let (http_stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
-    let wait = |tx: &tokio::sync::broadcast::Sender<()>| {
-        let mut rx = tx.subscribe();
-        async move {
-            let _ = rx.recv().await;
-        }
-    };
-    let ingest_server =
-        axum::serve(ingest, api::app(state.clone())).with_graceful_shutdown(wait(&http_stop_tx));
-    let admin_state = Arc::new(AdminState {
-        app: state.clone(),
-        keys: ApiKeys::new(&settings.server.admin_api_keys, false),
-        accounts: views,
-        limiter: limiter.clone(),
-    });
-    let admin_server =
-        axum::serve(admin, api::admin_app(admin_state)).with_graceful_shutdown(wait(&http_stop_tx));
-    let ingest_task = tokio::spawn(async move { ingest_server.await });
-    let admin_task = tokio::spawn(async move { admin_server.await });
-
+    let running = app::start(settings).await?;
     shutdown_signal().await;
     tracing::info!("shutdown requested: no new events accepted, in-flight requests finishing");
-    state.shutting_down.store(true, Ordering::Relaxed);
-    let _ = http_stop_tx.send(());
-    let _ = stop_tx.send(true);
-
-    let drained = tokio::time::timeout(settings.server.shutdown_timeout, async {
-        let _ = ingest_task.await;
-        let _ = admin_task.await;
-        while dispatchers.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            "shutdown_timeout reached; stopping with work unfinished (it stays in the spool)"
-        );
-    }
-    let left: usize = settings.accounts.keys().map(|a| spool.backlog(a)).sum();
-    if let Err(e) = disk.close().await {
-        tracing::error!(error = %e, "closing the spool");
-    }
-    tracing::info!(
-        events_waiting = left,
-        "stopped; waiting events go out after the next start"
-    );
-    Ok(())
+    running.stop();
+    running.wait().await
 }
 
 async fn shutdown_signal() {

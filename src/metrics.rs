@@ -5,6 +5,7 @@
 //! client sent; every configured account's series exist at 0 from start-up, so a rate or an alert works
 //! before the first event; gauges about the spool are read from it when scraped, so they are never stale.
 
+use crate::reasons::{DeadLetterReason, IngestOutcome, PauseReason};
 use prometheus::core::Collector;
 use prometheus::{CounterVec, GaugeVec};
 use prometheus::{
@@ -12,12 +13,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// What ingest decided for an event.
-pub const RECEIVED_OUTCOMES: [&str; 4] = ["accepted", "duplicate", "suppressed", "rejected"];
-/// Why an event went to the dead letters.
-pub const DEAD_LETTER_REASONS: [&str; 3] = ["rejected", "not_found", "expired"];
-/// Why an account is paused.
-pub const PAUSE_REASONS: [&str; 3] = ["unauthorized", "forbidden", "not_found"];
 /// The account label of a rejected event whose account could not be told (several accounts configured
 /// and none, or an unknown one, named). Configuration refuses an account of this name.
 pub const UNKNOWN_ACCOUNT: &str = "unknown";
@@ -216,25 +211,25 @@ impl Metrics {
         );
 
         for a in &accounts {
-            for outcome in RECEIVED_OUTCOMES {
-                received.with_label_values(&[a.as_str(), outcome]);
+            for outcome in IngestOutcome::ALL {
+                received.with_label_values(&[a.as_str(), outcome.as_str()]);
             }
             delivered.with_label_values(&[a]);
             // The status X answers when all is well, so a success rate is defined before the first request.
             upstream_requests.with_label_values(&[a.as_str(), "200"]);
-            for reason in DEAD_LETTER_REASONS {
-                dead_lettered.with_label_values(&[a.as_str(), reason]);
+            for reason in DeadLetterReason::ALL {
+                dead_lettered.with_label_values(&[a.as_str(), reason.as_str()]);
             }
             upstream_duration.with_label_values(&[a]);
             batch_size.with_label_values(&[a]);
             spool_events.with_label_values(&[a]);
             spool_oldest.with_label_values(&[a]);
-            for reason in PAUSE_REASONS {
-                paused.with_label_values(&[a.as_str(), reason]);
+            for reason in PauseReason::ALL {
+                paused.with_label_values(&[a.as_str(), reason.as_str()]);
             }
             rate_limit_delay.with_label_values(&[a]);
         }
-        received.with_label_values(&[UNKNOWN_ACCOUNT, "rejected"]);
+        received.with_label_values(&[UNKNOWN_ACCOUNT, IngestOutcome::Rejected.as_str()]);
         spool_writable.set(1);
 
         Metrics {
@@ -268,11 +263,11 @@ impl Metrics {
         }
     }
 
-    /// `n` events of `account` got `outcome` (one of [`RECEIVED_OUTCOMES`]).
-    pub fn received(&self, account: Option<&str>, outcome: &str, n: u64) {
+    /// `n` events of `account` got `outcome`.
+    pub fn received(&self, account: Option<&str>, outcome: IngestOutcome, n: u64) {
         if n > 0 {
             self.received
-                .with_label_values(&[self.account(account), outcome])
+                .with_label_values(&[self.account(account), outcome.as_str()])
                 .inc_by(n);
         }
     }
@@ -281,9 +276,9 @@ impl Metrics {
         self.delivered.with_label_values(&[account]).inc_by(n);
     }
 
-    pub fn dead_lettered(&self, account: &str, reason: &str, n: u64) {
+    pub fn dead_lettered(&self, account: &str, reason: DeadLetterReason, n: u64) {
         self.dead_lettered
-            .with_label_values(&[account, reason])
+            .with_label_values(&[account, reason.as_str()])
             .inc_by(n);
     }
 
@@ -301,10 +296,10 @@ impl Metrics {
     }
 
     /// Sets the account's pause gauge: 1 for `reason` (none: not paused), 0 for every other reason.
-    pub fn paused(&self, account: &str, reason: Option<&str>) {
-        for r in PAUSE_REASONS {
+    pub fn paused(&self, account: &str, reason: Option<PauseReason>) {
+        for &r in PauseReason::ALL {
             self.paused
-                .with_label_values(&[account, r])
+                .with_label_values(&[account, r.as_str()])
                 .set(i64::from(Some(r) == reason));
         }
     }
@@ -429,9 +424,9 @@ mod tests {
     #[test]
     fn only_configured_accounts_become_labels() {
         let m = Metrics::new(["acme"]);
-        m.received(Some("acme"), "accepted", 2);
-        m.received(Some("evil\"} 1\n"), "rejected", 1);
-        m.received(None, "rejected", 1);
+        m.received(Some("acme"), IngestOutcome::Accepted, 2);
+        m.received(Some("evil\"} 1\n"), IngestOutcome::Rejected, 1);
+        m.received(None, IngestOutcome::Rejected, 1);
         let text = m.render(&snapshot(&[("acme", 4, Some(1.5))]));
         assert!(text.contains(
             "conversion_gateway_events_received_total{account=\"acme\",outcome=\"accepted\"} 2"
@@ -470,8 +465,8 @@ mod tests {
     #[test]
     fn pause_gauge_has_one_reason_at_a_time() {
         let m = Metrics::new(["acme"]);
-        m.paused("acme", Some("forbidden"));
-        m.paused("acme", Some("unauthorized"));
+        m.paused("acme", Some(PauseReason::Forbidden));
+        m.paused("acme", Some(PauseReason::Unauthorized));
         let text = m.render(&snapshot(&[]));
         let line = |r: &str| {
             format!("conversion_gateway_account_paused{{account=\"acme\",reason=\"{r}\"}}")
@@ -480,8 +475,8 @@ mod tests {
         assert!(text.contains(&format!("{} 0", line("forbidden"))));
         m.paused("acme", None);
         let text = m.render(&snapshot(&[]));
-        assert!(PAUSE_REASONS
+        assert!(PauseReason::ALL
             .iter()
-            .all(|r| text.contains(&format!("{} 0", line(r)))));
+            .all(|r| text.contains(&format!("{} 0", line(r.as_str())))));
     }
 }

@@ -8,11 +8,11 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use conversion_gateway::api::{self, AdminState};
 
+use conversion_gateway::reasons::{DeadLetterReason, PauseReason};
 use conversion_gateway::spool::{MemorySpool, Spool};
 use http_body_util::BodyExt;
 use oneshot::*;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
@@ -22,17 +22,19 @@ struct Admin {
     admin: Router,
     spool: Arc<MemorySpool>,
     state: Arc<AdminState>,
+    shutdown: conversion_gateway::shutdown::Trigger,
 }
 
 fn setup(accounts: &[&str]) -> Admin {
     let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
-    let app = state_with(spool.clone(), accounts);
+    let (app, shutdown) = stoppable_state(spool.clone(), accounts);
     let state = admin_state(app.clone());
     Admin {
         ingest: api::app(app),
         admin: api::admin_app(state.clone()),
         spool,
         state,
+        shutdown,
     }
 }
 
@@ -67,7 +69,7 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 }
 
 /// Dead-letters every waiting event of `account` with `reason`.
-async fn dead_letter_all(spool: &MemorySpool, account: &str, reason: &str) {
+async fn dead_letter_all(spool: &MemorySpool, account: &str, reason: DeadLetterReason) {
     let ids: Vec<u64> = spool
         .peek(account, 1000)
         .await
@@ -172,14 +174,14 @@ async fn readiness_follows_the_spool_and_shutdown_only() {
     .await;
     assert_eq!((s, body.as_str()), (StatusCode::OK, "ready\n"));
     // A paused account (an X-side problem) does not make the gateway unready.
-    a.state.accounts[0].status.lock().unwrap().paused = Some("unauthorized".into());
+    a.state.accounts[0].status.lock().unwrap().paused = Some(PauseReason::Unauthorized);
     let (s, _) = text(
         &a.admin,
         Request::get("/readyz").body(Body::empty()).unwrap(),
     )
     .await;
     assert_eq!(s, StatusCode::OK);
-    a.state.app.shutting_down.store(true, Ordering::Relaxed);
+    a.shutdown.fire();
     let (s, b, h) = send(
         &a.admin,
         Request::get("/readyz").body(Body::empty()).unwrap(),
@@ -286,7 +288,7 @@ async fn accounts_show_backlog_budget_and_delivery_state() {
     );
     {
         let mut s = a.state.accounts[1].status.lock().unwrap();
-        s.paused = Some("unauthorized".into());
+        s.paused = Some(PauseReason::Unauthorized);
         s.last_status = Some("401".into());
         s.last_error = Some("This request is not properly authenticated".into());
     }
@@ -329,8 +331,8 @@ async fn dead_letters_page_replay_with_the_fixed_mapping_and_delete() {
         post_events(&wrong, json!(events)).await,
         StatusCode::ACCEPTED
     );
-    dead_letter_all(&a.spool, "acme", "not_found").await;
-    dead_letter_all(&a.spool, "beta", "rejected").await;
+    dead_letter_all(&a.spool, "acme", DeadLetterReason::NotFound).await;
+    dead_letter_all(&a.spool, "beta", DeadLetterReason::Rejected).await;
 
     // Pages of two for acme, in order, linked by next_cursor.
     let mut ids = Vec::new();

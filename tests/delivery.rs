@@ -95,7 +95,7 @@ async fn a_poison_event_is_isolated_and_dead_lettered_the_rest_delivered() {
         .unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].conversion.conversion_id, "p-137");
-    assert_eq!(dead[0].reason, "rejected");
+    assert_eq!(dead[0].reason.as_str(), "rejected");
     assert_eq!(
         dead[0].message,
         "value (abc) is not valid for conversion p-137"

@@ -8,7 +8,6 @@ use conversion_gateway::api::{self, ApiKeys};
 use conversion_gateway::spool::{MemorySpool, Spool};
 use oneshot::*;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -243,14 +242,14 @@ async fn too_many_events() {
 #[tokio::test]
 async fn full_spool_and_shutdown_answer_503_with_retry_after() {
     let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1));
-    let st = state_with(spool.clone(), &["acme"]);
+    let (st, shutdown) = stoppable_state(spool.clone(), &["acme"]);
     let app = api::app(st.clone());
     let two = json!({"events": [{"event": "purchase", "twclid": "a"}, {"event": "purchase", "twclid": "b"}]});
     let (s, b, h) = post_json(&app, two).await;
     assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "full");
     assert!(h.contains_key(header::RETRY_AFTER));
     assert_eq!(spool.backlog("acme"), 0);
-    st.shutting_down.store(true, Ordering::Relaxed);
+    shutdown.fire();
     let (s, b, h) = post_json(&app, json!({"event": "purchase", "twclid": "a"})).await;
     assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     let admin = api::admin_app(admin_state(st));

@@ -4,7 +4,7 @@ use axum::routing::post;
 use axum::Router;
 use conversion_gateway::config::{Auth, Secret, Upstream};
 use conversion_gateway::conversion::Conversion;
-use conversion_gateway::upstream::{Client, Outcome, Target};
+use conversion_gateway::upstream::{HttpTransport as Client, Outcome, Target, Transport};
 use std::time::Duration;
 
 fn settings(base_url: String, timeout: Duration) -> Upstream {

@@ -186,7 +186,7 @@ struct AccountReport {
     backlog: Backlog,
     budget: Budget,
     /// Why sending is paused (X refused the credentials or the pixel), or null.
-    paused: Option<String>,
+    paused: Option<crate::reasons::PauseReason>,
     last_status: Option<String>,
     last_error: Option<String>,
     last_debug_id: Option<String>,
@@ -362,8 +362,9 @@ impl AdminState {
 struct DeadLetterView {
     id: u64,
     account: String,
-    /// `rejected` (X refused this conversion), `not_found`, or `expired` (older than max_event_age).
-    reason: String,
+    /// `rejected` (X refused this conversion), `not_found`, `expired` (older than max_event_age), or
+    /// `corrupt` (the stored record no longer decodes).
+    reason: crate::reasons::DeadLetterReason,
     /// X's message, or what else explains the reason.
     message: String,
     dead_lettered_at: Option<String>,

@@ -6,6 +6,7 @@
 
 use super::{AppState, Problem};
 use crate::conversion::{events_of, map_event, FieldError, Judgement};
+use crate::reasons::IngestOutcome;
 use crate::spool::{Admission, Record};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -152,10 +153,12 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
             }),
             Judgement::Suppressed { account } => {
                 out.suppressed += 1;
-                st.metrics.received(account.as_deref(), "suppressed", 1);
+                st.metrics
+                    .received(account.as_deref(), IngestOutcome::Suppressed, 1);
             }
             Judgement::Rejected(errors) => {
-                st.metrics.received(st.rules.account_of(raw), "rejected", 1);
+                st.metrics
+                    .received(st.rules.account_of(raw), IngestOutcome::Rejected, 1);
                 out.rejected.push(RejectedEvent { index, errors });
             }
         }
@@ -171,16 +174,16 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
             )
         })?;
         // Counted per (account, outcome), not per event: one metric update each.
-        let mut tally: Vec<(&str, &'static str, u64)> = Vec::new();
+        let mut tally: Vec<(&str, IngestOutcome, u64)> = Vec::new();
         for (a, account) in admissions.into_iter().zip(&accounts) {
             let outcome = match a {
                 Admission::Queued => {
                     out.accepted += 1;
-                    "accepted"
+                    IngestOutcome::Accepted
                 }
                 Admission::Duplicate => {
                     out.duplicates += 1;
-                    "duplicate"
+                    IngestOutcome::Duplicate
                 }
             };
             match tally

@@ -22,7 +22,6 @@ use axum::Router;
 use chrono::{DateTime, Utc};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -33,8 +32,8 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
-    /// Set when shutdown begins: new requests get 503.
-    pub shutting_down: AtomicBool,
+    /// Once it fires, new requests get 503.
+    pub shutdown: crate::shutdown::Shutdown,
     /// The clock (replaceable in tests).
     pub now: fn() -> DateTime<Utc>,
     pub metrics: Arc<Metrics>,
@@ -42,7 +41,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
+        self.shutdown.is_set()
     }
 }
 

@@ -992,8 +992,8 @@ mod tests {
                 // What the gateway sends passes X's own checks.
                 let body = serde_json::to_vec(&crate::conversion::Batch { conversions: std::slice::from_ref(&conversion) }).unwrap();
                 let pixels = ["o9d7n".to_string()].into();
-                let scope = crate::fake_x::contract::Scope { account_sets: None, pixels: &pixels };
-                let checked = crate::fake_x::contract::validate(&body, &scope);
+                let scope = crate::x_contract::Scope { account_sets: None, pixels: &pixels };
+                let checked = crate::x_contract::validate(&body, &scope);
                 prop_assert!(checked.is_ok(), "{:?}", checked);
             }
         }

@@ -2,6 +2,7 @@
 //!
 //! Like Vector's `RetryLogic`: this decides, the dispatcher acts.
 
+use crate::reasons::{DeadLetterReason, PauseReason};
 use crate::upstream::Outcome;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,12 +16,12 @@ pub enum Action {
     Split,
     /// X refused this single conversion for good.
     DeadLetter {
-        reason: &'static str,
+        reason: DeadLetterReason,
         message: String,
     },
     /// A configuration fault (credentials, access, pixel): keep the events, probe again later.
     Pause {
-        reason: &'static str,
+        reason: PauseReason,
         message: String,
     },
     /// Over X's rate limit: send nothing before `until` (epoch seconds).
@@ -58,7 +59,7 @@ fn names_event_id(outcome: &Outcome) -> bool {
 /// Decides what to do with a batch of `batch_len` conversions after `outcome`, at `now` (epoch seconds).
 pub fn decide(outcome: &Outcome, batch_len: usize, now: u64) -> Action {
     let message = outcome.message();
-    let isolate = |reason: &'static str| {
+    let isolate = |reason: DeadLetterReason| {
         if batch_len > 1 {
             Action::Split
         } else {
@@ -100,18 +101,20 @@ pub fn decide(outcome: &Outcome, batch_len: usize, now: u64) -> Action {
         }
         Outcome::Refused {
             status: 400 | 413, ..
-        } => isolate("rejected"),
-        Outcome::Refused { status: 404, .. } if names_event_id(outcome) => isolate("not_found"),
+        } => isolate(DeadLetterReason::Rejected),
+        Outcome::Refused { status: 404, .. } if names_event_id(outcome) => {
+            isolate(DeadLetterReason::NotFound)
+        }
         Outcome::Refused { status: 401, .. } => Action::Pause {
-            reason: "unauthorized",
+            reason: PauseReason::Unauthorized,
             message,
         },
         Outcome::Refused { status: 403, .. } => Action::Pause {
-            reason: "forbidden",
+            reason: PauseReason::Forbidden,
             message,
         },
         Outcome::Refused { status: 404, .. } => Action::Pause {
-            reason: "not_found",
+            reason: PauseReason::NotFound,
             message,
         },
         Outcome::Refused { .. } | Outcome::Timeout | Outcome::Transport { .. } => {
@@ -158,7 +161,7 @@ mod tests {
         assert_eq!(
             decide(&refused(400, vec![bad], none()), 1, 0),
             Action::DeadLetter {
-                reason: "rejected",
+                reason: DeadLetterReason::Rejected,
                 message: "hashed_email (abc) is not a valid SHA-256 hash".into()
             }
         );
@@ -173,28 +176,28 @@ mod tests {
         assert!(matches!(
             decide(&refused(404, vec![not_mine], none()), 1, 0),
             Action::DeadLetter {
-                reason: "not_found",
+                reason: DeadLetterReason::NotFound,
                 ..
             }
         ));
         assert!(matches!(
             decide(&refused(404, vec![], none()), 10, 0),
             Action::Pause {
-                reason: "not_found",
+                reason: PauseReason::NotFound,
                 ..
             }
         ));
         assert!(matches!(
             decide(&refused(401, vec![], none()), 10, 0),
             Action::Pause {
-                reason: "unauthorized",
+                reason: PauseReason::Unauthorized,
                 ..
             }
         ));
         assert!(matches!(
             decide(&refused(403, vec![], none()), 10, 0),
             Action::Pause {
-                reason: "forbidden",
+                reason: PauseReason::Forbidden,
                 ..
             }
         ));

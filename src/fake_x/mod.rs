@@ -1,14 +1,14 @@
 //! A faithful fake of the X Conversions endpoint, for tests, local runs and benchmarks (`fake-x-api`).
 //!
 //! It serves `POST /{version}/measurement/conversions/{pixel_id}` like X: the contract checks and seed
-//! messages of `contract`, OAuth 1.0a verification from RFC 5849 (`oauth`, with replayed nonces refused) or
+//! messages of `crate::x_contract` (shared with the sandbox transport), OAuth 1.0a verification from RFC 5849 (`oauth`, with replayed nonces refused) or
 //! `X-Pixel-Token`, and a per-account rate limit with X's headers. Under `/_fake` it records every request
 //! and takes injected faults. Invariant: every request that reaches the endpoint is recorded, whatever
 //! its outcome, so tests can see exactly what the gateway sent.
 
-pub mod contract;
 pub mod oauth;
 
+use crate::x_contract as contract;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -252,28 +252,8 @@ fn now_ms() -> u64 {
 }
 
 fn x_error(status: u16, errors: &[(&str, String, String)], account_id: Option<&str>) -> Response {
-    let errors: Vec<Value> = errors.iter().map(|(code, message, parameter)| json!({"code": code, "message": message, "parameter": parameter})).collect();
-    let params = account_id.map_or(json!({}), |a| json!({"account_id": a}));
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
-        status,
-        Json(json!({"errors": errors, "request": {"params": params}})),
-    )
-        .into_response()
-}
-
-fn status_code(status: u16) -> &'static str {
-    match status {
-        400 => "INVALID_PARAMETER",
-        401 => "UNAUTHORIZED_ACCESS",
-        403 => "UNAUTHORIZED_CLIENT_APPLICATION",
-        404 => "NOT_FOUND",
-        408 => "CANCELLED_REQUEST",
-        423 => "LOCK_ACQUISITION_TIMEOUT",
-        429 => "TOO_MANY_REQUESTS",
-        503 => "SERVICE_UNAVAILABLE",
-        _ => "INTERNAL_ERROR",
-    }
+    (status, Json(contract::error_envelope(errors, account_id))).into_response()
 }
 
 /// X's 429, with its rate-limit headers.
@@ -425,7 +405,7 @@ fn handle(
             let mut resp = x_error(
                 status,
                 &[(
-                    status_code(status),
+                    contract::error_code(status),
                     format!("Injected fault {status}"),
                     String::new(),
                 )],

@@ -24,6 +24,7 @@ use super::dedup::{full_seq, FingerprintTable};
 use super::{Admission, DeadLetter, DeadLetterQuery, Entry, Record, Spool, SpoolError};
 
 use crate::limiter::{LimiterState, Nanos};
+use crate::reasons::DeadLetterReason;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -92,7 +93,7 @@ enum Op {
     DeadLetter {
         account: String,
         ids: Vec<u64>,
-        reason: String,
+        reason: DeadLetterReason,
         message: String,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
@@ -538,7 +539,7 @@ impl Spool for DiskSpool {
         &'a self,
         account: &'a str,
         ids: &'a [u64],
-        reason: &'a str,
+        reason: DeadLetterReason,
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), SpoolError>> {
         async move {
@@ -546,7 +547,7 @@ impl Spool for DiskSpool {
                 Cmd::Write(Op::DeadLetter {
                     account: account.to_owned(),
                     ids: ids.to_vec(),
-                    reason: reason.to_owned(),
+                    reason,
                     message: message.to_owned(),
                     reply,
                 })
@@ -1145,7 +1146,7 @@ impl Writer {
                             tables.remove(
                                 &account,
                                 &ids,
-                                Some((&reason, &message)),
+                                Some((reason, &message)),
                                 &mut effects,
                             )?;
                             tables.evict_dead(self.opts.max_dead_letters)?;
@@ -1441,7 +1442,7 @@ impl<'t> Tables<'t> {
         &mut self,
         account: &str,
         ids: &[u64],
-        dead: Option<(&str, &str)>,
+        dead: Option<(DeadLetterReason, &str)>,
         fx: &mut Effects,
     ) -> Result<(), SpoolError> {
         for id in ids {
@@ -1460,7 +1461,7 @@ impl<'t> Tables<'t> {
                 let letter = DeadLetter {
                     id,
                     account: account.to_owned(),
-                    reason: reason.to_owned(),
+                    reason,
                     message: message.to_owned(),
                     dead_lettered_at_ms: now_ms(),
                     conversion: record.conversion,
@@ -1796,13 +1797,18 @@ mod tests {
             .dead_letter(
                 "a",
                 &all[..1],
-                "rejected",
+                DeadLetterReason::Rejected,
                 "hashed_email (abc) is not a valid SHA-256 hash",
             )
             .await
             .unwrap();
         spool
-            .dead_letter("a", &all[1..], "expired", "older than max_event_age")
+            .dead_letter(
+                "a",
+                &all[1..],
+                DeadLetterReason::Expired,
+                "older than max_event_age",
+            )
             .await
             .unwrap();
         assert_eq!(spool.backlog("a"), 0);
@@ -1817,7 +1823,7 @@ mod tests {
         );
         assert!(dead
             .iter()
-            .all(|d| d.reason == "expired" && d.account == "a"));
+            .all(|d| d.reason == DeadLetterReason::Expired && d.account == "a"));
     }
 
     fn page(account: Option<&str>, after: u64, limit: usize) -> DeadLetterQuery {
@@ -1868,7 +1874,7 @@ mod tests {
                 .map(|e| e.id)
                 .collect();
             spool
-                .dead_letter(account, &ids, "rejected", "unknown event")
+                .dead_letter(account, &ids, DeadLetterReason::Rejected, "unknown event")
                 .await
                 .unwrap();
         }

@@ -2,6 +2,7 @@
 //! It keeps the trait's invariants but nothing survives a restart.
 
 use super::{Admission, DeadLetter, DeadLetterQuery, Entry, Record, Spool, SpoolError};
+use crate::reasons::DeadLetterReason;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -20,6 +21,8 @@ struct Inner {
     seen_order: VecDeque<(i64, Key)>,
     notifiers: HashMap<String, Arc<Notify>>,
     dead: Vec<DeadLetter>,
+    /// Acks still to refuse (fault injection for the dispatcher's tests).
+    failing_acks: usize,
 }
 
 pub struct MemorySpool {
@@ -36,6 +39,11 @@ impl MemorySpool {
             capacity,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// The next `n` calls to `ack` fail and remove nothing, as a failing disk would.
+    pub fn fail_acks(&self, n: usize) {
+        self.lock().failing_acks = n;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -133,7 +141,12 @@ impl Spool for MemorySpool {
         account: &'a str,
         ids: &'a [u64],
     ) -> BoxFuture<'a, Result<(), SpoolError>> {
-        if let Some(q) = self.lock().queues.get_mut(account) {
+        let mut inner = self.lock();
+        if inner.failing_acks > 0 {
+            inner.failing_acks -= 1;
+            return async { Err(SpoolError::Unavailable("injected ack failure".into())) }.boxed();
+        }
+        if let Some(q) = inner.queues.get_mut(account) {
             for id in ids {
                 q.remove(id);
             }
@@ -153,7 +166,7 @@ impl Spool for MemorySpool {
         &'a self,
         account: &'a str,
         ids: &'a [u64],
-        reason: &'a str,
+        reason: DeadLetterReason,
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), SpoolError>> {
         let mut inner = self.lock();
@@ -163,7 +176,7 @@ impl Spool for MemorySpool {
                 let letter = DeadLetter {
                     id: inner.next_id,
                     account: account.to_owned(),
-                    reason: reason.to_owned(),
+                    reason,
                     message: message.to_owned(),
                     dead_lettered_at_ms: chrono::Utc::now().timestamp_millis(),
                     conversion: record.conversion,

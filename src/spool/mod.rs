@@ -17,6 +17,7 @@ pub use disk::{DiskSpool, DiskSpoolOptions};
 pub use memory::MemorySpool;
 
 use crate::conversion::{Conversion, Rules};
+use crate::reasons::DeadLetterReason;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -50,8 +51,7 @@ impl Record {
 pub struct DeadLetter {
     pub id: u64,
     pub account: String,
-    /// A fixed label: `rejected` (X answered 400 for this conversion alone), `not_found`, `expired`.
-    pub reason: String,
+    pub reason: DeadLetterReason,
     /// X's message, or what else explains the reason.
     pub message: String,
     pub dead_lettered_at_ms: i64,
@@ -159,7 +159,7 @@ pub trait Spool: Send + Sync + 'static {
         &'a self,
         account: &'a str,
         ids: &'a [u64],
-        reason: &'a str,
+        reason: DeadLetterReason,
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), SpoolError>>;
 

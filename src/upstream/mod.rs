@@ -1,19 +1,34 @@
-//! The X client: builds the endpoint URL, authenticates, sends one batch, and turns whatever comes back
-//! into an `Outcome` (see `outcome`). It never retries by itself: deciding what to do is the caller's job.
+//! The way to X: one batch out, one `Outcome` back.
 //!
-//! In sandbox mode nothing leaves the process: each batch is checked against X's contract and recorded.
+//! # The seam
+//! `Transport` is what the dispatcher talks to. Contract every implementation keeps:
+//! - `send` sends one batch of at most 500 conversions of one account (`Target`) and answers what came of
+//!   it as an `Outcome`; it never fails otherwise (an encoding or connection problem is an `Outcome` too);
+//! - it never retries by itself and keeps no state between calls that changes what a call means: deciding
+//!   what to do is the caller's job (`dispatch::policy`);
+//! - it is safe to call concurrently for different accounts; every attempt is signed afresh.
+//!
+//! # Implementations
+//! - `HttpTransport` (`http`): the real X client — endpoint URL, OAuth 1.0a or pixel token (`auth`),
+//!   response classification (`outcome`).
+//! - `SandboxTransport` (`sandbox`): nothing leaves the process; each batch is checked against X's
+//!   contract (`crate::x_contract`) and answered as X would, and the last batches are kept for inspection.
+//!
+//! Tests use scripted transports of their own (see the dispatcher's unit tests).
 
 pub mod auth;
+pub mod http;
 pub mod outcome;
+pub mod sandbox;
 
+pub use http::HttpTransport;
 pub use outcome::{classify, Outcome, RateLimitInfo, XError};
+pub use sandbox::{SandboxBatch, SandboxTransport};
 
 use crate::config::{Auth, Upstream};
 use crate::conversion::{Batch, Conversion};
-use crate::fake_x::contract;
-use serde::Serialize;
-use std::collections::{HashSet, VecDeque};
-use std::sync::Mutex;
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
 
 /// Where and as whom an account's batches go.
 #[derive(Debug, Clone)]
@@ -23,165 +38,38 @@ pub struct Target {
     pub auth: Option<Auth>,
 }
 
-/// A batch the sandbox built, checked and kept instead of sending.
-#[derive(Debug, Clone, Serialize)]
-pub struct SandboxBatch {
-    pub account: String,
-    pub url: String,
-    pub debug_id: String,
-    pub conversions: Vec<Conversion>,
+/// Sends one batch to X (or what stands in for it) and says what came of it.
+pub trait Transport: Send + Sync + 'static {
+    fn send<'a>(
+        &'a self,
+        target: &'a Target,
+        conversions: &'a [Conversion],
+    ) -> BoxFuture<'a, Outcome>;
 }
 
-/// How many sandbox batches are kept for inspection.
-const SANDBOX_KEEP: usize = 100;
-
-pub struct Client {
-    http: reqwest::Client,
-    settings: Upstream,
-    sandbox_log: Mutex<VecDeque<SandboxBatch>>,
+/// `{base_url}/{api_version}/measurement/conversions/{pixel_id}`
+pub fn endpoint(settings: &Upstream, pixel_id: &str) -> String {
+    format!(
+        "{}/{}/measurement/conversions/{}",
+        settings.base_url, settings.api_version, pixel_id
+    )
 }
 
-impl Client {
-    pub fn new(settings: Upstream) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            .user_agent(concat!("conversion-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Client {
-            http,
-            settings,
-            sandbox_log: Mutex::new(VecDeque::new()),
+/// The request body X takes: `{"conversions": [...]}`; an encoding failure is the attempt's outcome.
+fn encode(conversions: &[Conversion]) -> Result<Vec<u8>, Box<Outcome>> {
+    serde_json::to_vec(&Batch { conversions }).map_err(|e| {
+        Box::new(Outcome::Transport {
+            message: format!("could not encode the batch: {e}"),
         })
-    }
-
-    /// `{base_url}/{api_version}/measurement/conversions/{pixel_id}`
-    pub fn endpoint(&self, pixel_id: &str) -> String {
-        format!(
-            "{}/{}/measurement/conversions/{}",
-            self.settings.base_url, self.settings.api_version, pixel_id
-        )
-    }
-
-    /// Sends one batch (at most 500 conversions) and classifies the response.
-    pub async fn send(&self, target: &Target, conversions: &[Conversion]) -> Outcome {
-        let url = self.endpoint(&target.pixel_id);
-        let body = match serde_json::to_vec(&Batch { conversions }) {
-            Ok(b) => b,
-            Err(e) => {
-                return Outcome::Transport {
-                    message: format!("could not encode the batch: {e}"),
-                }
-            }
-        };
-        if self.settings.sandbox {
-            return self.record_sandbox(target, url, &body, conversions);
-        }
-        let Some(auth) = &target.auth else {
-            return Outcome::Transport {
-                message: "account has no credentials (only sandbox mode runs without)".into(),
-            };
-        };
-        let request = self
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        let request = auth::apply(request, auth, &url);
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => return transport_outcome(&e),
-        };
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        match response.bytes().await {
-            Ok(bytes) => classify(
-                status,
-                |name| headers.get(name).and_then(|v| v.to_str().ok()),
-                &bytes,
-            ),
-            Err(e) if e.is_timeout() => Outcome::Timeout,
-            // The status arrived; a broken body does not change what it means.
-            Err(_) => classify(
-                status,
-                |name| headers.get(name).and_then(|v| v.to_str().ok()),
-                b"",
-            ),
-        }
-    }
-
-    fn record_sandbox(
-        &self,
-        target: &Target,
-        url: String,
-        body: &[u8],
-        conversions: &[Conversion],
-    ) -> Outcome {
-        let pixels: HashSet<String> = [target.pixel_id.clone()].into();
-        if let Err(errors) = contract::validate(
-            body,
-            &contract::Scope {
-                account_sets: None,
-                pixels: &pixels,
-            },
-        ) {
-            let status = contract::status_of(&errors);
-            let errors = errors
-                .into_iter()
-                .map(|e| XError {
-                    code: e.code.into(),
-                    message: e.message,
-                    parameter: Some(e.parameter),
-                })
-                .collect();
-            return Outcome::Refused {
-                status,
-                errors,
-                rate_limit: RateLimitInfo::default(),
-                body_excerpt: None,
-            };
-        }
-        let debug_id = format!("sandbox-{:032x}", rand::random::<u128>());
-        let batch = SandboxBatch {
-            account: target.account.clone(),
-            url,
-            debug_id: debug_id.clone(),
-            conversions: conversions.to_vec(),
-        };
-        if let Ok(mut log) = self.sandbox_log.lock() {
-            if log.len() == SANDBOX_KEEP {
-                log.pop_front();
-            }
-            log.push_back(batch);
-        }
-        Outcome::Accepted {
-            status: 200,
-            conversions_processed: Some(conversions.len() as u64),
-            debug_id: Some(debug_id),
-            rate_limit: RateLimitInfo::default(),
-        }
-    }
-
-    /// The most recent batches built in sandbox mode, oldest first.
-    pub fn sandbox_batches(&self) -> Vec<SandboxBatch> {
-        self.sandbox_log
-            .lock()
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default()
-    }
+    })
 }
 
-fn transport_outcome(e: &reqwest::Error) -> Outcome {
-    if e.is_timeout() {
-        return Outcome::Timeout;
+/// The transport `settings` ask for: the sandbox when `upstream.sandbox` is set, else HTTP to X.
+pub fn from_settings(settings: &Upstream) -> Result<Arc<dyn Transport>, String> {
+    if settings.sandbox {
+        return Ok(Arc::new(SandboxTransport::new(settings.clone())));
     }
-    // reqwest's Display names the URL, never headers: no credential can leak through it.
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    Outcome::Transport { message }
+    HttpTransport::new(settings.clone())
+        .map(|t| Arc::new(t) as Arc<dyn Transport>)
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }

@@ -9,6 +9,7 @@ use conversion_gateway::config::Secret;
 use conversion_gateway::conversion::{AccountRules, Rules};
 use conversion_gateway::limiter::{EmbeddedLimiter, Gcra, VolatileState};
 use conversion_gateway::metrics::Metrics;
+use conversion_gateway::shutdown::{Shutdown, Trigger};
 use conversion_gateway::spool::{MemorySpool, Spool};
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -28,6 +29,24 @@ pub fn state_mapping(
     spool: Arc<dyn Spool>,
     accounts: &[&str],
     purchase_set: &str,
+) -> Arc<AppState> {
+    state_stopped_by(spool, accounts, purchase_set, Shutdown::never())
+}
+
+/// Like `state_with`, with a shutdown the caller can trigger.
+pub fn stoppable_state(spool: Arc<dyn Spool>, accounts: &[&str]) -> (Arc<AppState>, Trigger) {
+    let (trigger, shutdown) = Shutdown::new();
+    (
+        state_stopped_by(spool, accounts, "o9d2g", shutdown),
+        trigger,
+    )
+}
+
+fn state_stopped_by(
+    spool: Arc<dyn Spool>,
+    accounts: &[&str],
+    purchase_set: &str,
+    shutdown: Shutdown,
 ) -> Arc<AppState> {
     let accounts_names = accounts;
     let accounts = accounts
@@ -53,7 +72,7 @@ pub fn state_mapping(
         keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),
         max_body_bytes: 4096,
         max_events_per_request: 5,
-        shutting_down: Default::default(),
+        shutdown,
         now: chrono::Utc::now,
         metrics: Arc::new(Metrics::new(accounts_names.iter().copied())),
     })

@@ -1,0 +1,241 @@
+//! The running gateway, assembled from its settings: spool, limiter, transport, one dispatcher per
+//! account, the ingest and admin listeners. `main` and the tests start it the same way:
+//! `app::start(settings) -> Running`, then `Running::stop` (or a signal) and `Running::wait`.
+//!
+//! Invariants: everything that must stop listens to one `Shutdown`; after it fires, ingest answers 503,
+//! readiness fails, the servers finish their requests, each dispatcher lets its request in flight finish
+//! and its ack commit, and the spool is closed last (what was not sent stays in it).
+
+use crate::api::{self, AccountView, AdminState, ApiKeys, AppState};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Settings;
+use crate::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
+use crate::limiter::{EmbeddedLimiter, Gcra, Limiter};
+use crate::metrics::Metrics;
+use crate::shutdown::{Shutdown, Trigger};
+use crate::spool::{DiskSpool, DiskSpoolOptions, Spool};
+use crate::upstream::{self, Target, Transport};
+use axum::serve::ListenerExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinSet;
+
+/// redb's page cache: bounded so that memory stays small whatever the backlog.
+const SPOOL_CACHE_BYTES: usize = 8 << 20;
+
+/// A started gateway.
+pub struct Running {
+    pub ingest_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    trigger: Trigger,
+    shutdown_timeout: std::time::Duration,
+    servers: JoinSet<()>,
+    dispatchers: JoinSet<()>,
+    disk: Arc<DiskSpool>,
+    accounts: Vec<String>,
+}
+
+/// Opens the spool, starts every dispatcher and both listeners.
+pub async fn start(settings: Settings) -> Result<Running, String> {
+    if settings.upstream.sandbox {
+        tracing::warn!(
+            "sandbox mode: batches are built, validated and recorded, nothing is sent to X"
+        );
+    }
+    let disk = open_spool(&settings)?;
+    let spool: Arc<dyn Spool> = disk.clone();
+    let limiter: Arc<dyn Limiter> =
+        Arc::new(EmbeddedLimiter::new(budgets(&settings), disk.clone()));
+    let transport = upstream::from_settings(&settings.upstream)?;
+    let metrics = Arc::new(Metrics::new(settings.accounts.keys().map(String::as_str)));
+    let (trigger, shutdown) = Shutdown::new();
+    let state = Arc::new(AppState {
+        rules: settings.mapping_rules(),
+        spool: spool.clone(),
+        keys: ApiKeys::new(
+            &settings.server.api_keys,
+            settings.server.allow_unauthenticated,
+        ),
+        max_body_bytes: settings.server.max_body_bytes,
+        max_events_per_request: settings.server.max_events_per_request,
+        shutdown: shutdown.clone(),
+        now: chrono::Utc::now,
+        metrics: metrics.clone(),
+    });
+
+    let ingest = bind("server.listen", settings.server.listen).await?;
+    let admin = bind("server.admin_listen", settings.server.admin_listen).await?;
+    let ingest_addr = ingest.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(ingest = %ingest_addr, admin = %admin_addr, "listening");
+
+    let parts = Parts {
+        spool,
+        limiter: limiter.clone(),
+        transport,
+        clock: Arc::new(SystemClock),
+        metrics,
+    };
+    let (dispatchers, views) = start_dispatchers(&settings, &parts, &shutdown);
+    let admin_state = Arc::new(AdminState {
+        app: state.clone(),
+        keys: ApiKeys::new(&settings.server.admin_api_keys, false),
+        accounts: views,
+        limiter,
+    });
+    let mut servers = JoinSet::new();
+    // Answers are small and go out whole: no Nagle delay on them.
+    let ingest = ingest.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let ingest_server =
+        axum::serve(ingest, api::app(state)).with_graceful_shutdown(shutdown.clone().wait());
+    let admin_server = axum::serve(admin, api::admin_app(admin_state))
+        .with_graceful_shutdown(shutdown.clone().wait());
+    servers.spawn(async move {
+        if let Err(e) = ingest_server.await {
+            tracing::error!(error = %e, "ingest listener failed");
+        }
+    });
+    servers.spawn(async move {
+        if let Err(e) = admin_server.await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    Ok(Running {
+        ingest_addr,
+        admin_addr,
+        trigger,
+        shutdown_timeout: settings.server.shutdown_timeout,
+        servers,
+        dispatchers,
+        disk,
+        accounts: settings.accounts.keys().cloned().collect(),
+    })
+}
+
+impl Running {
+    /// Begins the shutdown: no new events accepted, requests in flight finish.
+    pub fn stop(&self) {
+        self.trigger.fire();
+    }
+
+    /// Waits for everything to finish after `stop` (at most `server.shutdown_timeout`), then closes the spool.
+    pub async fn wait(mut self) -> Result<(), String> {
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            while self.servers.join_next().await.is_some() {}
+            while self.dispatchers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "shutdown_timeout reached; stopping with work unfinished (it stays in the spool)"
+            );
+        }
+        let left: usize = self.accounts.iter().map(|a| self.disk.backlog(a)).sum();
+        let closed = self.disk.close().await;
+        tracing::info!(
+            events_waiting = left,
+            "stopped; waiting events go out after the next start"
+        );
+        closed.map_err(|e| format!("closing the spool: {e}"))
+    }
+}
+
+/// What every dispatcher shares.
+struct Parts {
+    spool: Arc<dyn Spool>,
+    limiter: Arc<dyn Limiter>,
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+fn open_spool(settings: &Settings) -> Result<Arc<DiskSpool>, String> {
+    let disk = DiskSpool::open(DiskSpoolOptions {
+        dir: settings.spool.dir.clone(),
+        max_bytes: settings.spool.max_bytes,
+        max_dead_letters: settings.spool.max_dead_letters,
+        dedup_window: settings.delivery.dedup_window,
+        cache_bytes: SPOOL_CACHE_BYTES,
+        min_free_bytes: settings.spool.min_free_bytes,
+    })
+    .map_err(|e| {
+        format!(
+            "cannot open the spool in spool.dir {}: {e}",
+            settings.spool.dir.display()
+        )
+    })?;
+    let waiting: usize = settings.accounts.keys().map(|a| disk.backlog(a)).sum();
+    tracing::info!(dir = %settings.spool.dir.display(), waiting, bytes = disk.bytes(), "spool open");
+    Ok(disk)
+}
+
+/// One GCRA per ad account (accounts of one ad account share it).
+fn budgets(settings: &Settings) -> HashMap<String, Gcra> {
+    settings
+        .accounts
+        .values()
+        .map(|a| {
+            let gcra = Gcra::new(
+                a.rate_limit.events,
+                a.rate_limit.window,
+                settings.delivery.max_batch as u64,
+            );
+            (a.ad_account_id.clone(), gcra)
+        })
+        .collect()
+}
+
+fn start_dispatchers(
+    settings: &Settings,
+    parts: &Parts,
+    shutdown: &Shutdown,
+) -> (JoinSet<()>, Vec<AccountView>) {
+    let delivery = &settings.delivery;
+    let dispatch_settings = DispatchSettings {
+        max_batch: delivery.max_batch,
+        linger: delivery.linger,
+        max_event_age: delivery.max_event_age,
+        retry_base: delivery.retry_base,
+        retry_cap: delivery.retry_cap,
+        pause_cap: delivery.pause_cap,
+    };
+    let mut tasks = JoinSet::new();
+    let mut views = Vec::new();
+    for (name, account) in &settings.accounts {
+        let status: Arc<Mutex<AccountStatus>> = Default::default();
+        views.push(AccountView {
+            name: name.clone(),
+            ad_account_id: account.ad_account_id.clone(),
+            pixel_id: account.pixel_id.clone(),
+            rate_limit_events: account.rate_limit.events,
+            rate_limit_window: account.rate_limit.window,
+            status: status.clone(),
+        });
+        let dispatcher = Dispatcher {
+            target: Target {
+                account: name.clone(),
+                pixel_id: account.pixel_id.clone(),
+                auth: account.auth.clone(),
+            },
+            budget_key: account.ad_account_id.clone(),
+            spool: parts.spool.clone(),
+            transport: parts.transport.clone(),
+            limiter: parts.limiter.clone(),
+            clock: parts.clock.clone(),
+            settings: dispatch_settings.clone(),
+            status,
+            metrics: parts.metrics.clone(),
+        };
+        tasks.spawn(dispatcher.run(shutdown.clone()));
+    }
+    (tasks, views)
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {key} {addr}: {e}"))
+}
