@@ -13,6 +13,10 @@
 //! 3. a steady 10,000 single-event POSTs/s (open loop, latency from the scheduled send): p50, p99;
 //! 4. RSS of the gateway with 1,000,000 events waiting in the spool (X down meanwhile);
 //! 5. the forwarding rate to `fake-x-api` once X is back, budget lifted.
+//!
+//! For phases 1–3 it also prints each server's own CPU time per request (user + system, every thread,
+//! nginx's workers included, from `/proc`): a rate ratio depends on what the load generator costs on the
+//! shared cores, a CPU ratio much less.
 #![forbid(unsafe_code)]
 
 use clap::Parser;
@@ -539,6 +543,52 @@ fn wrk_run(
     Ok((rps, p50, p99, non2xx))
 }
 
+/// `/proc/{pid}/stat`: the parent's pid and the CPU time used (user + system), in clock ticks.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: the fields after it follow the last ')'.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// /proc reports CPU times in USER_HZ ticks, 100 per second on Linux whatever the kernel's own HZ.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU seconds used so far by `pid` and its live children (nginx's workers), every thread included.
+fn cpu_seconds(pid: u32) -> f64 {
+    let mut ticks = proc_stat(pid).map_or(0, |(_, t)| t);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some((ppid, t)) = proc_stat(child) {
+                if ppid == pid {
+                    ticks += t;
+                }
+            }
+        }
+    }
+    ticks as f64 / TICKS_PER_SEC
+}
+
+/// Runs a phase and answers it with the server's own CPU time per request in it (µs), from /proc.
+fn with_cpu(pid: u32, phase: impl FnOnce() -> Run) -> (Run, f64) {
+    let before = cpu_seconds(pid);
+    let run = phase();
+    let used = cpu_seconds(pid) - before;
+    let per_request = 1e6 * used / (run.requests.max(1) as f64);
+    (run, per_request)
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -603,14 +653,16 @@ fn main() -> Result<(), String> {
     );
 
     let counter = Arc::new(AtomicU64::new(0));
-    let _nginx;
-    let nginx_addr = if args.no_nginx {
+    let nginx = if args.no_nginx {
         None
     } else {
         let port = free_port();
-        _nginx = start_nginx(dir.path(), port)?;
-        Some(SocketAddr::from(([127, 0, 0, 1], port)))
+        Some((start_nginx(dir.path(), port)?, port))
     };
+    let nginx_addr = nginx
+        .as_ref()
+        .map(|(_, port)| SocketAddr::from(([127, 0, 0, 1], *port)));
+    let nginx_pid = nginx.as_ref().map_or(0, |(n, _)| n.0.id());
 
     // fake-x-api: no recording (counts only), no rate limit in the way.
     let fake_port = free_port();
@@ -696,32 +748,41 @@ fn main() -> Result<(), String> {
     let mut ratios = Vec::new();
     let mut wrk_ratios = Vec::new();
     let mut gateway_rps = Vec::new();
+    let (mut gateway_cpu, mut nginx_cpu, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         settle(&counter);
         let reference = nginx_addr.map(|a| {
+            with_cpu(nginx_pid, || {
+                rt.block_on(closed_loop(
+                    a,
+                    args.connections,
+                    args.seconds,
+                    Arc::new(AtomicU64::new(0)),
+                    1,
+                    single,
+                ))
+            })
+        });
+        if let Some((n, cpu)) = &reference {
+            println!("round {round}: nginx `return 202`, single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  server CPU {cpu:.1} µs/req", n.rps(), n.pct(0.5), n.pct(0.99), n.errors);
+            nginx_cpu.push(*cpu);
+        }
+        let (run, cpu) = with_cpu(pid, || {
             rt.block_on(closed_loop(
-                a,
+                addr,
                 args.connections,
                 args.seconds,
-                Arc::new(AtomicU64::new(0)),
+                counter.clone(),
                 1,
                 single,
             ))
         });
-        if let Some(n) = &reference {
-            println!("round {round}: nginx `return 202`, single-event POSTs:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}", n.rps(), n.pct(0.5), n.pct(0.99), n.errors);
-        }
-        let run = rt.block_on(closed_loop(
-            addr,
-            args.connections,
-            args.seconds,
-            counter.clone(),
-            1,
-            single,
-        ));
-        let ratio = reference.map(|n| 100.0 * run.rps() / n.rps());
-        println!("round {round}: gateway, durable single-event POSTs: {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}{}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors, ratio.map(|r| format!("  = {r:.0}% of nginx")).unwrap_or_default());
+        let ratio = reference.as_ref().map(|(n, _)| 100.0 * run.rps() / n.rps());
+        let cpu_ratio = reference.as_ref().map(|(_, n)| cpu / n);
+        println!("round {round}: gateway, durable single-event POSTs: {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  server CPU {cpu:.1} µs/req{}{}", run.rps(), run.pct(0.5), run.pct(0.99), run.errors, ratio.map(|r| format!("  = {r:.0}% of nginx's rate")).unwrap_or_default(), cpu_ratio.map(|r| format!(", {r:.2}x nginx's CPU")).unwrap_or_default());
         ratios.extend(ratio);
+        cpu_ratios.extend(cpu_ratio);
+        gateway_cpu.push(cpu);
         gateway_rps.push(run.rps());
         if !args.wrk {
             continue;
@@ -764,29 +825,42 @@ fn main() -> Result<(), String> {
             .map(|r| format!("  ({r:.0}% with wrk)"))
             .unwrap_or_default(),
     );
+    println!(
+        "server CPU per single-event POST, median of {} rounds: gateway {:.1} µs, nginx {:.1} µs{}",
+        args.rounds,
+        median(&mut gateway_cpu).unwrap_or(0.0),
+        median(&mut nginx_cpu).unwrap_or(0.0),
+        median(&mut cpu_ratios)
+            .map(|r| format!("  = {r:.2}x nginx's"))
+            .unwrap_or_default(),
+    );
     show_rss("single-event POSTs");
     settle(&counter);
-    let run = rt.block_on(closed_loop(
-        addr,
-        args.connections.min(16),
-        args.seconds,
-        counter.clone(),
-        100,
-        hundred,
-    ));
-    println!("gateway, durable 100-event POSTs:     {:>9.0} events/s ({:.0} req/s)  p50 {:.2} ms  p99 {:.2} ms  errors {}", run.rps() * 100.0, run.rps(), run.pct(0.5), run.pct(0.99), run.errors);
+    let (run, cpu) = with_cpu(pid, || {
+        rt.block_on(closed_loop(
+            addr,
+            args.connections.min(16),
+            args.seconds,
+            counter.clone(),
+            100,
+            hundred,
+        ))
+    });
+    println!("gateway, durable 100-event POSTs:     {:>9.0} events/s ({:.0} req/s)  p50 {:.2} ms  p99 {:.2} ms  errors {}  server CPU {:.2} µs/event", run.rps() * 100.0, run.rps(), run.pct(0.5), run.pct(0.99), run.errors, cpu / 100.0);
 
     show_rss("100-event POSTs");
     settle(&counter);
-    let run = rt.block_on(open_loop(
-        addr,
-        args.connections,
-        args.rate,
-        args.seconds,
-        counter.clone(),
-    ));
+    let (run, cpu) = with_cpu(pid, || {
+        rt.block_on(open_loop(
+            addr,
+            args.connections,
+            args.rate,
+            args.seconds,
+            counter.clone(),
+        ))
+    });
     println!(
-        "gateway, steady {} single POSTs/s:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+        "gateway, steady {} single POSTs/s:  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  server CPU {cpu:.1} µs/req",
         args.rate,
         run.rps(),
         run.pct(0.5),
@@ -862,7 +936,7 @@ fn main() -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, proc_stat};
 
     #[test]
     fn median_of_rounds() {
@@ -870,5 +944,19 @@ mod tests {
         assert_eq!(median(&mut [27.0]), Some(27.0));
         assert_eq!(median(&mut [30.0, 22.0, 26.0]), Some(26.0));
         assert_eq!(median(&mut [30.0, 22.0, 26.0, 24.0]), Some(25.0));
+    }
+
+    #[test]
+    fn reads_its_own_parent_and_cpu_time() {
+        // Burn some CPU so that at least one tick is counted.
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let (ppid, ticks) = proc_stat(std::process::id()).expect("this process's stat");
+        assert_eq!(ppid, std::os::unix::process::parent_id());
+        assert!(ticks >= 1, "{ticks}");
     }
 }
