@@ -13,7 +13,7 @@ use crate::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
 use crate::limiter::{EmbeddedLimiter, Gcra, Limiter};
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, Trigger};
-use crate::spool::{DiskSpool, DiskSpoolOptions, Spool};
+use crate::spool::{DiskSpool, DiskSpoolOptions, Queue, Spool, SpoolStats};
 use crate::upstream::{self, Target, Transport};
 use axum::serve::ListenerExt;
 use std::collections::HashMap;
@@ -23,6 +23,9 @@ use tokio::task::JoinSet;
 
 /// redb's page cache: bounded so that memory stays small whatever the backlog.
 const SPOOL_CACHE_BYTES: usize = 8 << 20;
+/// How long a gateway whose spool stopped waits for its requests before it exits: nothing more can be
+/// kept, and the supervisor's restart on the durable state is what brings it back.
+const FATAL_STOP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A started gateway.
 pub struct Running {
@@ -45,8 +48,10 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     }
     let disk = open_spool(&settings)?;
     let spool: Arc<dyn Spool> = disk.clone();
-    let limiter: Arc<dyn Limiter> =
-        Arc::new(EmbeddedLimiter::new(budgets(&settings), disk.clone()));
+    let limiter: Arc<dyn Limiter> = Arc::new(EmbeddedLimiter::new(
+        budgets(&settings),
+        disk.limiter_state(),
+    ));
     let transport = upstream::from_settings(&settings.upstream)?;
     let metrics = Arc::new(Metrics::new(settings.accounts.keys().map(String::as_str)));
     let (trigger, shutdown) = Shutdown::new();
@@ -116,9 +121,39 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
 }
 
 impl Running {
+    /// Runs until `signal` (a clean stop: `Ok`) or until the spool can no longer keep its promises
+    /// (`Err(cause)`, within about a second: the process should exit non-zero, to be restarted on its
+    /// durable state).
+    pub async fn serve_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
+        let fatal = self.disk.fatal();
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("shutdown requested: no new events accepted, in-flight requests finishing");
+                self.stop();
+                self.wait().await
+            }
+            cause = fatal => {
+                tracing::error!(cause = %cause, "the spool can no longer keep events: refusing them and exiting, to be restarted on what is on disk");
+                self.stop();
+                self.shutdown_timeout = self.shutdown_timeout.min(FATAL_STOP);
+                let _ = self.wait().await;
+                Err(cause)
+            }
+        }
+    }
+
     /// Begins the shutdown: no new events accepted, requests in flight finish.
     pub fn stop(&self) {
         self.trigger.fire();
+    }
+
+    /// Stops the spool's storage thread as a bug would, for tests of the crash-only path.
+    #[doc(hidden)]
+    pub fn crash_storage_thread(&self) {
+        self.disk.crash_storage_thread();
     }
 
     /// Waits for everything to finish after `stop` (at most `server.shutdown_timeout`), then closes the spool.

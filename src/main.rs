@@ -140,11 +140,10 @@ fn preview(settings: &Settings) -> ExitCode {
 async fn run(settings: Settings) -> Result<(), String> {
     telemetry::init(&settings.log);
     tracing::info!(config = ?settings, "starting");
-    let running = app::start(settings).await?;
-    shutdown_signal().await;
-    tracing::info!("shutdown requested: no new events accepted, in-flight requests finishing");
-    running.stop();
-    running.wait().await
+    app::start(settings)
+        .await?
+        .serve_until(shutdown_signal())
+        .await
 }
 
 async fn shutdown_signal() {

@@ -9,7 +9,7 @@ use axum::Router;
 use conversion_gateway::api::{self, AdminState};
 
 use conversion_gateway::reasons::{DeadLetterReason, PauseReason};
-use conversion_gateway::spool::{MemorySpool, Spool};
+use conversion_gateway::spool::{DeadLetterStore, MemorySpool, Queue, SpoolStats};
 use http_body_util::BodyExt;
 use oneshot::*;
 use serde_json::{json, Value};

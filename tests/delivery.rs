@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use conversion_gateway::spool::{DeadLetterQuery, DiskSpool, Spool};
+use conversion_gateway::spool::{DeadLetterQuery, DeadLetterStore, DiskSpool, Queue};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -88,13 +88,14 @@ async fn a_poison_event_is_isolated_and_dead_lettered_the_rest_delivered() {
     assert!(stack.stop_gateway("TERM").success());
     let spool = DiskSpool::open(spool_opts(stack.dir.path().join("spool"))).unwrap();
     let dead = spool
-        .dead_letters(&DeadLetterQuery {
+        .dead_letters(DeadLetterQuery {
             limit: 10,
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].conversion.conversion_id, "p-137");
+    assert_eq!(dead[0].conversion.as_ref().unwrap().conversion_id, "p-137");
     assert_eq!(dead[0].reason.as_str(), "rejected");
     assert_eq!(
         dead[0].message,

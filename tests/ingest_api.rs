@@ -5,7 +5,7 @@ mod oneshot;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use conversion_gateway::api::{self, ApiKeys};
-use conversion_gateway::spool::{MemorySpool, Spool};
+use conversion_gateway::spool::{MemorySpool, Queue};
 use oneshot::*;
 use serde_json::{json, Value};
 use std::sync::Arc;

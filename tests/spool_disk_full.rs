@@ -3,7 +3,7 @@
 
 use conversion_gateway::conversion::{Conversion, Identifier};
 use conversion_gateway::spool::{
-    Admission, DiskSpool, DiskSpoolOptions, Record, Spool, SpoolError,
+    Admission, DiskSpool, DiskSpoolOptions, Queue, Record, SpoolError, SpoolStats,
 };
 use std::time::Duration;
 
@@ -163,7 +163,7 @@ async fn when_the_intake_log_cannot_grow_the_append_is_refused_whole() {
 async fn a_restart_on_a_full_disk_keeps_the_logged_events_waiting() {
     use conversion_gateway::spool::codec;
     use conversion_gateway::spool::disk::dedup_key;
-    use conversion_gateway::spool::intake_log::{IntakeLog, IntakeRecord};
+    use conversion_gateway::spool::disk::intake_log::{IntakeLog, IntakeRecord};
 
     let fs = Tmpfs::mount("4m");
     let dir = fs.path().join("spool");

@@ -130,24 +130,24 @@ fn ms_to_rfc3339(ms: i64) -> Option<String> {
 async fn metrics_text(State(st): State<Arc<AdminState>>) -> Response {
     let spool = &st.app.spool;
     // Unreadable: the gauge shows 0 and the evicted counter keeps its value (it only moves up).
-    let (dead_letters, dead_letters_evicted) = spool.dead_letter_counts().unwrap_or_default();
+    let dead = spool.dead_letter_counts().await.unwrap_or_default();
+    let mut accounts = Vec::with_capacity(st.accounts.len());
+    for a in &st.accounts {
+        let backlog = spool.account_backlog(&a.name).await.ok();
+        accounts.push((
+            a.name.clone(),
+            backlog.map_or(spool.backlog(&a.name) as u64, |b| b.events),
+            backlog
+                .and_then(|b| b.oldest_ms)
+                .map(|ms| ms as f64 / 1000.0),
+        ));
+    }
     let snapshot = SpoolSnapshot {
-        accounts: st
-            .accounts
-            .iter()
-            .map(|a| {
-                let oldest = spool.oldest(&a.name).ok().flatten();
-                (
-                    a.name.clone(),
-                    spool.backlog(&a.name) as u64,
-                    oldest.map(|ms| ms as f64 / 1000.0),
-                )
-            })
-            .collect(),
+        accounts,
         bytes: spool.bytes(),
         writable: spool.health().is_ok(),
-        dead_letters,
-        dead_letters_evicted,
+        dead_letters: dead.kept,
+        dead_letters_evicted: dead.evicted,
     };
     (
         [(
@@ -215,13 +215,8 @@ fn unavailable(e: SpoolError) -> Problem {
     Problem::unavailable(format!("{e}; retry later"), 1)
 }
 
-/// Reads dead letters off the async workers: a filtered page may scan many of them.
 async fn dead_letters(st: &AdminState, q: DeadLetterQuery) -> Result<Vec<DeadLetter>, Problem> {
-    let spool = st.app.spool.clone();
-    tokio::task::spawn_blocking(move || spool.dead_letters(&q))
-        .await
-        .map_err(|e| unavailable(SpoolError::Unavailable(e.to_string())))?
-        .map_err(unavailable)
+    st.app.spool.dead_letters(q).await.map_err(unavailable)
 }
 
 async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsReport>, Problem> {
@@ -230,15 +225,15 @@ async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsRepo
     let mut out = Vec::with_capacity(st.accounts.len());
     for a in &st.accounts {
         let status = a.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let oldest = spool.oldest(&a.name).map_err(unavailable)?;
+        let backlog = spool.account_backlog(&a.name).await.map_err(unavailable)?;
         out.push(AccountReport {
             name: a.name.clone(),
             ad_account_id: a.ad_account_id.clone(),
             pixel_id: a.pixel_id.clone(),
             backlog: Backlog {
-                events: spool.backlog(&a.name) as u64,
-                bytes: spool.account_bytes(&a.name),
-                oldest_event_at: oldest.and_then(ms_to_rfc3339),
+                events: backlog.events,
+                bytes: backlog.bytes,
+                oldest_event_at: backlog.oldest_ms.and_then(ms_to_rfc3339),
             },
             budget: Budget {
                 events: a.rate_limit_events,
@@ -259,7 +254,7 @@ async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsRepo
             dead_lettered: status.dead_lettered,
         });
     }
-    let (dead_letters, dead_letters_evicted) = spool.dead_letter_counts().map_err(unavailable)?;
+    let dead = spool.dead_letter_counts().await.map_err(unavailable)?;
     let refusing_because = spool.health().err();
     Ok(Json(AccountsReport {
         accounts: out,
@@ -267,8 +262,8 @@ async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsRepo
             bytes: spool.bytes(),
             writable: refusing_because.is_none(),
             refusing_because,
-            dead_letters,
-            dead_letters_evicted,
+            dead_letters: dead.kept,
+            dead_letters_evicted: dead.evicted,
         },
     }))
 }
@@ -371,8 +366,11 @@ struct DeadLetterView {
     received_at: Option<String>,
     /// The event name the caller sent, when the SET id was mapped from it (a replay maps it again).
     event_name: Option<String>,
-    /// The conversion as it would go to X: identifiers are hashed.
-    conversion: crate::conversion::Conversion,
+    /// The conversion as it would go to X: identifiers are hashed. Null for a `corrupt` record.
+    conversion: Option<crate::conversion::Conversion>,
+    /// For a `corrupt` record: how many bytes were stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_bytes: Option<u64>,
 }
 
 impl From<DeadLetter> for DeadLetterView {
@@ -386,6 +384,7 @@ impl From<DeadLetter> for DeadLetterView {
             received_at: ms_to_rfc3339(d.received_at_ms),
             event_name: d.event_name,
             conversion: d.conversion,
+            raw_bytes: d.raw_bytes,
         }
     }
 }
@@ -497,14 +496,15 @@ async fn replay_dead_letters(
             break;
         };
         after = last;
+        // A corrupt letter has nothing to send: it stays until deleted.
         let records: Vec<_> = letters
             .iter()
-            .map(|d| {
-                let r = d.remapped(rules);
-                if r.conversion.event_id != d.conversion.event_id {
+            .filter_map(|d| {
+                let r = d.remapped(rules)?;
+                if d.conversion.as_ref().map(|c| &c.event_id) != Some(&r.conversion.event_id) {
                     remapped += 1;
                 }
-                (d.id, r)
+                Some((d.id, r))
             })
             .collect();
         replayed += spool

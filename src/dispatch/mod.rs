@@ -26,7 +26,7 @@ use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::reasons::{DeadLetterReason, PauseReason};
 use crate::shutdown::Shutdown;
-use crate::spool::{Entry, Spool};
+use crate::spool::{Entry, Spool, Undecodable};
 use crate::upstream::{Outcome, Target, Transport};
 use acker::{AckTarget, Acker};
 use policy::Action;
@@ -161,12 +161,12 @@ impl Dispatcher {
             if !self.linger(acker, &changed, stop).await {
                 return;
             }
-            let entries = match self
+            let peek = match self
                 .spool
                 .peek_after(self.account(), cursor, self.settings.max_batch)
                 .await
             {
-                Ok(e) => e,
+                Ok(p) => p,
                 Err(e) => {
                     tracing::error!(account = %self.account(), error = %e, "cannot read the spool");
                     if sleep_or_stop(self.settings.retry_base, stop).await {
@@ -175,7 +175,7 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let Some(last) = entries.last().map(|e| e.id) else {
+            let Some(last) = peek.last_id() else {
                 // Everything waiting is in hand already (its ack is committing), or an ack failed.
                 if acker.in_flight() > 0 {
                     acker.finish().await;
@@ -187,7 +187,11 @@ impl Dispatcher {
                 continue;
             };
             cursor = last;
-            if !self.deliver(entries, stop, acker).await {
+            self.dead_letter_undecodable(&peek.undecodable).await;
+            if peek.entries.is_empty() {
+                continue;
+            }
+            if !self.deliver(peek.entries, stop, acker).await {
                 return;
             }
         }
@@ -434,6 +438,32 @@ impl Dispatcher {
                 .await;
         }
         fresh
+    }
+
+    /// Records that no longer decode cannot be sent: they go to the dead letters as `corrupt`, one by
+    /// one (each with its own error), and the account's other events go on.
+    async fn dead_letter_undecodable(&self, records: &[Undecodable]) {
+        for r in records {
+            let message = format!(
+                "the stored record ({} bytes) does not decode: {}",
+                r.raw_bytes, r.error
+            );
+            let reason = DeadLetterReason::Corrupt;
+            match self
+                .spool
+                .dead_letter(self.account(), &[r.id], reason, &message)
+                .await
+            {
+                Ok(()) => {
+                    self.status().dead_lettered += 1;
+                    self.metrics.dead_lettered(self.account(), reason, 1);
+                    tracing::error!(account = %self.account(), id = r.id, raw_bytes = r.raw_bytes, error = %r.error, "a stored record does not decode; dead-lettered as corrupt");
+                }
+                Err(e) => {
+                    tracing::error!(account = %self.account(), error = %e, "cannot dead-letter a corrupt record; it stays in the spool")
+                }
+            }
+        }
     }
 
     async fn dead_letter(&self, entries: &[Entry], reason: DeadLetterReason, message: &str) {

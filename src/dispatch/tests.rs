@@ -4,7 +4,7 @@
 use super::*;
 use crate::clock::TokioClock;
 use crate::limiter::{EmbeddedLimiter, Gcra, VolatileState};
-use crate::spool::{DeadLetterQuery, MemorySpool, Record};
+use crate::spool::{DeadLetterQuery, DeadLetterStore, MemorySpool, Queue, Record};
 use crate::upstream::{RateLimitInfo, XError};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -213,16 +213,22 @@ impl Harness {
         tokio::time::sleep(d).await;
     }
 
-    fn dead(&self) -> Vec<(String, DeadLetterReason)> {
+    async fn dead(&self) -> Vec<(String, DeadLetterReason)> {
         self.spool
-            .dead_letters(&DeadLetterQuery {
+            .dead_letters(DeadLetterQuery {
                 account: None,
                 after: 0,
                 limit: 1000,
             })
+            .await
             .unwrap()
             .into_iter()
-            .map(|d| (d.conversion.conversion_id, d.reason))
+            .map(|d| {
+                (
+                    d.conversion.map(|c| c.conversion_id).unwrap_or_default(),
+                    d.reason,
+                )
+            })
             .collect()
     }
 
@@ -340,7 +346,10 @@ async fn one_bad_event_is_isolated_within_the_bisection_bound() {
     let calls = h.calls();
     // One request, then two per halving down to the single event: 1 + 2·log2(16).
     assert!(calls.len() <= 9, "{} requests", calls.len());
-    assert_eq!(h.dead(), [("bad".to_string(), DeadLetterReason::Rejected)]);
+    assert_eq!(
+        h.dead().await,
+        [("bad".to_string(), DeadLetterReason::Rejected)]
+    );
     assert_eq!(h.spool.backlog("acme"), 0);
     assert_eq!(h.status().delivered, 15);
     assert_eq!(h.status().dead_lettered, 1);
@@ -374,7 +383,7 @@ async fn several_bad_events_are_each_isolated_and_the_rest_delivered() {
     h.run_for(Duration::from_secs(1)).await;
     // At most 1 + 2·k·log2(n) requests for k bad events among n.
     assert!(h.calls().len() <= 1 + 2 * 3 * 6, "{}", h.calls().len());
-    let mut dead = h.dead();
+    let mut dead = h.dead().await;
     dead.sort();
     assert_eq!(
         dead,
@@ -507,7 +516,10 @@ async fn events_too_old_go_to_the_dead_letters_without_a_request() {
     h.append_at(&["old"], old).await;
     h.append(&["new"]).await;
     h.run_for(Duration::from_secs(1)).await;
-    assert_eq!(h.dead(), [("old".to_string(), DeadLetterReason::Expired)]);
+    assert_eq!(
+        h.dead().await,
+        [("old".to_string(), DeadLetterReason::Expired)]
+    );
     let calls = h.calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].ids, ["new"]);

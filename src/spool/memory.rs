@@ -1,7 +1,12 @@
-//! An in-memory `Spool`: the seam's reference implementation and the test double for dispatch.
-//! It keeps the trait's invariants but nothing survives a restart.
+//! An in-memory `Spool`: the seam's reference implementation and the test double for dispatch and the
+//! HTTP surfaces. It keeps the whole contract of `super` (the conformance suite runs it) except
+//! durability: nothing survives a restart. Its byte counts are the sizes the records would take in the
+//! durable spool, so both bound the same way.
 
-use super::{Admission, DeadLetter, DeadLetterQuery, Entry, Record, Spool, SpoolError};
+use super::{
+    AccountBacklog, Admission, DeadLetter, DeadLetterCounts, DeadLetterQuery, DeadLetterStore,
+    Entry, Peek, Queue, Record, SpoolError, SpoolStats,
+};
 use crate::reasons::DeadLetterReason;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -12,33 +17,53 @@ use tokio::sync::Notify;
 
 type Key = (String, String, String);
 
+/// A waiting record and its size in the durable spool.
+struct Waiting {
+    record: Record,
+    bytes: u64,
+}
+
 #[derive(Default)]
 struct Inner {
     next_id: u64,
-    queues: HashMap<String, BTreeMap<u64, Record>>,
-    /// Dedup keys with the time they were first seen, and the same keys in arrival order for expiry.
+    queues: HashMap<String, BTreeMap<u64, Waiting>>,
+    bytes: u64,
+    /// Dedup keys with the time they were last queued, and the same keys in arrival order for expiry.
     seen: HashMap<Key, i64>,
     seen_order: VecDeque<(i64, Key)>,
     notifiers: HashMap<String, Arc<Notify>>,
-    dead: Vec<DeadLetter>,
+    dead: BTreeMap<u64, DeadLetter>,
+    next_dead: u64,
+    evicted: u64,
     /// Acks still to refuse (fault injection for the dispatcher's tests).
     failing_acks: usize,
 }
 
 pub struct MemorySpool {
     dedup_window: Duration,
-    /// At most this many waiting records in all; beyond, `append` answers `Full`.
-    capacity: usize,
+    /// Bytes of waiting records at most; beyond, `append` answers `Full`.
+    max_bytes: u64,
+    max_dead_letters: u64,
     inner: Mutex<Inner>,
 }
 
+/// The dead letters kept when `with_max_dead_letters` is not called (the configuration's default).
+const DEFAULT_MAX_DEAD_LETTERS: u64 = 100_000;
+
 impl MemorySpool {
-    pub fn new(dedup_window: Duration, capacity: usize) -> Self {
+    /// A spool that deduplicates over `dedup_window` and holds at most `max_bytes` of waiting records.
+    pub fn new(dedup_window: Duration, max_bytes: u64) -> Self {
         MemorySpool {
             dedup_window,
-            capacity,
+            max_bytes,
+            max_dead_letters: DEFAULT_MAX_DEAD_LETTERS,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    pub fn with_max_dead_letters(mut self, n: u64) -> Self {
+        self.max_dead_letters = n;
+        self
     }
 
     /// The next `n` calls to `ack` fail and remove nothing, as a failing disk would.
@@ -48,6 +73,10 @@ impl MemorySpool {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.dedup_window.as_millis()).unwrap_or(i64::MAX)
     }
 }
 
@@ -59,11 +88,13 @@ impl Inner {
             .clone()
     }
 
+    /// Forgets keys last queued before `horizon_ms` (they no longer make anything a duplicate).
     fn expire(&mut self, horizon_ms: i64) {
-        while let Some((t, _)) = self.seen_order.front() {
-            if *t >= horizon_ms {
-                break;
-            }
+        while self
+            .seen_order
+            .front()
+            .is_some_and(|(t, _)| *t < horizon_ms)
+        {
             if let Some((t, key)) = self.seen_order.pop_front() {
                 if self.seen.get(&key) == Some(&t) {
                     self.seen.remove(&key);
@@ -71,46 +102,69 @@ impl Inner {
             }
         }
     }
+
+    fn queue(&mut self, record: Record) {
+        self.next_id += 1;
+        let bytes = encoded_len(&record);
+        self.bytes += bytes;
+        self.queues
+            .entry(record.account.clone())
+            .or_default()
+            .insert(self.next_id, Waiting { record, bytes });
+    }
+
+    fn take(&mut self, account: &str, id: u64) -> Option<Waiting> {
+        let w = self.queues.get_mut(account)?.remove(&id)?;
+        self.bytes -= w.bytes;
+        Some(w)
+    }
+
+    fn evict_dead(&mut self, max: u64) {
+        while self.dead.len() as u64 > max {
+            if self.dead.pop_first().is_none() {
+                break;
+            }
+            self.evicted += 1;
+        }
+    }
 }
 
-impl Spool for MemorySpool {
+fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
+    async move { value }.boxed()
+}
+
+impl Queue for MemorySpool {
     fn append(&self, records: Vec<Record>) -> BoxFuture<'_, Result<Vec<Admission>, SpoolError>> {
-        let result = (|| {
-            let mut inner = self.lock();
-            let waiting: usize = inner.queues.values().map(BTreeMap::len).sum();
-            if waiting + records.len() > self.capacity {
-                return Err(SpoolError::Full);
+        let window = self.window_ms();
+        let mut inner = self.lock();
+        let adding: u64 = records.iter().map(encoded_len).sum();
+        if inner.bytes + adding > self.max_bytes {
+            return ready(Err(SpoolError::Full));
+        }
+        if let Some(oldest) = records.iter().map(|r| r.received_at_ms).min() {
+            inner.expire(oldest.saturating_sub(window));
+        }
+        let mut out = Vec::with_capacity(records.len());
+        let mut touched = Vec::new();
+        for record in records {
+            let key = record.dedup_key();
+            let horizon = record.received_at_ms.saturating_sub(window);
+            if inner.seen.get(&key).is_some_and(|t| *t > horizon) {
+                out.push(Admission::Duplicate);
+                continue;
             }
-            let now = records.iter().map(|r| r.received_at_ms).max().unwrap_or(0);
-            inner.expire(now - self.dedup_window.as_millis() as i64);
-            let mut out = Vec::with_capacity(records.len());
-            let mut touched = Vec::new();
-            for record in records {
-                let key = record.dedup_key();
-                if inner.seen.contains_key(&key) {
-                    out.push(Admission::Duplicate);
-                    continue;
-                }
-                inner.seen.insert(key.clone(), record.received_at_ms);
-                inner.seen_order.push_back((record.received_at_ms, key));
-                inner.next_id += 1;
-                let id = inner.next_id;
-                if !touched.contains(&record.account) {
-                    touched.push(record.account.clone());
-                }
-                inner
-                    .queues
-                    .entry(record.account.clone())
-                    .or_default()
-                    .insert(id, record);
-                out.push(Admission::Queued);
+            inner.seen.insert(key.clone(), record.received_at_ms);
+            inner.seen_order.push_back((record.received_at_ms, key));
+            if !touched.contains(&record.account) {
+                touched.push(record.account.clone());
             }
-            for account in touched {
-                inner.notifier(&account).notify_one();
-            }
-            Ok(out)
-        })();
-        async move { result }.boxed()
+            inner.queue(record);
+            out.push(Admission::Queued);
+        }
+        for account in touched {
+            inner.notifier(&account).notify_one();
+        }
+        ready(Ok(out))
     }
 
     fn peek_after<'a>(
@@ -118,7 +172,7 @@ impl Spool for MemorySpool {
         account: &'a str,
         after: u64,
         max: usize,
-    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
+    ) -> BoxFuture<'a, Result<Peek, SpoolError>> {
         let entries = self
             .lock()
             .queues
@@ -126,14 +180,17 @@ impl Spool for MemorySpool {
             .map(|q| {
                 q.range(after.saturating_add(1)..)
                     .take(max)
-                    .map(|(id, r)| Entry {
+                    .map(|(id, w)| Entry {
                         id: *id,
-                        record: r.clone(),
+                        record: w.record.clone(),
                     })
                     .collect()
             })
             .unwrap_or_default();
-        async move { Ok(entries) }.boxed()
+        ready(Ok(Peek {
+            entries,
+            undecodable: Vec::new(),
+        }))
     }
 
     fn ack<'a>(
@@ -144,14 +201,12 @@ impl Spool for MemorySpool {
         let mut inner = self.lock();
         if inner.failing_acks > 0 {
             inner.failing_acks -= 1;
-            return async { Err(SpoolError::Unavailable("injected ack failure".into())) }.boxed();
+            return ready(Err(SpoolError::Unavailable("injected ack failure".into())));
         }
-        if let Some(q) = inner.queues.get_mut(account) {
-            for id in ids {
-                q.remove(id);
-            }
+        for id in ids {
+            inner.take(account, *id);
         }
-        async move { Ok(()) }.boxed()
+        ready(Ok(()))
     }
 
     fn backlog(&self, account: &str) -> usize {
@@ -161,7 +216,9 @@ impl Spool for MemorySpool {
     fn changed(&self, account: &str) -> Arc<Notify> {
         self.lock().notifier(account)
     }
+}
 
+impl DeadLetterStore for MemorySpool {
     fn dead_letter<'a>(
         &'a self,
         account: &'a str,
@@ -171,37 +228,49 @@ impl Spool for MemorySpool {
     ) -> BoxFuture<'a, Result<(), SpoolError>> {
         let mut inner = self.lock();
         for id in ids {
-            if let Some(record) = inner.queues.get_mut(account).and_then(|q| q.remove(id)) {
-                inner.next_id += 1;
-                let letter = DeadLetter {
-                    id: inner.next_id,
-                    account: account.to_owned(),
-                    reason,
-                    message: message.to_owned(),
-                    dead_lettered_at_ms: chrono::Utc::now().timestamp_millis(),
-                    conversion: record.conversion,
-                    received_at_ms: record.received_at_ms,
-                    event_name: record.event_name,
-                };
-                inner.dead.push(letter);
-            }
+            let Some(w) = inner.take(account, *id) else {
+                continue;
+            };
+            inner.next_dead += 1;
+            let letter = DeadLetter {
+                id: inner.next_dead,
+                account: account.to_owned(),
+                reason,
+                message: message.to_owned(),
+                dead_lettered_at_ms: chrono::Utc::now().timestamp_millis(),
+                conversion: Some(w.record.conversion),
+                received_at_ms: w.record.received_at_ms,
+                event_name: w.record.event_name,
+                raw_bytes: None,
+            };
+            inner.dead.insert(letter.id, letter);
         }
-        async move { Ok(()) }.boxed()
+        inner.evict_dead(self.max_dead_letters);
+        ready(Ok(()))
     }
 
-    fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, SpoolError> {
-        Ok(self
+    fn dead_letters(
+        &self,
+        q: DeadLetterQuery,
+    ) -> BoxFuture<'_, Result<Vec<DeadLetter>, SpoolError>> {
+        let found = self
             .lock()
             .dead
-            .iter()
-            .filter(|d| d.id > q.after && q.account.as_ref().is_none_or(|a| *a == d.account))
+            .range(q.after.saturating_add(1)..)
+            .map(|(_, d)| d)
+            .filter(|d| q.account.as_ref().is_none_or(|a| *a == d.account))
             .take(q.limit)
             .cloned()
-            .collect())
+            .collect();
+        ready(Ok(found))
     }
 
-    fn dead_letter_counts(&self) -> Result<(u64, u64), SpoolError> {
-        Ok((self.lock().dead.len() as u64, 0))
+    fn dead_letter_counts(&self) -> BoxFuture<'_, Result<DeadLetterCounts, SpoolError>> {
+        let inner = self.lock();
+        ready(Ok(DeadLetterCounts {
+            kept: inner.dead.len() as u64,
+            evicted: inner.evicted,
+        }))
     }
 
     fn replay<'a>(
@@ -210,29 +279,29 @@ impl Spool for MemorySpool {
         letters: Vec<(u64, Record)>,
     ) -> BoxFuture<'a, Result<usize, SpoolError>> {
         let mut inner = self.lock();
+        let theirs =
+            |inner: &Inner, id: u64| inner.dead.get(&id).is_some_and(|d| d.account == account);
+        let adding: u64 = letters
+            .iter()
+            .filter(|(id, _)| theirs(&inner, *id))
+            .map(|(_, r)| encoded_len(r))
+            .sum();
+        if inner.bytes + adding > self.max_bytes {
+            return ready(Err(SpoolError::Full));
+        }
         let mut moved = 0;
         for (id, record) in letters {
-            let Some(at) = inner
-                .dead
-                .iter()
-                .position(|d| d.id == id && d.account == account)
-            else {
+            if !theirs(&inner, id) {
                 continue;
-            };
-            inner.dead.remove(at);
-            inner.next_id += 1;
-            let next = inner.next_id;
-            inner
-                .queues
-                .entry(account.to_owned())
-                .or_default()
-                .insert(next, record);
+            }
+            inner.dead.remove(&id);
+            inner.queue(record);
             moved += 1;
         }
         if moved > 0 {
             inner.notifier(account).notify_one();
         }
-        async move { Ok(moved) }.boxed()
+        ready(Ok(moved))
     }
 
     fn delete_dead_letters<'a>(
@@ -241,120 +310,56 @@ impl Spool for MemorySpool {
         ids: &'a [u64],
     ) -> BoxFuture<'a, Result<usize, SpoolError>> {
         let mut inner = self.lock();
-        let before = inner.dead.len();
-        inner
-            .dead
-            .retain(|d| !(d.account == account && ids.contains(&d.id)));
-        let deleted = before - inner.dead.len();
-        async move { Ok(deleted) }.boxed()
+        let mut deleted = 0;
+        for id in ids {
+            if inner.dead.get(id).is_some_and(|d| d.account == account) {
+                inner.dead.remove(id);
+                deleted += 1;
+            }
+        }
+        ready(Ok(deleted))
     }
+}
 
-    fn oldest(&self, account: &str) -> Result<Option<i64>, SpoolError> {
-        Ok(self
-            .lock()
+impl SpoolStats for MemorySpool {
+    fn account_backlog<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<AccountBacklog, SpoolError>> {
+        let inner = self.lock();
+        let backlog = inner
             .queues
             .get(account)
-            .and_then(|q| q.values().next())
-            .map(|r| r.received_at_ms))
+            .map(|q| AccountBacklog {
+                events: q.len() as u64,
+                bytes: q.values().map(|w| w.bytes).sum(),
+                oldest_ms: q.values().next().map(|w| w.record.received_at_ms),
+            })
+            .unwrap_or_default();
+        ready(Ok(backlog))
     }
 
-    /// The size the records would have in the durable spool, computed on demand (this is the test double).
     fn bytes(&self) -> u64 {
-        let inner = self.lock();
-        inner
-            .queues
-            .values()
-            .flat_map(|q| q.values())
-            .map(encoded_len)
-            .sum()
+        self.lock().bytes
     }
 
     fn account_bytes(&self, account: &str) -> u64 {
         self.lock()
             .queues
             .get(account)
-            .map_or(0, |q| q.values().map(encoded_len).sum())
+            .map_or(0, |q| q.values().map(|w| w.bytes).sum())
     }
 
     fn health(&self) -> Result<(), String> {
+        let inner = self.lock();
+        if inner.bytes >= self.max_bytes {
+            return Err(SpoolError::Full.to_string());
+        }
         Ok(())
     }
 }
 
+/// The size the record takes in the durable spool.
 fn encoded_len(r: &Record) -> u64 {
     super::codec::encode(r).map_or(0, |b| b.len() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::conversion::Conversion;
-
-    fn record(account: &str, conversion_id: &str, at: i64) -> Record {
-        Record {
-            account: account.into(),
-            received_at_ms: at,
-            event_name: None,
-            conversion: Conversion::minimal(
-                "2026-11-28T00:00:00.000Z",
-                "o9d2g",
-                "t",
-                conversion_id,
-            ),
-        }
-    }
-
-    #[tokio::test]
-    async fn order_ack_and_dedup() {
-        let spool = MemorySpool::new(Duration::from_secs(10), 100);
-        let got = spool
-            .append(vec![
-                record("a", "1", 0),
-                record("a", "2", 0),
-                record("b", "1", 0),
-                record("a", "1", 5),
-            ])
-            .await
-            .unwrap();
-        assert_eq!(
-            got,
-            [
-                Admission::Queued,
-                Admission::Queued,
-                Admission::Queued,
-                Admission::Duplicate
-            ]
-        );
-        let batch = spool.peek("a", 10).await.unwrap();
-        assert_eq!(
-            batch
-                .iter()
-                .map(|e| e.record.conversion.conversion_id.as_str())
-                .collect::<Vec<_>>(),
-            ["1", "2"]
-        );
-        spool.ack("a", &[batch[0].id]).await.unwrap();
-        assert_eq!(spool.backlog("a"), 1);
-        assert_eq!(spool.backlog("b"), 1);
-        assert!(spool.bytes() > 0);
-        // After the window the same key is new again.
-        let got = spool.append(vec![record("a", "1", 20_001)]).await.unwrap();
-        assert_eq!(got, [Admission::Queued]);
-    }
-
-    #[tokio::test]
-    async fn full_spool_refuses_whole_call() {
-        let spool = MemorySpool::new(Duration::from_secs(10), 2);
-        assert_eq!(
-            spool
-                .append(vec![
-                    record("a", "1", 0),
-                    record("a", "2", 0),
-                    record("a", "3", 0)
-                ])
-                .await,
-            Err(SpoolError::Full)
-        );
-        assert_eq!(spool.backlog("a"), 0);
-    }
 }

@@ -1,19 +1,50 @@
 //! Where accepted events wait until X has them.
 //!
-//! The `Spool` trait is the seam between ingest and dispatch: ingest appends mapped, hashed records and
-//! learns which were duplicates; each account's dispatcher peeks at its oldest events and acks them once
-//! X accepted them. Invariants every implementation keeps: an event leaves the spool only through `ack`;
-//! `peek` returns an account's events in the order they were appended; a record whose
-//! `(account, event_id, conversion_id)` was appended within the dedup window is reported `Duplicate` and
-//! not queued again. No raw email or phone ever reaches a spool: records hold hashes only.
+//! # The seam
+//! Three traits, one per kind of caller, and `Spool`, the three together (what the gateway holds):
+//! - `Queue`: ingest appends mapped, hashed records and learns which were duplicates; each account's
+//!   dispatcher peeks at its oldest events and acks them once X accepted them.
+//! - `DeadLetterStore`: the dispatcher moves the events X refused for good there; the admin API lists,
+//!   replays and deletes them.
+//! - `SpoolStats`: what metrics, the admin API and readiness read.
+//!
+//! Every method that may touch a disk or a network is async (a durable implementation does its reads on
+//! the blocking pool, never on a runtime worker). The synchronous ones (`backlog`, `changed`, `bytes`,
+//! `account_bytes`, `health`) answer from memory the implementation keeps, and never wait for a write.
+//!
+//! # Contract
+//! Every implementation keeps these; `conformance` checks each of them against every implementation.
+//! - **Append** answers, in order, `Queued` or `Duplicate` for each record. `Ok` means every queued record
+//!   is kept (on disk, for a durable implementation); `Err` means nothing of that call was kept. A call
+//!   that would take the spool past its byte bound is refused whole with `Full`.
+//! - **Dedup**: a record is `Duplicate` when a record with the same `(account, event_id, conversion_id)`
+//!   was queued earlier (in an earlier call or earlier in the same call) with a `received_at_ms` less than
+//!   `dedup_window` before its own — whether that one is still waiting, delivered or dead-lettered. The
+//!   clock is the records' `received_at_ms`, the same for every implementation.
+//! - **Order**: ids grow with every queued record, across accounts. `peek_after(account, after, max)`
+//!   gives up to `max` of the account's waiting records with ids above `after`, oldest first, and
+//!   removes nothing; records that no longer decode are reported apart (`Peek::undecodable`), never as
+//!   an error of the whole peek.
+//! - **Leaving**: a record leaves the queue only through `ack` (X took it) or `dead_letter`. Ids that are
+//!   not waiting are ignored; what is not named stays, in order.
+//! - **Counts**: `backlog`, `bytes` and `account_bytes` are right after every operation that returned.
+//! - **Wake-up**: `changed(account)` is notified after records of `account` are queued (append, replay).
+//! - **Dead letters**: ids grow; at most `max_dead_letters` are kept, the oldest evicted first and counted;
+//!   `dead_letters` pages by id (of one account or all); `replay` moves an account's letters back into its
+//!   queue as the given records in one step (ids not among that account's letters are skipped; dedup is
+//!   bypassed: a replay is a deliberate resend; `Full` moves nothing); `delete_dead_letters` removes the
+//!   account's given letters.
+//! - **Durability** (durable implementations): all of the above holds again after a clean close and
+//!   reopen, and after the handle is dropped without a close.
+//! - **No PII**: records hold hashes only; no raw email or phone ever reaches a spool.
 
 pub mod codec;
-pub mod dedup;
+#[cfg(test)]
+mod conformance;
 pub mod disk;
-pub mod intake_log;
 pub mod memory;
 
-pub use disk::{DiskSpool, DiskSpoolOptions};
+pub use disk::{DiskLimiterState, DiskSpool, DiskSpoolOptions};
 pub use memory::MemorySpool;
 
 use crate::conversion::{Conversion, Rules};
@@ -46,7 +77,8 @@ impl Record {
     }
 }
 
-/// An event X refused for good, or that grew too old to send, kept with the reason.
+/// An event X refused for good, that grew too old to send, or whose stored record no longer decodes,
+/// kept with the reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub id: u64,
@@ -55,17 +87,22 @@ pub struct DeadLetter {
     /// X's message, or what else explains the reason.
     pub message: String,
     pub dead_lettered_at_ms: i64,
-    pub conversion: Conversion,
+    /// The conversion as it would go to X; `None` only for a `corrupt` record (it could not be read).
+    pub conversion: Option<Conversion>,
     pub received_at_ms: i64,
     #[serde(default)]
     pub event_name: Option<String>,
+    /// For a `corrupt` record: how many bytes were stored.
+    #[serde(default)]
+    pub raw_bytes: Option<u64>,
 }
 
 impl DeadLetter {
     /// The record to queue again on replay: when the caller named the event and the account still maps
-    /// that name, the SET id comes from today's mapping (the fix a replay usually follows).
-    pub fn remapped(&self, rules: &Rules) -> Record {
-        let mut conversion = self.conversion.clone();
+    /// that name, the SET id comes from today's mapping (the fix a replay usually follows). `None` for a
+    /// `corrupt` letter: there is nothing to send.
+    pub fn remapped(&self, rules: &Rules) -> Option<Record> {
+        let mut conversion = self.conversion.clone()?;
         if let Some(set) = self
             .event_name
             .as_deref()
@@ -73,12 +110,12 @@ impl DeadLetter {
         {
             conversion.event_id = set.clone();
         }
-        Record {
+        Some(Record {
             account: self.account.clone(),
             conversion,
             received_at_ms: self.received_at_ms,
             event_name: self.event_name.clone(),
-        }
+        })
     }
 }
 
@@ -88,6 +125,13 @@ pub struct DeadLetterQuery {
     pub account: Option<String>,
     pub after: u64,
     pub limit: usize,
+}
+
+/// Dead letters kept, and how many were evicted to stay within the bound since the spool was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeadLetterCounts {
+    pub kept: u64,
+    pub evicted: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +145,39 @@ pub enum Admission {
 pub struct Entry {
     pub id: u64,
     pub record: Record,
+}
+
+/// A waiting record that no longer decodes: what could be read of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    pub id: u64,
+    pub raw_bytes: u64,
+    pub error: String,
+}
+
+/// What `peek_after` found: the records, in order, and those among them that no longer decode.
+#[derive(Debug, Clone, Default)]
+pub struct Peek {
+    pub entries: Vec<Entry>,
+    pub undecodable: Vec<Undecodable>,
+}
+
+impl Peek {
+    /// The highest id seen, decodable or not.
+    pub fn last_id(&self) -> Option<u64> {
+        let a = self.entries.last().map(|e| e.id);
+        let b = self.undecodable.iter().map(|u| u.id).max();
+        a.max(b)
+    }
+}
+
+/// What the spool holds of one account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountBacklog {
+    pub events: u64,
+    pub bytes: u64,
+    /// When the oldest waiting record was accepted (epoch milliseconds).
+    pub oldest_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,39 +199,42 @@ impl std::fmt::Display for SpoolError {
 
 impl std::error::Error for SpoolError {}
 
-pub trait Spool: Send + Sync + 'static {
-    /// Keeps `records` and answers, in the same order, whether each was queued or a duplicate. When it
-    /// returns `Ok`, every queued record is kept (durably, for a durable implementation).
+/// The per-account queues (see the module's contract).
+pub trait Queue: Send + Sync + 'static {
+    /// Keeps `records` and answers, in the same order, whether each was queued or a duplicate.
     fn append(&self, records: Vec<Record>) -> BoxFuture<'_, Result<Vec<Admission>, SpoolError>>;
 
-    /// Up to `max` of the oldest waiting records of `account`, oldest first; nothing is removed.
-    fn peek<'a>(
-        &'a self,
-        account: &'a str,
-        max: usize,
-    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
-        self.peek_after(account, 0, max)
-    }
-
-    /// Like `peek`, skipping records with ids up to `after` (those a dispatcher has in hand already).
+    /// Up to `max` of `account`'s waiting records with ids above `after`, oldest first; nothing removed.
     fn peek_after<'a>(
         &'a self,
         account: &'a str,
         after: u64,
         max: usize,
-    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>>;
+    ) -> BoxFuture<'a, Result<Peek, SpoolError>>;
 
-    /// Removes the given records of `account` (delivered, or moved to dead letters).
+    /// The decodable ones of the oldest `max` waiting records of `account`.
+    fn peek<'a>(
+        &'a self,
+        account: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Entry>, SpoolError>> {
+        Box::pin(async move { Ok(self.peek_after(account, 0, max).await?.entries) })
+    }
+
+    /// Removes the given records of `account` (X accepted them).
     fn ack<'a>(&'a self, account: &'a str, ids: &'a [u64])
         -> BoxFuture<'a, Result<(), SpoolError>>;
 
-    /// How many records of `account` are waiting.
+    /// How many records of `account` are waiting (from memory).
     fn backlog(&self, account: &str) -> usize;
 
-    /// Signalled whenever records are appended for `account` (one permit is stored if nobody waits).
+    /// Signalled whenever records are queued for `account` (one permit is stored if nobody waits).
     fn changed(&self, account: &str) -> Arc<Notify>;
+}
 
-    /// Moves the given records of `account` to the dead letters, with the reason and message.
+/// Where events end that X refused for good (see the module's contract).
+pub trait DeadLetterStore: Send + Sync + 'static {
+    /// Moves the given waiting records of `account` to the dead letters, with the reason and message.
     fn dead_letter<'a>(
         &'a self,
         account: &'a str,
@@ -164,13 +244,15 @@ pub trait Spool: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), SpoolError>>;
 
     /// Dead letters with ids above `q.after`, oldest first, at most `q.limit`, of `q.account` or all.
-    fn dead_letters(&self, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, SpoolError>;
+    fn dead_letters(
+        &self,
+        q: DeadLetterQuery,
+    ) -> BoxFuture<'_, Result<Vec<DeadLetter>, SpoolError>>;
 
-    /// Dead letters kept, and how many were evicted to stay within the bound since the spool was made.
-    fn dead_letter_counts(&self) -> Result<(u64, u64), SpoolError>;
+    fn dead_letter_counts(&self) -> BoxFuture<'_, Result<DeadLetterCounts, SpoolError>>;
 
     /// Moves dead letters back to their account's queue, each as the given record (mapped again by the
-    /// caller), in one transaction; ids no longer among the dead letters are skipped. Answers how many
+    /// caller), in one step; ids no longer among the account's dead letters are skipped. Answers how many
     /// moved. Replayed records bypass the ingest dedup index: a replay is a deliberate resend.
     fn replay<'a>(
         &'a self,
@@ -184,16 +266,33 @@ pub trait Spool: Send + Sync + 'static {
         account: &'a str,
         ids: &'a [u64],
     ) -> BoxFuture<'a, Result<usize, SpoolError>>;
+}
 
-    /// When the oldest waiting record of `account` was accepted (epoch milliseconds).
-    fn oldest(&self, account: &str) -> Result<Option<i64>, SpoolError>;
+/// What the spool holds, and whether it takes events (see the module's contract).
+pub trait SpoolStats: Send + Sync + 'static {
+    /// `account`'s waiting events, their bytes and the oldest one's acceptance time.
+    fn account_backlog<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<AccountBacklog, SpoolError>>;
 
-    /// Bytes of waiting records.
+    /// Bytes of waiting records (from memory).
     fn bytes(&self) -> u64;
 
-    /// Bytes of waiting records of `account`.
+    /// Bytes of waiting records of `account` (from memory).
     fn account_bytes(&self, account: &str) -> u64;
 
-    /// `Err(why)` while the spool cannot take events (full, disk failing).
+    /// `Err(why)` while the spool cannot take events (full, disk failing, storage stopped); from memory.
     fn health(&self) -> Result<(), String>;
+
+    /// Resolves, with the cause, once the spool can no longer keep its promises at all (its storage
+    /// stopped): the process should stop taking events and exit, to be restarted on its durable state.
+    fn fatal(&self) -> BoxFuture<'static, String> {
+        Box::pin(std::future::pending())
+    }
 }
+
+/// The whole spool: what the gateway holds.
+pub trait Spool: Queue + DeadLetterStore + SpoolStats {}
+
+impl<T: Queue + DeadLetterStore + SpoolStats> Spool for T {}

@@ -5,8 +5,20 @@
 //! is allowed when `max(TAT, a) + n·T - a ≤ b·T`; it moves the theoretical arrival time to
 //! `max(TAT, a) + n·T`. The level never exceeds `b·T` and drains at one per unit of time, so any closed
 //! window of length `window` admits at most `b + window/T = limit` events. (A naive bucket of capacity
-//! `limit` can let 2·limit through.) Invariant: the state is persisted before a reservation is returned,
-//! so a restart never hands out a fresh burst.
+//! `limit` can let 2·limit through.)
+//!
+//! # Seams
+//! - `Limiter`: what a dispatcher asks (reserve, refund, available). Contract of every implementation
+//!   (checked by `conformance` for each): for any arrivals, no window of length `window` sees more than
+//!   `limit` events of one key go; a reservation is returned only once it is persisted, so a restart
+//!   never hands out a fresh burst; a refund gives back the events of a refused request; keys are
+//!   independent, and reservations of one key never wait for another's.
+//! - `LimiterState`: where `EmbeddedLimiter` keeps its TATs between runs (`VolatileState` in memory,
+//!   `spool::DiskLimiterState` in the spool's file). `load` answers from memory; `save` returns once the
+//!   TAT is durable.
+
+#[cfg(test)]
+mod conformance;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -99,8 +111,9 @@ pub struct EmbeddedLimiter {
     rules: HashMap<String, Gcra>,
     tats: Mutex<HashMap<String, Nanos>>,
     state: Arc<dyn LimiterState>,
-    /// Serializes reservations of one process so that persisted TATs only move forward.
-    gate: tokio::sync::Mutex<()>,
+    /// One gate per budget key: a key's reservations are serialized so that its persisted TAT only moves
+    /// forward, while other keys' reservations never wait for its save.
+    gates: HashMap<String, tokio::sync::Mutex<()>>,
 }
 
 impl EmbeddedLimiter {
@@ -109,11 +122,15 @@ impl EmbeddedLimiter {
             .keys()
             .filter_map(|k| state.load(k).map(|t| (k.clone(), t)))
             .collect();
+        let gates = rules
+            .keys()
+            .map(|k| (k.clone(), Default::default()))
+            .collect();
         EmbeddedLimiter {
             rules,
             tats: Mutex::new(tats),
             state,
-            gate: tokio::sync::Mutex::new(()),
+            gates,
         }
     }
 }
@@ -134,10 +151,10 @@ impl EmbeddedLimiter {
         key: &str,
         step: impl FnOnce(&Gcra, Nanos) -> (Nanos, T),
     ) -> Result<Option<T>, String> {
-        let Some(gcra) = self.rules.get(key) else {
+        let (Some(gcra), Some(gate)) = (self.rules.get(key), self.gates.get(key)) else {
             return Ok(None);
         };
-        let _one_at_a_time = self.gate.lock().await;
+        let _one_at_a_time = gate.lock().await;
         let (new_tat, answer) = step(gcra, self.tat(key));
         self.state.save(key, new_tat).await?;
         self.tats
@@ -272,6 +289,51 @@ mod tests {
         assert_eq!(third.reserve("b", 500, SEC).await.unwrap(), SEC);
         third.refund("b", 500).await.unwrap();
         assert_eq!(third.reserve("b", 500, SEC).await.unwrap(), SEC);
+    }
+
+    /// A state whose saves of key "slow" wait until released.
+    struct SlowState {
+        inner: VolatileState,
+        release: tokio::sync::Notify,
+    }
+
+    impl LimiterState for SlowState {
+        fn load(&self, key: &str) -> Option<Nanos> {
+            self.inner.load(key)
+        }
+        fn save<'a>(&'a self, key: &'a str, tat: Nanos) -> BoxFuture<'a, Result<(), String>> {
+            async move {
+                if key == "slow" {
+                    self.release.notified().await;
+                }
+                self.inner.save(key, tat).await
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_waiting_on_its_save_does_not_hold_up_another() {
+        let rules: HashMap<String, Gcra> = ["slow", "fast"]
+            .into_iter()
+            .map(|k| (k.to_string(), Gcra::new(1000, Duration::from_secs(10), 100)))
+            .collect();
+        let state = Arc::new(SlowState {
+            inner: VolatileState::default(),
+            release: tokio::sync::Notify::new(),
+        });
+        let limiter = Arc::new(EmbeddedLimiter::new(rules, state.clone()));
+        let slow = tokio::spawn({
+            let l = limiter.clone();
+            async move { l.reserve("slow", 10, SEC).await }
+        });
+        tokio::task::yield_now().await;
+        let fast =
+            tokio::time::timeout(Duration::from_secs(1), limiter.reserve("fast", 10, SEC)).await;
+        assert_eq!(fast.expect("not held up by the other key").unwrap(), SEC);
+        assert!(!slow.is_finished(), "the slow save is still waiting");
+        state.release.notify_one();
+        assert_eq!(slow.await.unwrap().unwrap(), SEC);
     }
 
     proptest! {

@@ -1,0 +1,142 @@
+//! Reads, on tokio's blocking pool (never on a runtime worker), from a redb snapshot and the pending
+//! events; no read waits for a commit (see `pending` for why the merge by id is exact).
+
+use super::handle::Handle;
+use super::pending::{self, Pending};
+use super::schema::{MetaKey, DEAD, EVENTS, META};
+use super::{codec, storage};
+use crate::spool::{
+    DeadLetter, DeadLetterCounts, DeadLetterQuery, Entry, Peek, SpoolError, Undecodable,
+};
+use redb::{ReadableDatabase, ReadableTableMetadata};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// Runs `read` on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| storage(format!("a spool read stopped: {e}")))?
+}
+
+/// Up to `max` of `account`'s stored records with ids above `after`, as raw bytes, in order.
+fn raw_after(
+    db: &Handle,
+    pending: &RwLock<Pending>,
+    account: &str,
+    after: u64,
+    max: usize,
+) -> Result<BTreeMap<u64, Vec<u8>>, SpoolError> {
+    // Pending first, the snapshot after: an event moving into redb meanwhile is seen at least once.
+    let mut found: BTreeMap<u64, Vec<u8>> = pending::read(pending)
+        .after(account, after)
+        .take(max)
+        .map(|(id, e)| (*id, e.bytes.clone()))
+        .collect();
+    let db = db.get()?;
+    let txn = db.begin_read().map_err(storage)?;
+    let table = txn.open_table(EVENTS).map_err(storage)?;
+    let range = (account, after.saturating_add(1))..=(account, u64::MAX);
+    for item in table.range(range).map_err(storage)?.take(max) {
+        let (k, v) = item.map_err(storage)?;
+        found
+            .entry(k.value().1)
+            .or_insert_with(|| v.value().to_vec());
+    }
+    while found.len() > max {
+        found.pop_last();
+    }
+    Ok(found)
+}
+
+pub(super) fn peek_after(
+    db: &Handle,
+    pending: &RwLock<Pending>,
+    account: &str,
+    after: u64,
+    max: usize,
+) -> Result<Peek, SpoolError> {
+    let mut peek = Peek::default();
+    for (id, bytes) in raw_after(db, pending, account, after, max)? {
+        match codec::decode(account, &bytes) {
+            Ok(record) => peek.entries.push(Entry { id, record }),
+            Err(error) => peek.undecodable.push(Undecodable {
+                id,
+                raw_bytes: bytes.len() as u64,
+                error,
+            }),
+        }
+    }
+    Ok(peek)
+}
+
+/// When `account`'s oldest waiting record was accepted (a record that does not decode is skipped).
+pub(super) fn oldest(
+    db: &Handle,
+    pending: &RwLock<Pending>,
+    account: &str,
+) -> Result<Option<i64>, SpoolError> {
+    let mut after = 0;
+    loop {
+        let raw = raw_after(db, pending, account, after, 16)?;
+        let Some(last) = raw.keys().next_back().copied() else {
+            return Ok(None);
+        };
+        if let Some(r) = raw.values().find_map(|b| codec::decode(account, b).ok()) {
+            return Ok(Some(r.received_at_ms));
+        }
+        after = last;
+    }
+}
+
+pub(super) fn dead_letters(
+    db: &Handle,
+    q: &DeadLetterQuery,
+) -> Result<Vec<DeadLetter>, SpoolError> {
+    let db = db.get()?;
+    let txn = db.begin_read().map_err(storage)?;
+    let table = txn.open_table(DEAD).map_err(storage)?;
+    let mut out = Vec::new();
+    for item in table.range(q.after.saturating_add(1)..).map_err(storage)? {
+        if out.len() >= q.limit {
+            break;
+        }
+        let (k, v) = item.map_err(storage)?;
+        let letter: DeadLetter = serde_json::from_slice(v.value()).map_err(|e| {
+            storage(format!(
+                "table dead_letters: entry {} does not decode: {e}",
+                k.value()
+            ))
+        })?;
+        if q.account.as_ref().is_none_or(|a| *a == letter.account) {
+            out.push(letter);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn dead_letter_counts(db: &Handle) -> Result<DeadLetterCounts, SpoolError> {
+    let db = db.get()?;
+    let txn = db.begin_read().map_err(storage)?;
+    let kept = txn
+        .open_table(DEAD)
+        .map_err(storage)?
+        .len()
+        .map_err(storage)?;
+    let evicted = txn
+        .open_table(META)
+        .map_err(storage)?
+        .get(MetaKey::DeadEvicted.name().as_str())
+        .map_err(storage)?
+        .map_or(0, |v| v.value());
+    Ok(DeadLetterCounts { kept, evicted })
+}
+
+/// Shares what readers need with the blocking pool.
+#[derive(Clone)]
+pub(super) struct Readers {
+    pub db: Arc<Handle>,
+    pub pending: Arc<RwLock<Pending>>,
+}

@@ -1,0 +1,114 @@
+//! Start-up: what the files say. The counters and limiter states from `meta` (start-up never scans the
+//! events), the dedup fingerprints from the dedup log, and the intake log's events that redb does not
+//! have yet (a stop between a frame's write and its transaction), which go into redb before anything else.
+
+use super::counters::{Effects, Shared};
+use super::dedup_state::DedupState;
+use super::fingerprints::FingerprintTable;
+use super::intake_log::IntakeRecord;
+use super::pending::Pending;
+use super::schema::{fingerprint, DedupEntry, MetaKey, DEDUP_LOG, META};
+use super::storage;
+use super::tables::Tables;
+use crate::spool::SpoolError;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+/// The waiting events' counters and the limiter states, from the `meta` table.
+pub(super) fn load_counts(db: &Database, shared: &mut Shared) -> Result<(), SpoolError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
+    for item in meta.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        let (name, v) = (k.value(), v.value());
+        match MetaKey::parse(name) {
+            Some(MetaKey::Events(account)) => {
+                shared.counts.entry(account.to_owned()).or_default().events = v
+            }
+            Some(MetaKey::Bytes(account)) => {
+                shared.counts.entry(account.to_owned()).or_default().bytes = v;
+                shared.total_bytes += v;
+            }
+            Some(MetaKey::Tat(key)) => {
+                shared.tats.insert(key.to_owned(), v);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn meta_u64(
+    meta: &impl ReadableTable<&'static str, u64>,
+    key: MetaKey<'_>,
+) -> Result<u64, SpoolError> {
+    Ok(meta
+        .get(key.name().as_str())
+        .map_err(storage)?
+        .map_or(0, |v| v.value()))
+}
+
+/// The logged events that redb does not have (ids after its last one), counted, with the last id and
+/// dedup log sequence they take.
+pub(super) struct Unapplied {
+    pub events: Pending,
+    pub effects: Effects,
+    pub last_seq: u64,
+    pub next_log: u64,
+}
+
+pub(super) fn unapplied(db: &Database, logged: Vec<IntakeRecord>) -> Result<Unapplied, SpoolError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = txn.open_table(META).map_err(storage)?;
+    let seq = meta_u64(&meta, MetaKey::Seq)?;
+    let mut out = Unapplied {
+        events: Pending::default(),
+        effects: Effects::default(),
+        last_seq: seq,
+        next_log: meta_u64(&meta, MetaKey::DedupNext)?,
+    };
+    for r in logged.into_iter().filter(|r| r.seq > seq) {
+        out.effects.count(&r.account, 1, r.bytes.len() as i64);
+        out.last_seq = out.last_seq.max(r.seq);
+        out.next_log = out.next_log.max(r.log_seq + 1);
+        out.events.insert(r);
+    }
+    Ok(out)
+}
+
+/// Puts `missing` into redb in one transaction, with the ids and dedup entries they were logged with.
+pub(super) fn recover(
+    db: &Database,
+    shared: &Shared,
+    missing: &Unapplied,
+) -> Result<(), SpoolError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut tables = Tables::open(&txn)?;
+        tables.put_logged(&missing.events)?;
+        tables.set(MetaKey::Seq, missing.last_seq)?;
+        tables.set(MetaKey::DedupNext, missing.next_log)?;
+        tables.store_counts(&shared.counts, &missing.effects)?;
+    }
+    txn.commit().map_err(storage)
+}
+
+/// The dedup fingerprints from the dedup log, and the last event id handed out.
+pub(super) fn load_dedup(db: &Database) -> Result<(DedupState, u64), SpoolError> {
+    let mut dedup = DedupState::default();
+    let txn = db.begin_read().map_err(storage)?;
+    let log = txn.open_table(DEDUP_LOG).map_err(storage)?;
+    dedup.table = FingerprintTable::with_capacity(log.len().map_err(storage)? as usize);
+    let mut first = None;
+    for item in log.iter().map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
+        let seq = k.value();
+        let entry = DedupEntry::decode(seq, v.value())?;
+        first.get_or_insert(seq);
+        dedup.table.insert(fingerprint(&entry.key), seq);
+        dedup.next = seq + 1;
+    }
+    let meta = txn.open_table(META).map_err(storage)?;
+    dedup.next = dedup.next.max(meta_u64(&meta, MetaKey::DedupNext)?);
+    dedup.first = first.unwrap_or(dedup.next);
+    Ok((dedup, meta_u64(&meta, MetaKey::Seq)?))
+}
