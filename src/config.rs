@@ -601,12 +601,31 @@ fn keys(key: &str, inline: Vec<String>, file: Option<PathBuf>) -> Result<Vec<Sec
 
 impl RawSettings {
     fn validate(self) -> Result<Settings, ConfigError> {
-        let s = self.server;
+        // Section by section, in this order: the first error found is the one reported.
+        let server = self.server.validate()?;
+        let upstream = self.upstream.validate()?;
+        let delivery = self.delivery.validate()?;
+        let log = self.log.validate()?;
+        let accounts = validate_accounts(self.accounts, &delivery, upstream.sandbox)?;
+        Ok(Settings {
+            server,
+            spool: self.spool.validate()?,
+            upstream,
+            delivery,
+            log,
+            accounts,
+        })
+    }
+}
+
+impl RawServer {
+    fn validate(self) -> Result<Server, ConfigError> {
+        let s = self;
         let api_keys = keys("server.api_keys", s.api_keys, s.api_keys_file)?;
         if api_keys.is_empty() && !s.allow_unauthenticated {
             return err("server.api_keys", "is empty; add at least one key, or set server.allow_unauthenticated = true to accept anyone");
         }
-        let server = Server {
+        Ok(Server {
             listen: socket("server.listen", &s.listen)?,
             admin_listen: socket("server.admin_listen", &s.admin_listen)?,
             api_keys,
@@ -628,9 +647,13 @@ impl RawSettings {
                     .or_else(|_| err("server.max_events_per_request", "is too large"))?,
             },
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
-        };
+        })
+    }
+}
 
-        let u = self.upstream;
+impl RawUpstream {
+    fn validate(self) -> Result<Upstream, ConfigError> {
+        let u = self;
         let base_url = u.base_url.trim().trim_end_matches('/').to_owned();
         match url::Url::parse(&base_url) {
             Ok(parsed)
@@ -657,14 +680,18 @@ impl RawSettings {
                 ),
             );
         }
-        let upstream = Upstream {
+        Ok(Upstream {
             base_url,
             api_version,
             timeout: duration("upstream.timeout", &u.timeout)?,
             sandbox: u.sandbox,
-        };
+        })
+    }
+}
 
-        let d = self.delivery;
+impl RawDelivery {
+    fn validate(self) -> Result<Delivery, ConfigError> {
+        let d = self;
         if !(1..=500).contains(&d.max_batch) {
             return err("delivery.max_batch", format!("is {}; it must be between 1 and 500 (X accepts at most 500 conversions per request)", d.max_batch));
         }
@@ -683,59 +710,69 @@ impl RawSettings {
                 "must not be shorter than delivery.retry_base",
             );
         }
+        Ok(delivery)
+    }
+}
 
-        let level = self.log.level.trim().to_owned();
+impl RawLog {
+    fn validate(self) -> Result<Log, ConfigError> {
+        let level = self.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return err("log.level", format!("{level:?} is not a level filter such as \"info\" or \"conversion_gateway=debug,warn\""));
         }
-        let log = Log {
-            format: self.log.format,
+        Ok(Log {
+            format: self.format,
             level,
-        };
-
-        if self.accounts.is_empty() {
-            return err(
-                "accounts",
-                "no account is configured; add an [accounts.<name>] section",
-            );
-        }
-        let mut accounts: BTreeMap<String, Account> = BTreeMap::new();
-        for (name, a) in self.accounts {
-            let account = validate_account(&name, a, &delivery, upstream.sandbox)?;
-            // Accounts that share an ad account share its budget: they must agree on it.
-            if let Some((other, o)) = accounts
-                .iter()
-                .find(|(_, o)| o.ad_account_id == account.ad_account_id)
-            {
-                if (o.rate_limit.events, o.rate_limit.window)
-                    != (account.rate_limit.events, account.rate_limit.window)
-                {
-                    return err(
-                        format!("accounts.{name}.rate_limit"),
-                        format!("differs from accounts.{other}.rate_limit, which has the same ad_account_id; accounts of one ad account share one budget"),
-                    );
-                }
-            }
-            accounts.insert(name, account);
-        }
-
-        Ok(Settings {
-            server,
-            spool: Spool {
-                dir: self.spool.dir,
-                max_bytes: match size("spool.max_bytes", &self.spool.max_bytes)? {
-                    0 => return err("spool.max_bytes", "must be greater than 0"),
-                    n => n,
-                },
-                max_dead_letters: self.spool.max_dead_letters,
-                min_free_bytes: size("spool.min_free_bytes", &self.spool.min_free_bytes)?,
-            },
-            upstream,
-            delivery,
-            log,
-            accounts,
         })
     }
+}
+
+impl RawSpool {
+    fn validate(self) -> Result<Spool, ConfigError> {
+        Ok(Spool {
+            dir: self.dir,
+            max_bytes: match size("spool.max_bytes", &self.max_bytes)? {
+                0 => return err("spool.max_bytes", "must be greater than 0"),
+                n => n,
+            },
+            max_dead_letters: self.max_dead_letters,
+            min_free_bytes: size("spool.min_free_bytes", &self.min_free_bytes)?,
+        })
+    }
+}
+
+/// Every account, checked on its own, and accounts of one ad account against each other.
+fn validate_accounts(
+    raw: BTreeMap<String, RawAccount>,
+    delivery: &Delivery,
+    sandbox: bool,
+) -> Result<BTreeMap<String, Account>, ConfigError> {
+    if raw.is_empty() {
+        return err(
+            "accounts",
+            "no account is configured; add an [accounts.<name>] section",
+        );
+    }
+    let mut accounts: BTreeMap<String, Account> = BTreeMap::new();
+    for (name, a) in raw {
+        let account = validate_account(&name, a, delivery, sandbox)?;
+        // Accounts that share an ad account share its budget: they must agree on it.
+        if let Some((other, o)) = accounts
+            .iter()
+            .find(|(_, o)| o.ad_account_id == account.ad_account_id)
+        {
+            if (o.rate_limit.events, o.rate_limit.window)
+                != (account.rate_limit.events, account.rate_limit.window)
+            {
+                return err(
+                    format!("accounts.{name}.rate_limit"),
+                    format!("differs from accounts.{other}.rate_limit, which has the same ad_account_id; accounts of one ad account share one budget"),
+                );
+            }
+        }
+        accounts.insert(name, account);
+    }
+    Ok(accounts)
 }
 
 /// Whether `name` can name an account: a-z, 0-9 and `_`, not empty (names appear in metric labels and in

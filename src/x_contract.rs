@@ -1,7 +1,7 @@
 //! X's contract for `POST /{version}/measurement/conversions/{pixel_id}`: what X accepts, checked the way
 //! X checks it, and how X answers — its error codes, messages and envelope (`shared/x-conversions-api.md`,
 //! seed examples). One place for both users of it: the gateway's sandbox transport, which validates the
-//! batches it does not send, and `fake_x`, the test double that plays X. No production module depends on
+//! batches it does not send, and the fake of X that tests and benchmarks run. No production module depends on
 //! the fake; both depend on this.
 //!
 //! Pure: no I/O. The caller says which SET ids belong to the account and which ids are pixels.

@@ -149,12 +149,17 @@ async fn metrics_text(State(st): State<Arc<AdminState>>) -> Response {
         dead_letters: dead.kept,
         dead_letters_evicted: dead.evicted,
     };
+    // Rendering reads /proc (memory, open files): off the runtime's workers like every other file read.
+    let metrics = st.app.metrics.clone();
+    let text = tokio::task::spawn_blocking(move || metrics.render(&snapshot))
+        .await
+        .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        st.app.metrics.render(&snapshot),
+        text,
     )
         .into_response()
 }

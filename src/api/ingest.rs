@@ -90,6 +90,38 @@ async fn read_body(
 }
 
 async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
+    let events = read_events(st, request).await?;
+    let now = (st.now)();
+    let mut out = IngestResponse {
+        accepted: 0,
+        duplicates: 0,
+        suppressed: 0,
+        rejected: Vec::new(),
+    };
+    let records = judge(st, &events, now, &mut out);
+    drop(events);
+    if !records.is_empty() {
+        spool(st, records, &mut out).await?;
+    }
+    tracing::debug!(
+        accepted = out.accepted,
+        duplicates = out.duplicates,
+        suppressed = out.suppressed,
+        rejected = out.rejected.len(),
+        "ingest"
+    );
+    let total = out.accepted + out.duplicates + out.suppressed + out.rejected.len();
+    let status = if out.rejected.len() == total {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(out)).into_response())
+}
+
+/// The request's events, once it is allowed in (not shutting down, authenticated, JSON, within the
+/// size and count limits).
+async fn read_events(st: &AppState, request: Request) -> Result<Vec<Value>, Problem> {
     if st.is_shutting_down() {
         return Err(Problem::unavailable(
             "the gateway is shutting down; retry against another instance or in a moment",
@@ -129,15 +161,17 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
             ),
         ));
     }
+    Ok(events)
+}
 
-    let now = (st.now)();
+/// Maps every event on its own; the accepted ones become records, the others are counted in `out`.
+fn judge(
+    st: &AppState,
+    events: &[Value],
+    now: chrono::DateTime<chrono::Utc>,
+    out: &mut IngestResponse,
+) -> Vec<Record> {
     let received_at_ms = now.timestamp_millis();
-    let mut out = IngestResponse {
-        accepted: 0,
-        duplicates: 0,
-        suppressed: 0,
-        rejected: Vec::new(),
-    };
     let mut records = Vec::new();
     for (index, raw) in events.iter().enumerate() {
         match map_event(raw, &st.rules, now) {
@@ -163,53 +197,46 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
             }
         }
     }
-    drop(events);
-    if !records.is_empty() {
-        let accounts: Vec<String> = records.iter().map(|r| r.account.clone()).collect();
-        let admissions = st.spool.append(records).await.map_err(|e| {
-            tracing::error!(error = %e, "spool refused events");
-            Problem::unavailable(
-                format!("{e}; nothing of this request was accepted, retry later"),
-                1,
-            )
-        })?;
-        // Counted per (account, outcome), not per event: one metric update each.
-        let mut tally: Vec<(&str, IngestOutcome, u64)> = Vec::new();
-        for (a, account) in admissions.into_iter().zip(&accounts) {
-            let outcome = match a {
-                Admission::Queued => {
-                    out.accepted += 1;
-                    IngestOutcome::Accepted
-                }
-                Admission::Duplicate => {
-                    out.duplicates += 1;
-                    IngestOutcome::Duplicate
-                }
-            };
-            match tally
-                .iter_mut()
-                .find(|(acc, o, _)| *acc == account && *o == outcome)
-            {
-                Some(t) => t.2 += 1,
-                None => tally.push((account, outcome, 1)),
+    records
+}
+
+/// Spools the accepted records (the answer waits for it) and counts what the spool said of each.
+async fn spool(
+    st: &AppState,
+    records: Vec<Record>,
+    out: &mut IngestResponse,
+) -> Result<(), Problem> {
+    let accounts: Vec<String> = records.iter().map(|r| r.account.clone()).collect();
+    let admissions = st.spool.append(records).await.map_err(|e| {
+        tracing::error!(error = %e, "spool refused events");
+        Problem::unavailable(
+            format!("{e}; nothing of this request was accepted, retry later"),
+            1,
+        )
+    })?;
+    // Counted per (account, outcome), not per event: one metric update each.
+    let mut tally: Vec<(&str, IngestOutcome, u64)> = Vec::new();
+    for (a, account) in admissions.into_iter().zip(&accounts) {
+        let outcome = match a {
+            Admission::Queued => {
+                out.accepted += 1;
+                IngestOutcome::Accepted
             }
-        }
-        for (account, outcome, n) in tally {
-            st.metrics.received(Some(account), outcome, n);
+            Admission::Duplicate => {
+                out.duplicates += 1;
+                IngestOutcome::Duplicate
+            }
+        };
+        match tally
+            .iter_mut()
+            .find(|(acc, o, _)| *acc == account && *o == outcome)
+        {
+            Some(t) => t.2 += 1,
+            None => tally.push((account, outcome, 1)),
         }
     }
-    tracing::debug!(
-        accepted = out.accepted,
-        duplicates = out.duplicates,
-        suppressed = out.suppressed,
-        rejected = out.rejected.len(),
-        "ingest"
-    );
-    let total = out.accepted + out.duplicates + out.suppressed + out.rejected.len();
-    let status = if out.rejected.len() == total {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok((status, Json(out)).into_response())
+    for (account, outcome, n) in tally {
+        st.metrics.received(Some(account), outcome, n);
+    }
+    Ok(())
 }

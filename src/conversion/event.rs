@@ -123,60 +123,21 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
             "each event must be a JSON object",
         )]);
     };
+    let opt_out = match opt_out(obj) {
+        Ok(o) => o,
+        Err(e) => return Judgement::Rejected(vec![e]),
+    };
+    if opt_out && obj.get("account").is_none_or(Value::is_null) && rules.accounts.len() > 1 {
+        return suppressed_for_some_account(obj, rules, now);
+    }
     let mut errs = Vec::new();
     let mut fields = Fields {
         obj,
         errs: &mut errs,
     };
-
-    let opt_out = match obj.get("opt_out") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) => true,
-        Some(_) => {
-            // Unclear consent is never sent.
-            return Judgement::Rejected(vec![FieldError::new("opt_out", "must be true or false")]);
-        }
-    };
-    if opt_out && obj.get("account").is_none_or(Value::is_null) && rules.accounts.len() > 1 {
-        // Whose it is cannot be told, and it is never sent: it only has to be well-formed for one of them.
-        let mut first_errors = None;
-        for name in rules.accounts.keys() {
-            let mut named = obj.clone();
-            named.insert("account".into(), Value::String(name.clone()));
-            match map_event(&Value::Object(named), rules, now) {
-                Judgement::Rejected(e) => {
-                    first_errors.get_or_insert(e);
-                }
-                _ => return Judgement::Suppressed { account: None },
-            }
-        }
-        return Judgement::Rejected(first_errors.unwrap_or_default());
-    }
-
-    let account_name = match fields.string("account") {
-        Some(a) if rules.accounts.contains_key(&a) => a,
-        Some(a) => {
-            return Judgement::Rejected(vec![FieldError::new(
-                "account",
-                format!(
-                    "unknown account {a:?}; configured accounts: {}",
-                    names(rules.accounts.keys())
-                ),
-            )])
-        }
-        None if rules.accounts.len() == 1 => {
-            rules.accounts.keys().next().cloned().unwrap_or_default()
-        }
-        None if !fields.errs.is_empty() => return Judgement::Rejected(errs),
-        None => {
-            return Judgement::Rejected(vec![FieldError::new(
-                "account",
-                format!(
-                    "required when several accounts are configured: one of {}",
-                    names(rules.accounts.keys())
-                ),
-            )])
-        }
+    let account_name = match fields.account(rules) {
+        Ok(a) => a,
+        Err(errors) => return Judgement::Rejected(errors),
     };
     let account = &rules.accounts[&account_name];
 
@@ -187,101 +148,10 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         .map(str::trim)
         .filter(|n| account.event_set(n).is_some())
         .map(str::to_owned);
-
-    let conversion_time = match fields.string("conversion_time") {
-        None => Some(now),
-        Some(s) => match parse_time(&s) {
-            Err(e) => fields.err("conversion_time", e),
-            Ok(t) if t > now + MAX_FUTURE => fields.err(
-                "conversion_time",
-                "is more than 5 minutes in the future; check the sender's clock",
-            ),
-            Ok(t)
-                if now
-                    .signed_duration_since(t)
-                    .to_std()
-                    .is_ok_and(|age| age > rules.max_event_age) =>
-            {
-                fields.err(
-                    "conversion_time",
-                    format!(
-                        "is older than delivery.max_event_age ({}); X would not attribute it",
-                        humantime::format_duration(rules.max_event_age)
-                    ),
-                )
-            }
-            Ok(t) => Some(t),
-        },
-    };
-
-    let event_source_url =
-        fields
-            .string("event_source_url")
-            .and_then(|s| match url::Url::parse(&s) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Some(u),
-                _ => fields.err(
-                    "event_source_url",
-                    "must be an absolute http(s) URL such as https://shop.example/checkout",
-                ),
-            });
-
-    let mut identifiers = Vec::new();
-    let identifier_errors_before = fields.errs.len();
-    let twclid = fields
-        .string("twclid")
-        .or_else(|| event_source_url.as_ref().and_then(twclid_from_url));
-    if let Some(t) = twclid {
-        identifiers.push(Identifier::Twclid { twclid: t });
-    }
-    let region = account.default_phone_region;
-    let email = fields.hashed_pair("email", "hashed_email", hashed_email);
-    if let Some(h) = email {
-        identifiers.push(Identifier::HashedEmail { hashed_email: h });
-    }
-    let phone = fields.hashed_pair("phone", "hashed_phone_number", |raw| {
-        hashed_phone(raw, region)
-    });
-    if let Some(h) = phone {
-        identifiers.push(Identifier::HashedPhoneNumber {
-            hashed_phone_number: h,
-        });
-    }
-    if identifiers.is_empty() && fields.errs.len() == identifier_errors_before {
-        fields.err::<()>(
-            "identifiers",
-            "at least one of twclid (or a twclid in event_source_url), email, hashed_email, phone or hashed_phone_number is required; ip_address and user_agent do not count alone",
-        );
-    }
-    let ip_address =
-        fields
-            .string("ip_address")
-            .and_then(|ip| match ip.parse::<std::net::IpAddr>() {
-                Ok(addr) => Some(addr.to_string()),
-                Err(_) => fields.err("ip_address", "must be an IPv4 or IPv6 address"),
-            });
-    let user_agent = fields.string("user_agent");
-    if ip_address.is_some() || user_agent.is_some() {
-        identifiers.push(Identifier::Device {
-            ip_address,
-            user_agent,
-        });
-    }
-
-    let value = fields.present("value").and_then(|v| {
-        money(v)
-            .map_err(|e| fields.errs.push(FieldError::new("value", e)))
-            .ok()
-    });
-    let price_currency = fields.string("price_currency").and_then(|c| {
-        currency(&c)
-            .map_err(|e| fields.errs.push(FieldError::new("price_currency", e)))
-            .ok()
-    });
-    let number_items = fields.present("number_items").and_then(|v| {
-        positive_int(v)
-            .map_err(|e| fields.errs.push(FieldError::new("number_items", e)))
-            .ok()
-    });
+    let conversion_time = fields.conversion_time(now, rules.max_event_age);
+    let event_source_url = fields.event_source_url();
+    let identifiers = fields.identifiers(event_source_url.as_ref(), account.default_phone_region);
+    let (value, price_currency, number_items) = fields.amounts();
     let description = fields.string("description");
     let contents = fields.contents();
     let conversion_id = fields
@@ -322,6 +192,36 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         },
         _ => Judgement::Rejected(errs),
     }
+}
+
+/// Whether the user opted out; unclear consent is an error (such an event is never sent).
+fn opt_out(obj: &Map<String, Value>) -> Result<bool, FieldError> {
+    match obj.get("opt_out") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(false),
+        Some(Value::Bool(true)) => Ok(true),
+        Some(_) => Err(FieldError::new("opt_out", "must be true or false")),
+    }
+}
+
+/// An opted-out event naming no account, with several configured: whose it is cannot be told, and it is
+/// never sent, so it only has to be well-formed for one of them.
+fn suppressed_for_some_account(
+    obj: &Map<String, Value>,
+    rules: &Rules,
+    now: DateTime<Utc>,
+) -> Judgement {
+    let mut first_errors = None;
+    for name in rules.accounts.keys() {
+        let mut named = obj.clone();
+        named.insert("account".into(), Value::String(name.clone()));
+        match map_event(&Value::Object(named), rules, now) {
+            Judgement::Rejected(e) => {
+                first_errors.get_or_insert(e);
+            }
+            _ => return Judgement::Suppressed { account: None },
+        }
+    }
+    Judgement::Rejected(first_errors.unwrap_or_default())
 }
 
 /// The `conversion_id` of an event sent without one: a digest of the account and the event exactly as the
@@ -381,6 +281,138 @@ struct Fields<'a, 'e> {
 }
 
 impl<'a> Fields<'a, '_> {
+    /// The configured account the event is for; the errors when it names none that is configured.
+    fn account(&mut self, rules: &Rules) -> Result<String, Vec<FieldError>> {
+        match self.string("account") {
+            Some(a) if rules.accounts.contains_key(&a) => Ok(a),
+            Some(a) => Err(vec![FieldError::new(
+                "account",
+                format!(
+                    "unknown account {a:?}; configured accounts: {}",
+                    names(rules.accounts.keys())
+                ),
+            )]),
+            None if rules.accounts.len() == 1 => {
+                Ok(rules.accounts.keys().next().cloned().unwrap_or_default())
+            }
+            None if !self.errs.is_empty() => Err(std::mem::take(self.errs)),
+            None => Err(vec![FieldError::new(
+                "account",
+                format!(
+                    "required when several accounts are configured: one of {}",
+                    names(rules.accounts.keys())
+                ),
+            )]),
+        }
+    }
+
+    /// When it happened: now when not given; not in the future (beyond a clock skew), not too old.
+    fn conversion_time(&mut self, now: DateTime<Utc>, max_age: Duration) -> Option<DateTime<Utc>> {
+        let Some(s) = self.string("conversion_time") else {
+            return Some(now);
+        };
+        match parse_time(&s) {
+            Err(e) => self.err("conversion_time", e),
+            Ok(t) if t > now + MAX_FUTURE => self.err(
+                "conversion_time",
+                "is more than 5 minutes in the future; check the sender's clock",
+            ),
+            Ok(t)
+                if now
+                    .signed_duration_since(t)
+                    .to_std()
+                    .is_ok_and(|age| age > max_age) =>
+            {
+                self.err(
+                    "conversion_time",
+                    format!(
+                        "is older than delivery.max_event_age ({}); X would not attribute it",
+                        humantime::format_duration(max_age)
+                    ),
+                )
+            }
+            Ok(t) => Some(t),
+        }
+    }
+
+    fn event_source_url(&mut self) -> Option<url::Url> {
+        let s = self.string("event_source_url")?;
+        match url::Url::parse(&s) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Some(u),
+            _ => self.err(
+                "event_source_url",
+                "must be an absolute http(s) URL such as https://shop.example/checkout",
+            ),
+        }
+    }
+
+    /// The identifiers, normalized and hashed; at least one strong one (click id, email, phone).
+    fn identifiers(
+        &mut self,
+        url: Option<&url::Url>,
+        region: phonenumber::country::Id,
+    ) -> Vec<Identifier> {
+        let mut identifiers = Vec::new();
+        let errors_before = self.errs.len();
+        let twclid = self
+            .string("twclid")
+            .or_else(|| url.and_then(twclid_from_url));
+        if let Some(t) = twclid {
+            identifiers.push(Identifier::Twclid { twclid: t });
+        }
+        if let Some(h) = self.hashed_pair("email", "hashed_email", hashed_email) {
+            identifiers.push(Identifier::HashedEmail { hashed_email: h });
+        }
+        let phone = self.hashed_pair("phone", "hashed_phone_number", |raw| {
+            hashed_phone(raw, region)
+        });
+        if let Some(h) = phone {
+            identifiers.push(Identifier::HashedPhoneNumber {
+                hashed_phone_number: h,
+            });
+        }
+        if identifiers.is_empty() && self.errs.len() == errors_before {
+            self.err::<()>(
+                "identifiers",
+                "at least one of twclid (or a twclid in event_source_url), email, hashed_email, phone or hashed_phone_number is required; ip_address and user_agent do not count alone",
+            );
+        }
+        let ip_address =
+            self.string("ip_address")
+                .and_then(|ip| match ip.parse::<std::net::IpAddr>() {
+                    Ok(addr) => Some(addr.to_string()),
+                    Err(_) => self.err("ip_address", "must be an IPv4 or IPv6 address"),
+                });
+        let user_agent = self.string("user_agent");
+        if ip_address.is_some() || user_agent.is_some() {
+            identifiers.push(Identifier::Device {
+                ip_address,
+                user_agent,
+            });
+        }
+        identifiers
+    }
+
+    /// `value`, `price_currency` and `number_items`, each checked on its own.
+    fn amounts(&mut self) -> (Option<String>, Option<String>, Option<u64>) {
+        let value = self.present("value").and_then(|v| {
+            money(v)
+                .map_err(|e| self.errs.push(FieldError::new("value", e)))
+                .ok()
+        });
+        let price_currency = self.string("price_currency").and_then(|c| {
+            currency(&c)
+                .map_err(|e| self.errs.push(FieldError::new("price_currency", e)))
+                .ok()
+        });
+        let number_items = self.present("number_items").and_then(|v| {
+            positive_int(v)
+                .map_err(|e| self.errs.push(FieldError::new("number_items", e)))
+                .ok()
+        });
+        (value, price_currency, number_items)
+    }
+
     fn err<T>(&mut self, field: &str, message: impl Into<String>) -> Option<T> {
         self.errs.push(FieldError::new(field, message));
         None

@@ -76,7 +76,6 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use handle::{open_db, Handle};
 use intake_log::IntakeLog;
-use pending::Pending;
 use protocol::{Cmd, Op, Prepared};
 use reader::{blocking, Readers};
 use sha2::{Digest, Sha256};
@@ -155,43 +154,8 @@ impl DiskSpool {
         let log_path = opts.dir.join("intake.log");
         let (mut intake, logged) = IntakeLog::open(&log_path)
             .map_err(|e| storage(format!("cannot read {}: {e}", log_path.display())))?;
-        let missing = recovery::unapplied(&db, logged)?;
         let (mut dedup, mut seq) = recovery::load_dedup(&db)?;
-        let mut pending = Pending::default();
-        if missing.events.len > 0 {
-            let recovered = recovery::recover(&db, &shared, &missing);
-            // Their dedup entries, as the log gave them: in redb now, or only in memory until it takes them.
-            for queue in missing.events.events.values() {
-                for e in queue.values() {
-                    let entry = schema::DedupEntry {
-                        key: e.key,
-                        received_at_ms: e.received_at_ms,
-                    };
-                    dedup.table.insert(schema::fingerprint(&e.key), e.log_seq);
-                    if recovered.is_err() {
-                        dedup.unapplied.insert(e.log_seq, entry);
-                    }
-                }
-            }
-            dedup.next = dedup.next.max(missing.next_log);
-            seq = seq.max(missing.last_seq);
-            match recovered {
-                Ok(()) => tracing::warn!(
-                    events = missing.events.len,
-                    "the spool was not closed cleanly; events of the intake log put into the spool file"
-                ),
-                // A full disk, say: they stay in the log and in memory, and go into redb once it takes writes.
-                Err(e) => {
-                    tracing::error!(
-                        events = missing.events.len,
-                        error = %e,
-                        "cannot put the intake log's events into the spool file yet; they stay pending"
-                    );
-                    pending = missing.events;
-                }
-            }
-            shared.apply(&missing.effects);
-        }
+        let pending = recovery::intake_log_events(&db, &mut shared, logged, &mut dedup, &mut seq)?;
         if pending.len == 0 {
             // Everything logged is in redb; the log may start over. (If it cannot, it refuses frames until
             // a later reset succeeds: the first append tries again.)

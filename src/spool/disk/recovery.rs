@@ -112,3 +112,53 @@ pub(super) fn load_dedup(db: &Database) -> Result<(DedupState, u64), SpoolError>
     dedup.first = first.unwrap_or(dedup.next);
     Ok((dedup, meta_u64(&meta, MetaKey::Seq)?))
 }
+
+/// Puts the intake log's events that redb lacks into redb (counted, known to the dedup index, ids
+/// after `seq`). When redb cannot take them yet (a full disk, say), they stay in the log and in memory:
+/// the answer holds them, pending, and they go into redb once it takes writes.
+pub(super) fn intake_log_events(
+    db: &Database,
+    shared: &mut Shared,
+    logged: Vec<IntakeRecord>,
+    dedup: &mut DedupState,
+    seq: &mut u64,
+) -> Result<Pending, SpoolError> {
+    let missing = unapplied(db, logged)?;
+    if missing.events.len == 0 {
+        return Ok(Pending::default());
+    }
+    let recovered = recover(db, shared, &missing);
+    // Their dedup entries, as the log gave them: in redb now, or only in memory until it takes them.
+    for queue in missing.events.events.values() {
+        for e in queue.values() {
+            dedup.table.insert(fingerprint(&e.key), e.log_seq);
+            if recovered.is_err() {
+                let entry = DedupEntry {
+                    key: e.key,
+                    received_at_ms: e.received_at_ms,
+                };
+                dedup.unapplied.insert(e.log_seq, entry);
+            }
+        }
+    }
+    dedup.next = dedup.next.max(missing.next_log);
+    *seq = (*seq).max(missing.last_seq);
+    shared.apply(&missing.effects);
+    match recovered {
+        Ok(()) => {
+            tracing::warn!(
+                events = missing.events.len,
+                "the spool was not closed cleanly; events of the intake log put into the spool file"
+            );
+            Ok(Pending::default())
+        }
+        Err(e) => {
+            tracing::error!(
+                events = missing.events.len,
+                error = %e,
+                "cannot put the intake log's events into the spool file yet; they stay pending"
+            );
+            Ok(missing.events)
+        }
+    }
+}
