@@ -258,14 +258,33 @@ fn launch_gateway(
     let spool_dir = dir.join("spool");
     let mut all = vec![("GATEWAY_SPOOL__DIR", spool_dir.to_str().unwrap())];
     all.extend_from_slice(envs);
-    let proc = spawn(
+    let mut proc = spawn(
         GATEWAY,
         &["--config", cfg.to_str().unwrap()],
         &all,
         dir.join(format!("gateway-{n}.log")),
     );
-    wait_http(&format!("http://127.0.0.1:{admin_port}/readyz"));
+    wait_ready(&mut proc, &format!("http://127.0.0.1:{admin_port}/readyz"));
     proc
+}
+
+/// Like `wait_http`, but a process that exits first fails at once, with its log (a port taken by
+/// another test between `free_port` and the bind shows as "cannot listen").
+pub fn wait_ready(proc: &mut Proc, url: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if get_ok(url) {
+            return;
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!(
+                "the process exited ({status}) before {url} answered:\n{}",
+                proc.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{url} did not come up:\n{}", proc.log_text());
 }
 
 impl Stack {

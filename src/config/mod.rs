@@ -1,0 +1,509 @@
+//! Settings: compiled-in defaults, then a TOML file, then `GATEWAY_<SECTION>__<KEY>` environment variables.
+//! This file holds the validated `Settings`, the defaults and `load`; `raw` holds the shape as written and
+//! how each section of it is checked.
+//!
+//! Invariants: `load` returns a fully validated `Settings` or an error naming the offending key; nothing
+//! starts half-configured. Secrets live in `Secret`, whose `Debug` and `Serialize` print `[REDACTED]`;
+//! every secret may be given inline or as `<key>_file` (a path whose content, trimmed, is the secret).
+
+mod raw;
+
+pub use raw::is_account_name;
+use raw::RawSettings;
+
+use crate::conversion::{is_base36_id, AccountRules, Rules};
+use serde::{Deserialize, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration error: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+/// A secret value. Never printed: `Debug` and `Serialize` show `[REDACTED]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[REDACTED]")
+    }
+}
+
+fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Effective, validated settings.
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub server: Server,
+    pub spool: Spool,
+    pub upstream: Upstream,
+    pub delivery: Delivery,
+    pub log: Log,
+    pub accounts: BTreeMap<String, Account>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub api_keys: Vec<Secret>,
+    pub allow_unauthenticated: bool,
+    pub admin_api_keys: Vec<Secret>,
+    pub max_body_bytes: usize,
+    pub max_events_per_request: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Spool {
+    pub dir: PathBuf,
+    /// Bytes of waiting events the spool holds before ingest answers 503.
+    pub max_bytes: u64,
+    /// Dead letters kept; beyond, the oldest are evicted (and counted).
+    pub max_dead_letters: u64,
+    /// Appends are refused while the file system under `dir` has less free space than this.
+    pub min_free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Upstream {
+    pub base_url: String,
+    pub api_version: String,
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    pub sandbox: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub max_batch: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub linger: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub max_event_age: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub dedup_window: Duration,
+    /// Backoff after transient failures: full jitter between 0 and min(cap, base·2^attempt).
+    #[serde(serialize_with = "serialize_duration")]
+    pub retry_base: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub retry_cap: Duration,
+    /// Longest wait between probes of a paused account (bad credentials, unknown pixel).
+    #[serde(serialize_with = "serialize_duration")]
+    pub pause_cap: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Account {
+    pub ad_account_id: String,
+    pub pixel_id: String,
+    pub default_phone_region: String,
+    pub events: BTreeMap<String, String>,
+    pub rate_limit: RateLimit,
+    /// `None` only in sandbox mode, where nothing is sent.
+    pub auth: Option<Auth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RateLimit {
+    pub events: u64,
+    #[serde(serialize_with = "serialize_duration")]
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Auth {
+    Oauth1 {
+        consumer_key: Secret,
+        consumer_secret: Secret,
+        access_token: Secret,
+        access_token_secret: Secret,
+    },
+    PixelToken {
+        token: Secret,
+    },
+}
+
+impl Settings {
+    /// What the pure mapping needs to know.
+    pub fn mapping_rules(&self) -> Rules {
+        let accounts = self
+            .accounts
+            .iter()
+            .map(|(name, a)| {
+                let rules = AccountRules {
+                    pixel_id: a.pixel_id.clone(),
+                    events: a.events.clone(),
+                    default_phone_region: a
+                        .default_phone_region
+                        .parse()
+                        .unwrap_or(phonenumber::country::Id::US),
+                };
+                (name.clone(), rules)
+            })
+            .collect();
+        Rules {
+            accounts,
+            max_event_age: self.delivery.max_event_age,
+        }
+    }
+
+    /// The effective configuration as TOML, every secret shown as `[REDACTED]`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// Compiled-in defaults, the lowest layer.
+pub const DEFAULTS: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9090"
+api_keys = []
+allow_unauthenticated = false
+admin_api_keys = []
+max_body_bytes = 1048576
+max_events_per_request = 1000
+shutdown_timeout = "20s"
+
+[spool]
+dir = "data"
+max_bytes = "1GiB"
+max_dead_letters = 100000
+min_free_bytes = "16MiB"
+
+[upstream]
+base_url = "https://ads-api.x.com"
+api_version = "12"
+timeout = "10s"
+sandbox = false
+
+[delivery]
+max_batch = 500
+linger = "1s"
+max_event_age = "7d"
+dedup_window = "48h"
+retry_base = "1s"
+retry_cap = "5m"
+pause_cap = "5m"
+
+[log]
+format = "json"
+level = "info"
+"#;
+
+/// Loads defaults, then `file` (when given), then the `GATEWAY_*` variables of `env`.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+    if let Some(path) = file {
+        if !path.exists() {
+            return err(
+                "--config",
+                format!("file {} does not exist", path.display()),
+            );
+        }
+        builder = builder.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    let vars: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("GATEWAY_") && k != "GATEWAY_CONFIG")
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("GATEWAY")
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(vars)),
+    );
+    let merged = builder.build().map_err(|e| ConfigError {
+        key: String::new(),
+        message: e.to_string(),
+    })?;
+    let as_json: serde_json::Value = merged.try_deserialize().map_err(|e| ConfigError {
+        key: String::new(),
+        message: e.to_string(),
+    })?;
+    let raw: RawSettings = serde_path_to_error::deserialize(as_json).map_err(|e| ConfigError {
+        key: e.path().to_string(),
+        message: e.inner().to_string(),
+    })?;
+    raw.validate()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw::size;
+    use super::*;
+    use std::io::Write;
+
+    const GOOD: &str = r#"
+[server]
+api_keys = ["k1"]
+[accounts.acme]
+ad_account_id = "18ce552mlaq"
+pixel_id = "o9d7n"
+events = { purchase = "o9d2g", signup = "o9d2h" }
+auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", access_token = "at-secret", access_token_secret = "ats-secret" }
+"#;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let f = file(text);
+        load(
+            Some(f.path()),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_and_file_merge() {
+        let s = load_str(GOOD, &[]).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.server.max_body_bytes, 1_048_576);
+        assert_eq!(s.delivery.max_batch, 500);
+        assert_eq!(s.delivery.max_event_age, Duration::from_secs(7 * 86400));
+        assert_eq!(s.upstream.base_url, "https://ads-api.x.com");
+        let a = &s.accounts["acme"];
+        assert_eq!(a.rate_limit.events, 60_000);
+        assert_eq!(a.rate_limit.window, Duration::from_secs(900));
+        assert_eq!(a.default_phone_region, "US");
+        assert_eq!(s.spool.max_bytes, 1 << 30);
+        assert_eq!(s.spool.min_free_bytes, 16 << 20);
+        assert_eq!(s.delivery.retry_cap, Duration::from_secs(300));
+        assert_eq!(s.delivery.pause_cap, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("k", "1GiB").unwrap(), 1 << 30);
+        assert_eq!(size("k", "512 MiB").unwrap(), 512 << 20);
+        assert_eq!(size("k", "10MB").unwrap(), 10_000_000);
+        assert_eq!(size("k", "4096").unwrap(), 4096);
+        assert!(size("k", "lots").unwrap_err().to_string().starts_with("k:"));
+        assert!(size("k", "1 parsec").is_err());
+    }
+
+    #[test]
+    fn shared_ad_accounts_share_one_budget() {
+        let text = format!(
+            "{GOOD}\n[accounts.eu]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7x\"\nrate_limit = {{ events = 1000, window = \"1m\" }}\nauth = {{ kind = \"pixel_token\", token = \"t\" }}\n"
+        );
+        let e = load_str(&text, &[]).unwrap_err();
+        assert_eq!(e.key, "accounts.eu.rate_limit", "{e}");
+        assert!(load_str(
+            &text.replace("rate_limit = { events = 1000, window = \"1m\" }\n", ""),
+            &[]
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = load_str(
+            GOOD,
+            &[
+                ("GATEWAY_UPSTREAM__BASE_URL", "http://127.0.0.1:18080/"),
+                ("GATEWAY_ACCOUNTS__ACME__AUTH__CONSUMER_SECRET", "from-env"),
+                ("GATEWAY_SERVER__API_KEYS", "a, b"),
+                ("GATEWAY_SERVER__ADMIN_API_KEYS", "admin-1"),
+                ("GATEWAY_SERVER__MAX_EVENTS_PER_REQUEST", "10"),
+                ("GATEWAY_UPSTREAM__SANDBOX", "true"),
+                ("GATEWAY_CONFIG", "ignored.toml"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.upstream.base_url, "http://127.0.0.1:18080");
+        assert!(s.upstream.sandbox);
+        assert_eq!(s.server.max_events_per_request, 10);
+        assert_eq!(
+            s.server
+                .api_keys
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(
+            s.server
+                .admin_api_keys
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["admin-1"]
+        );
+        match &s.accounts["acme"].auth {
+            Some(Auth::Oauth1 {
+                consumer_secret, ..
+            }) => assert_eq!(consumer_secret.expose(), "from-env"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn secrets_from_files_and_redaction() {
+        let secret = file("s3cr3t-from-file\n");
+        let text = GOOD.replace(
+            "consumer_secret = \"cs-secret\"",
+            &format!(
+                "consumer_secret_file = {:?}",
+                secret.path().display().to_string()
+            ),
+        );
+        let s = load_str(&text, &[]).unwrap();
+        match &s.accounts["acme"].auth {
+            Some(Auth::Oauth1 {
+                consumer_secret, ..
+            }) => assert_eq!(consumer_secret.expose(), "s3cr3t-from-file"),
+            other => panic!("{other:?}"),
+        }
+        let shown = format!("{}\n{:?}", s.to_redacted_toml(), s);
+        for canary in ["s3cr3t-from-file", "at-secret", "ats-secret", "k1\""] {
+            assert!(!shown.contains(canary), "{canary} leaked:\n{shown}");
+        }
+        assert!(shown.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn bad_configurations_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("", "[upstream]\ntimeout = \"ten\"\n", "upstream.timeout"),
+            ("", "[delivery]\nmax_batch = 501\n", "delivery.max_batch"),
+            ("pixel_id = \"o9d7n\"", "", "accounts.acme.pixel_id"),
+            (
+                "pixel_id = \"o9d7n\"",
+                "pixel_id = \"O9-D7N\"",
+                "accounts.acme.pixel_id",
+            ),
+            (
+                "signup = \"o9d2h\"",
+                "signup = \"not a set\"",
+                "accounts.acme.events.signup",
+            ),
+            (
+                "consumer_secret = \"cs-secret\", ",
+                "",
+                "accounts.acme.auth.consumer_secret",
+            ),
+            ("api_keys = [\"k1\"]", "", "server.api_keys"),
+            ("", "[server.extra]\n", "server"),
+            (
+                "kind = \"oauth1\"",
+                "kind = \"basic\"",
+                "accounts.acme.auth.kind",
+            ),
+            ("", "[log]\nformat = \"xml\"\n", "log.format"),
+            ("[accounts.acme]", "[accounts.unknown]", "accounts.unknown"),
+            ("", "[delivery]\nlinger = \"0s\"\n", "delivery.linger"),
+            ("", "[spool]\nmax_bytes = \"huge\"\n", "spool.max_bytes"),
+            (
+                "",
+                "[delivery]\nretry_base = \"10m\"\n",
+                "delivery.retry_cap",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = if from.is_empty() {
+                format!("{GOOD}\n{to}")
+            } else {
+                GOOD.replace(from, to)
+            };
+            let e = load_str(&text, &[]).expect_err(key);
+            assert!(e.to_string().contains(key), "expected {key} in {e}");
+        }
+    }
+
+    #[test]
+    fn no_accounts_and_unauthenticated() {
+        let e = load_str("[server]\nallow_unauthenticated = true\n", &[]).unwrap_err();
+        assert_eq!(e.key, "accounts");
+        let text = GOOD.replace("api_keys = [\"k1\"]", "allow_unauthenticated = true");
+        assert!(load_str(&text, &[]).unwrap().server.api_keys.is_empty());
+    }
+
+    #[test]
+    fn sandbox_runs_without_credentials_but_production_does_not() {
+        let text = GOOD
+            .lines()
+            .filter(|l| !l.starts_with("auth"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(load_str(&text, &[]).unwrap_err().key, "accounts.acme.auth");
+        let s = load_str(&format!("{text}\n[upstream]\nsandbox = true\n"), &[]).unwrap();
+        assert!(s.accounts["acme"].auth.is_none());
+    }
+}
