@@ -70,6 +70,7 @@ fn register<C: Collector + Clone + 'static>(
 
 impl Metrics {
     /// Registers every metric and creates the series of every account in `accounts` at 0.
+    /// (Long on purpose: it is the table of every metric's name, help and labels, read in one place.)
     pub fn new<'a>(accounts: impl IntoIterator<Item = &'a str>) -> Self {
         let accounts: Vec<String> = accounts.into_iter().map(str::to_owned).collect();
         let registry = Registry::new();

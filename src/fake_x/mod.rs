@@ -375,6 +375,8 @@ async fn conversions(
     resp
 }
 
+/// Answers one conversions request as X would, in X's order: injected faults, the route, the pixel,
+/// authentication, the contract, injected per-conversion refusals, the rate limit.
 fn handle(
     fake: &FakeX,
     version: &str,
@@ -384,70 +386,12 @@ fn handle(
     parsed: Option<&Value>,
     rec: &mut Recorded,
 ) -> Response {
-    // Injected faults first: X fails before it looks at anything.
-    {
-        let mut inner = fake.lock();
-        let active = inner
-            .faults
-            .status
-            .filter(|f| f.until_ms.is_none_or(|t| now_ms() < t));
-        inner.faults.status = active.and_then(|f| match f.left {
-            Some(n) if n <= 1 => None,
-            Some(n) => Some(StatusFault {
-                left: Some(n - 1),
-                ..f
-            }),
-            None => Some(f),
-        });
-        if let Some(StatusFault { status, .. }) = active {
-            drop(inner);
-            rec.errors.push(format!("injected {status}"));
-            let mut resp = x_error(
-                status,
-                &[(
-                    contract::error_code(status),
-                    format!("Injected fault {status}"),
-                    String::new(),
-                )],
-                None,
-            );
-            if status == 429 {
-                rate_headers(&mut resp, 0, 0, now_secs() + 60);
-            }
-            return resp;
-        }
-        if let Some(until) = inner.faults.rate_limited_until {
-            if now_secs() < until {
-                drop(inner);
-                rec.errors.push("injected rate limit".into());
-                return too_many_requests(None, 0, 0, until);
-            }
-            inner.faults.rate_limited_until = None;
-        }
+    if let Some(resp) = injected_fault(fake, rec) {
+        return resp;
     }
-    if !fake.config.versions.iter().any(|v| v == version) {
-        rec.errors.push("unknown version".into());
-        return x_error(
-            404,
-            &[(
-                "ROUTE_NOT_FOUND",
-                "The requested resource could not be found".into(),
-                String::new(),
-            )],
-            None,
-        );
-    }
-    let Some(account) = fake.account_for_pixel(pixel_id) else {
-        rec.errors.push("unknown pixel".into());
-        return x_error(
-            404,
-            &[(
-                "NOT_FOUND",
-                format!("pixel_id ({pixel_id}) was not found"),
-                "pixel_id".into(),
-            )],
-            None,
-        );
+    let account = match route(fake, version, pixel_id, rec) {
+        Ok(a) => a,
+        Err(resp) => return *resp,
     };
     rec.account_id = Some(account.id.clone());
     if let Err(reason) = authenticate(fake, account, uri, headers) {
@@ -464,7 +408,106 @@ fn handle(
         );
     }
     rec.auth_ok = true;
+    let count = match check_contract(fake, account, parsed, rec) {
+        Ok(n) => n,
+        Err(resp) => return *resp,
+    };
+    if let Some(resp) = rejected_conversions(fake, account, parsed, rec) {
+        return resp;
+    }
+    let (remaining, reset) = match take_budget(fake, account, count as u64) {
+        Ok(r) => r,
+        Err(resp) => {
+            rec.errors.push("rate limit exceeded".into());
+            return *resp;
+        }
+    };
+    accepted(account, count as u64, remaining, reset, rec)
+}
 
+/// An injected status fault or rate limit, if one is active (X fails before it looks at anything).
+fn injected_fault(fake: &FakeX, rec: &mut Recorded) -> Option<Response> {
+    let mut inner = fake.lock();
+    let active = inner
+        .faults
+        .status
+        .filter(|f| f.until_ms.is_none_or(|t| now_ms() < t));
+    inner.faults.status = active.and_then(|f| match f.left {
+        Some(n) if n <= 1 => None,
+        Some(n) => Some(StatusFault {
+            left: Some(n - 1),
+            ..f
+        }),
+        None => Some(f),
+    });
+    if let Some(StatusFault { status, .. }) = active {
+        drop(inner);
+        rec.errors.push(format!("injected {status}"));
+        let mut resp = x_error(
+            status,
+            &[(
+                contract::error_code(status),
+                format!("Injected fault {status}"),
+                String::new(),
+            )],
+            None,
+        );
+        if status == 429 {
+            rate_headers(&mut resp, 0, 0, now_secs() + 60);
+        }
+        return Some(resp);
+    }
+    if let Some(until) = inner.faults.rate_limited_until {
+        if now_secs() < until {
+            drop(inner);
+            rec.errors.push("injected rate limit".into());
+            return Some(too_many_requests(None, 0, 0, until));
+        }
+        inner.faults.rate_limited_until = None;
+    }
+    None
+}
+
+/// The account whose pixel the URL names, or X's 404 for an unknown version or pixel.
+fn route<'f>(
+    fake: &'f FakeX,
+    version: &str,
+    pixel_id: &str,
+    rec: &mut Recorded,
+) -> Result<&'f FakeAccount, Box<Response>> {
+    if !fake.config.versions.iter().any(|v| v == version) {
+        rec.errors.push("unknown version".into());
+        return Err(Box::new(x_error(
+            404,
+            &[(
+                "ROUTE_NOT_FOUND",
+                "The requested resource could not be found".into(),
+                String::new(),
+            )],
+            None,
+        )));
+    }
+    fake.account_for_pixel(pixel_id).ok_or_else(|| {
+        rec.errors.push("unknown pixel".into());
+        Box::new(x_error(
+            404,
+            &[(
+                "NOT_FOUND",
+                format!("pixel_id ({pixel_id}) was not found"),
+                "pixel_id".into(),
+            )],
+            None,
+        ))
+    })
+}
+
+/// How many conversions the body holds, or X's answer to what breaks its contract.
+fn check_contract(
+    fake: &FakeX,
+    account: &FakeAccount,
+    parsed: Option<&Value>,
+    rec: &mut Recorded,
+) -> Result<usize, Box<Response>> {
     let sets: HashSet<String> = account.events.iter().cloned().collect();
     let pixels: HashSet<String> = fake
         .config
@@ -472,24 +515,32 @@ fn handle(
         .iter()
         .flat_map(|a| a.pixels.iter().cloned())
         .collect();
-    let count = match contract::validate_value(
-        parsed,
-        &contract::Scope {
-            account_sets: Some(&sets),
-            pixels: &pixels,
-        },
-    ) {
-        Ok(n) => n,
-        Err(errors) => {
-            rec.errors.extend(errors.iter().map(|e| e.message.clone()));
-            let triples: Vec<_> = errors
-                .iter()
-                .map(|e| (e.code, e.message.clone(), e.parameter.clone()))
-                .collect();
-            return x_error(contract::status_of(&errors), &triples, Some(&account.id));
-        }
+    let scope = contract::Scope {
+        account_sets: Some(&sets),
+        pixels: &pixels,
     };
-    let mut inner = fake.lock();
+    contract::validate_value(parsed, &scope).map_err(|errors| {
+        rec.errors.extend(errors.iter().map(|e| e.message.clone()));
+        let triples: Vec<_> = errors
+            .iter()
+            .map(|e| (e.code, e.message.clone(), e.parameter.clone()))
+            .collect();
+        Box::new(x_error(
+            contract::status_of(&errors),
+            &triples,
+            Some(&account.id),
+        ))
+    })
+}
+
+/// X's 400 for conversions a test told the fake to refuse, if the body holds any.
+fn rejected_conversions(
+    fake: &FakeX,
+    account: &FakeAccount,
+    parsed: Option<&Value>,
+    rec: &mut Recorded,
+) -> Option<Response> {
+    let inner = fake.lock();
     let list = parsed
         .and_then(|v| v.get("conversions"))
         .and_then(Value::as_array)
@@ -505,11 +556,16 @@ fn handle(
                 .map(|m| ("INVALID_PARAMETER", m.clone(), "conversion_id".to_string()))
         })
         .collect();
-    if !rejected.is_empty() {
-        rec.errors.extend(rejected.iter().map(|r| r.1.clone()));
-        return x_error(400, &rejected, Some(&account.id));
+    if rejected.is_empty() {
+        return None;
     }
+    rec.errors.extend(rejected.iter().map(|r| r.1.clone()));
+    Some(x_error(400, &rejected, Some(&account.id)))
+}
 
+/// Counts `n` conversions against the account's fixed window: (remaining, reset), or X's 429.
+fn take_budget(fake: &FakeX, account: &FakeAccount, n: u64) -> Result<(u64, u64), Box<Response>> {
+    let mut inner = fake.lock();
     let now = now_secs();
     let rl = &account.rate_limit;
     let window = inner.windows.entry(account.id.clone()).or_insert((now, 0));
@@ -517,25 +573,36 @@ fn handle(
         *window = (now, 0);
     }
     let reset = window.0 + rl.window_secs;
-    let n = count as u64;
     if window.1 + n > rl.events {
         let remaining = rl.events.saturating_sub(window.1);
         drop(inner);
-        rec.errors.push("rate limit exceeded".into());
-        return too_many_requests(Some(&account.id), rl.events, remaining, reset);
+        return Err(Box::new(too_many_requests(
+            Some(&account.id),
+            rl.events,
+            remaining,
+            reset,
+        )));
     }
     window.1 += n;
-    let remaining = rl.events - window.1;
-    drop(inner);
+    Ok((rl.events - window.1, reset))
+}
 
-    let debug_id = format!("{:032x}", rand::random::<u128>());
+/// X's 200 with its `debug_id` and rate-limit headers.
+fn accepted(
+    account: &FakeAccount,
+    n: u64,
+    remaining: u64,
+    reset: u64,
+    rec: &mut Recorded,
+) -> Response {
+    let hex = format!("{:032x}", rand::random::<u128>());
     let debug_id = format!(
         "{}-{}-{}-{}-{}",
-        &debug_id[..8],
-        &debug_id[8..12],
-        &debug_id[12..16],
-        &debug_id[16..20],
-        &debug_id[20..]
+        hex.get(..8).unwrap_or_default(),
+        hex.get(8..12).unwrap_or_default(),
+        hex.get(12..16).unwrap_or_default(),
+        hex.get(16..20).unwrap_or_default(),
+        hex.get(20..).unwrap_or_default()
     );
     rec.debug_id = Some(debug_id.clone());
     let mut resp = (
@@ -543,7 +610,7 @@ fn handle(
         Json(json!({"request": {"params": {"account_id": account.id}}, "data": {"conversions_processed": n, "debug_id": debug_id}})),
     )
         .into_response();
-    rate_headers(&mut resp, rl.events, remaining, reset);
+    rate_headers(&mut resp, account.rate_limit.events, remaining, reset);
     resp
 }
 

@@ -1,9 +1,11 @@
 //! Events in the intake log but not yet in redb, by account and id. Readers see them as queued.
 //!
 //! Only the storage thread changes this, and it moves events into redb in this order: commit the redb
-//! transaction, then remove them from here. A reader takes what it needs from here first and opens its
-//! redb snapshot after, and merges the two by id: an event moving between them is seen once or twice
-//! (the merge removes the repeat), never missed. So no reader waits for a commit.
+//! transaction (which puts every pending event and records the last id it put as `meta` `Seq`), then
+//! remove them from here. A reader takes what it needs from here first and opens its redb snapshot
+//! after; pending copies with ids at or below the snapshot's `Seq` are in the snapshot already (or were
+//! acked or dead-lettered in it) and are dropped. So an event moving between the two is seen exactly once,
+//! as the snapshot has it, never missed and never stale — and no reader waits for a commit.
 
 use super::intake_log::IntakeRecord;
 use std::collections::{BTreeMap, HashMap};

@@ -29,14 +29,20 @@ fn raw_after(
     after: u64,
     max: usize,
 ) -> Result<BTreeMap<u64, Vec<u8>>, SpoolError> {
-    // Pending first, the snapshot after: an event moving into redb meanwhile is seen at least once.
-    let mut found: BTreeMap<u64, Vec<u8>> = pending::read(pending)
+    // Pending first, the snapshot after (see `pending`): an event that moved into redb meanwhile is in
+    // the snapshot, and so is anything done to it since (an ack in the same transaction, say). The
+    // snapshot's `Seq` is the last id any transaction in it put into redb, so pending copies at or below
+    // it are stale and dropped.
+    let logged: Vec<(u64, Vec<u8>)> = pending::read(pending)
         .after(account, after)
         .take(max)
         .map(|(id, e)| (*id, e.bytes.clone()))
         .collect();
     let db = db.get()?;
     let txn = db.begin_read().map_err(storage)?;
+    let applied = meta(&txn, MetaKey::Seq)?;
+    let mut found: BTreeMap<u64, Vec<u8>> =
+        logged.into_iter().filter(|(id, _)| *id > applied).collect();
     let table = txn.open_table(EVENTS).map_err(storage)?;
     let range = (account, after.saturating_add(1))..=(account, u64::MAX);
     for item in table.range(range).map_err(storage)?.take(max) {
@@ -125,13 +131,18 @@ pub(super) fn dead_letter_counts(db: &Handle) -> Result<DeadLetterCounts, SpoolE
         .map_err(storage)?
         .len()
         .map_err(storage)?;
-    let evicted = txn
+    let evicted = meta(&txn, MetaKey::DeadEvicted)?;
+    Ok(DeadLetterCounts { kept, evicted })
+}
+
+/// A counter of the `meta` table in a snapshot (0 when never written).
+fn meta(txn: &redb::ReadTransaction, key: MetaKey<'_>) -> Result<u64, SpoolError> {
+    Ok(txn
         .open_table(META)
         .map_err(storage)?
-        .get(MetaKey::DeadEvicted.name().as_str())
+        .get(key.name().as_str())
         .map_err(storage)?
-        .map_or(0, |v| v.value());
-    Ok(DeadLetterCounts { kept, evicted })
+        .map_or(0, |v| v.value()))
 }
 
 /// Shares what readers need with the blocking pool.

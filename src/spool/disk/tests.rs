@@ -418,3 +418,33 @@ async fn a_stopped_storage_thread_refuses_everything_and_says_why() {
     let spool = DiskSpool::open(opts(dir.path())).unwrap();
     assert_eq!(ids(&spool.peek("a", 10).await.unwrap()), ["1"]);
 }
+
+/// The moment between a commit and the removal of its events from `pending`: a reader that saw them
+/// pending and opened its snapshot after the commit must take the snapshot's word (here: acked).
+#[tokio::test]
+async fn a_pending_copy_older_than_the_snapshot_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = DiskSpool::open(opts(dir.path())).unwrap();
+    let e = record("a", "acked");
+    spool
+        .append(vec![e.clone(), record("a", "kept")])
+        .await
+        .unwrap();
+    let first = spool.peek("a", 1).await.unwrap()[0].id;
+    spool.ack("a", &[first]).await.unwrap();
+    // Put back a stale pending copy of the acked event, as a reader could have seen it.
+    pending::write(&spool.readers.pending).insert(intake_log::IntakeRecord {
+        seq: first,
+        log_seq: 0,
+        received_at_ms: e.received_at_ms,
+        key: dedup_key(&e),
+        account: "a".into(),
+        bytes: codec::encode(&e).unwrap(),
+    });
+    assert_eq!(ids(&spool.peek("a", 10).await.unwrap()), ["kept"]);
+    assert_eq!(
+        spool.account_backlog("a").await.unwrap().oldest_ms,
+        Some(spool.peek("a", 1).await.unwrap()[0].record.received_at_ms)
+    );
+    pending::write(&spool.readers.pending).clear();
+}
