@@ -147,7 +147,7 @@ impl Metrics {
             &registry,
             IntGauge::new(
                 name("spool_writable"),
-                "1 while the spool takes events, 0 while it is full or the disk fails (ingest answers 503).",
+                "1 while the spool takes events, 0 exactly while ingest refuses them (full: from a request that did not fit until that much is free; disk low or failing).",
             ),
         );
         let dead_letters_stored = register(

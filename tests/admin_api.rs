@@ -26,7 +26,13 @@ struct Admin {
 }
 
 fn setup(accounts: &[&str]) -> Admin {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    setup_with(
+        Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20)),
+        accounts,
+    )
+}
+
+fn setup_with(spool: Arc<MemorySpool>, accounts: &[&str]) -> Admin {
     let (app, shutdown) = stoppable_state(spool.clone(), accounts);
     let state = admin_state(app.clone());
     Admin {
@@ -130,7 +136,7 @@ async fn probes_and_metrics_need_no_key_the_v1_api_does() {
 
 #[tokio::test]
 async fn without_admin_keys_the_v1_api_is_off() {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 10));
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
     let base = admin_state(state_with(spool, &["acme"]));
     let state = Arc::new(AdminState {
         app: base.app.clone(),
@@ -189,6 +195,82 @@ async fn readiness_follows_the_spool_and_shutdown_only() {
     .await;
     assert_problem(s, &b, &h, StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     assert!(h.contains_key(header::RETRY_AFTER));
+}
+
+/// Once ingest refuses for lack of room, readiness, the gauge and /v1/accounts say so too (they used to
+/// say "writable" until the spool was past its bound, which a refused append never makes it).
+#[tokio::test]
+async fn a_spool_refusing_for_room_is_unready_unwritable_and_says_why() {
+    // Room for three events and half of a fourth: the fourth is refused while half an event is free.
+    let one = {
+        let probe = setup(&["acme"]);
+        let body = json!({"event": "purchase", "twclid": "t", "conversion_id": "c0"});
+        post_json(&probe.ingest, body).await;
+        probe.spool.bytes()
+    };
+    let a = setup_with(
+        Arc::new(MemorySpool::new(
+            Duration::from_secs(3600),
+            one * 3 + one / 2,
+        )),
+        &["acme"],
+    );
+    let mut accepted = 0;
+    let refused = loop {
+        let body =
+            json!({"event": "purchase", "twclid": "t", "conversion_id": format!("c{accepted}")});
+        let (s, b, _) = post_json(&a.ingest, body).await;
+        if s != StatusCode::ACCEPTED {
+            break (s, b);
+        }
+        accepted += 1;
+        assert!(accepted <= 3, "the bound holds");
+    };
+    assert_eq!(refused.0, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.1);
+    assert_eq!(accepted, 3);
+    let (s, b, _) = send(
+        &a.admin,
+        Request::get("/readyz").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(b["detail"].as_str().unwrap().contains("full"), "{b}");
+    let (_, m) = text(
+        &a.admin,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(sample(&m, "conversion_gateway_spool_writable"), Some(0.0));
+    let (_, report, _) = send(&a.admin, get("/v1/accounts")).await;
+    assert_eq!(report["spool"]["writable"], false, "{report}");
+    assert!(report["spool"]["refusing_because"]
+        .as_str()
+        .unwrap()
+        .contains("full"));
+    // Room again (the events delivered): all of them say so, and ingest takes events.
+    let ids: Vec<u64> = a
+        .spool
+        .peek("acme", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    a.spool.ack("acme", &ids).await.unwrap();
+    let (s, _) = text(
+        &a.admin,
+        Request::get("/readyz").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, m) = text(
+        &a.admin,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(sample(&m, "conversion_gateway_spool_writable"), Some(1.0));
+    let body = json!({"event": "purchase", "twclid": "t", "conversion_id": "after"});
+    assert_eq!(post_json(&a.ingest, body).await.0, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]

@@ -129,7 +129,7 @@ async fn authentication() {
 
 #[tokio::test]
 async fn unauthenticated_mode_accepts_without_key() {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
     let mut st = Arc::try_unwrap(state_with(spool, &["acme"])).ok().unwrap();
     st.keys = ApiKeys::new(&[], true);
     let app = api::app(Arc::new(st));
@@ -269,7 +269,7 @@ async fn full_spool_and_shutdown_answer_503_with_retry_after() {
 
 #[tokio::test]
 async fn several_accounts_route_by_name() {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
     let app = api::app(state_with(spool.clone(), &["acme", "beta"]));
     let (s, b, _) = post_json(&app, json!({"events": [{"account": "beta", "event": "purchase", "twclid": "a"}, {"event": "purchase", "twclid": "b"}]})).await;
     assert_eq!(s, StatusCode::ACCEPTED);

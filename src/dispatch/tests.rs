@@ -129,7 +129,7 @@ fn start(
     setup: Setup,
     respond: impl Fn(usize, &[Conversion]) -> Outcome + Send + Sync + 'static,
 ) -> Harness {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 100_000));
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 30));
     let transport = Arc::new(Scripted {
         respond: Box::new(respond),
         latency: setup.latency,

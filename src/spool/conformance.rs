@@ -4,7 +4,7 @@
 
 use super::{
     Admission, DeadLetterQuery, DeadLetterStore, DiskSpool, DiskSpoolOptions, MemorySpool, Queue,
-    Record, Spool, SpoolError,
+    Record, Spool, SpoolError, SpoolStats,
 };
 use crate::conversion::{AccountRules, Conversion, Rules};
 use crate::reasons::DeadLetterReason;
@@ -362,6 +362,38 @@ pub async fn a_full_spool_refuses_a_call_whole(mut t: impl Subject) {
     assert_counts(&*spool, &["a"]).await;
 }
 
+pub async fn a_refusal_for_room_is_reported_until_room_is_free(mut t: impl Subject) {
+    let spool = holding(&mut t, 5);
+    assert!(spool.health().is_ok());
+    let mut n = 0;
+    let refused = loop {
+        match spool.append(vec![new("a", &format!("c{n:03}"))]).await {
+            Ok(_) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n <= 6, "the bound holds");
+    };
+    assert_eq!(refused, SpoolError::Full);
+    // What ingest was told is what readiness and metrics are told.
+    let why = spool
+        .health()
+        .expect_err("a call refused for room is reported");
+    assert!(why.contains("full"), "{why}");
+    // While it says so, every call is refused, even one smaller than what still fits.
+    assert_eq!(
+        spool.append(vec![new("a", "x")]).await,
+        Err(SpoolError::Full)
+    );
+    // Acks make room: it says it takes events again, and does.
+    let ids = ids_of(&*spool, "a").await;
+    spool.ack("a", &ids[..2]).await.unwrap();
+    assert!(spool.health().is_ok());
+    assert_eq!(
+        spool.append(vec![new("a", "c100")]).await.unwrap(),
+        [Admission::Queued]
+    );
+}
+
 pub async fn appends_wake_the_account(mut t: impl Subject) {
     let spool = t.open(Limits::default());
     let a = spool.changed("a");
@@ -692,6 +724,10 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn a_full_spool_refuses_a_call_whole() {
                     super::a_full_spool_refuses_a_call_whole($subject).await
+                }
+                #[tokio::test]
+                async fn a_refusal_for_room_is_reported_until_room_is_free() {
+                    super::a_refusal_for_room_is_reported_until_room_is_free($subject).await
                 }
                 #[tokio::test]
                 async fn appends_wake_the_account() {

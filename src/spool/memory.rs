@@ -3,6 +3,7 @@
 //! durability: nothing survives a restart. Its byte counts are the sizes the records would take in the
 //! durable spool, so both bound the same way.
 
+use super::bound::{ByteBound, Refused};
 use super::{
     AccountBacklog, Admission, DeadLetter, DeadLetterCounts, DeadLetterQuery, DeadLetterStore,
     Entry, Peek, Queue, Record, SpoolError, SpoolStats,
@@ -37,12 +38,13 @@ struct Inner {
     evicted: u64,
     /// Acks still to refuse (fault injection for the dispatcher's tests).
     failing_acks: usize,
+    refused: Refused,
 }
 
 pub struct MemorySpool {
     dedup_window: Duration,
-    /// Bytes of waiting records at most; beyond, `append` answers `Full`.
-    max_bytes: u64,
+    /// Bytes of waiting records at most (`super::bound`).
+    bound: ByteBound,
     max_dead_letters: u64,
     inner: Mutex<Inner>,
 }
@@ -55,7 +57,7 @@ impl MemorySpool {
     pub fn new(dedup_window: Duration, max_bytes: u64) -> Self {
         MemorySpool {
             dedup_window,
-            max_bytes,
+            bound: ByteBound::new(max_bytes),
             max_dead_letters: DEFAULT_MAX_DEAD_LETTERS,
             inner: Mutex::new(Inner::default()),
         }
@@ -138,8 +140,9 @@ impl Queue for MemorySpool {
         let window = self.window_ms();
         let mut inner = self.lock();
         let adding: u64 = records.iter().map(encoded_len).sum();
-        if inner.bytes + adding > self.max_bytes {
-            return ready(Err(SpoolError::Full));
+        let total = inner.bytes;
+        if let Err(e) = self.bound.admit(total, adding, &mut inner.refused) {
+            return ready(Err(e));
         }
         if let Some(oldest) = records.iter().map(|r| r.received_at_ms).min() {
             inner.expire(oldest.saturating_sub(window));
@@ -286,8 +289,9 @@ impl DeadLetterStore for MemorySpool {
             .filter(|(id, _)| theirs(&inner, *id))
             .map(|(_, r)| encoded_len(r))
             .sum();
-        if inner.bytes + adding > self.max_bytes {
-            return ready(Err(SpoolError::Full));
+        let total = inner.bytes;
+        if let Err(e) = self.bound.admit(total, adding, &mut inner.refused) {
+            return ready(Err(e));
         }
         let mut moved = 0;
         for (id, record) in letters {
@@ -351,11 +355,12 @@ impl SpoolStats for MemorySpool {
     }
 
     fn health(&self) -> Result<(), String> {
-        let inner = self.lock();
-        if inner.bytes >= self.max_bytes {
-            return Err(SpoolError::Full.to_string());
+        let mut inner = self.lock();
+        let total = inner.bytes;
+        match self.bound.refusal(total, &mut inner.refused) {
+            Some(e) => Err(e.to_string()),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

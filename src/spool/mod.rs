@@ -16,7 +16,9 @@
 //! Every implementation keeps these; `conformance` checks each of them against every implementation.
 //! - **Append** answers, in order, `Queued` or `Duplicate` for each record. `Ok` means every queued record
 //!   is kept (on disk, for a durable implementation); `Err` means nothing of that call was kept. A call
-//!   that would take the spool past its byte bound is refused whole with `Full`.
+//!   that would take the spool past its byte bound is refused whole with `Full`, and from then on every
+//!   call is, and `health` says so, until that much is free again (`bound`: one decision for ingest,
+//!   readiness and metrics).
 //! - **Dedup**: a record is `Duplicate` when a record with the same `(account, event_id, conversion_id)`
 //!   was queued earlier (in an earlier call or earlier in the same call) with a `received_at_ms` less than
 //!   `dedup_window` before its own — whether that one is still waiting, delivered or dead-lettered. The
@@ -38,6 +40,7 @@
 //!   reopen, and after the handle is dropped without a close.
 //! - **No PII**: records hold hashes only; no raw email or phone ever reaches a spool.
 
+pub mod bound;
 pub mod codec;
 #[cfg(test)]
 mod conformance;

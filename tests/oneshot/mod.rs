@@ -108,7 +108,7 @@ pub fn admin_state(app: Arc<AppState>) -> Arc<api::AdminState> {
 }
 
 pub fn setup() -> (Router, Arc<MemorySpool>, Arc<AppState>) {
-    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1000));
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
     let st = state_with(spool.clone(), &["acme"]);
     (api::app(st.clone()), spool, st)
 }

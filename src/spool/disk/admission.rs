@@ -2,6 +2,7 @@
 //! (`spool.min_free_bytes`), decided per group of appends and reported for readiness.
 
 use super::counters::Shared;
+use crate::spool::bound::{ByteBound, Refused};
 use crate::spool::SpoolError;
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ const FREE_SPACE_FRESH: Duration = Duration::from_millis(50);
 
 pub(super) struct Bounds {
     pub dir: PathBuf,
-    pub max_bytes: u64,
+    pub bound: ByteBound,
     pub min_free_bytes: u64,
     /// The last free-space reading: (when, whether below `min_free_bytes`).
     last: Cell<Option<(Instant, bool)>>,
@@ -23,7 +24,7 @@ impl Bounds {
     pub fn new(dir: PathBuf, max_bytes: u64, min_free_bytes: u64) -> Self {
         Bounds {
             dir,
-            max_bytes,
+            bound: ByteBound::new(max_bytes),
             min_free_bytes,
             last: Cell::new(None),
         }
@@ -43,10 +44,9 @@ impl Bounds {
         }
     }
 
-    /// How much appends may add in this group, and why they stop there.
+    /// How much appends may add in this group, and why they stop there. Hand it back with `settle`.
     pub fn room(&self, s: &mut Shared) -> Room {
         let total = s.total_bytes;
-        let by_size = self.max_bytes.saturating_sub(total);
         let by_disk = if self.disk_low() {
             let mark = *s.low_water.get_or_insert(total);
             Some((mark / 10 * 9).saturating_sub(total))
@@ -55,16 +55,24 @@ impl Bounds {
             None
         };
         Room {
-            by_size,
+            bound: self.bound,
+            total,
+            taken: 0,
+            refused: s.refused,
             by_disk,
             min_free: self.min_free_bytes,
         }
     }
 
-    /// Why the spool would refuse an event now (for readiness), if it would.
-    pub fn refusal(&self, s: &Shared) -> Option<String> {
-        if s.total_bytes >= self.max_bytes {
-            return Some(SpoolError::Full.to_string());
+    /// Keeps what the group's admission decided (a refusal is remembered).
+    pub fn settle(&self, room: Room, s: &mut Shared) {
+        s.refused = room.refused;
+    }
+
+    /// Why the spool refuses events now (for ingest, readiness and metrics alike), if it does.
+    pub fn refusal(&self, s: &mut Shared) -> Option<String> {
+        if let Some(e) = self.bound.refusal(s.total_bytes, &mut s.refused) {
+            return Some(e.to_string());
         }
         match s.low_water {
             Some(mark) if self.disk_low() && s.total_bytes >= mark / 10 * 9 => {
@@ -78,7 +86,11 @@ impl Bounds {
 /// What appends may still add within one transaction.
 #[derive(Clone)]
 pub(super) struct Room {
-    by_size: u64,
+    bound: ByteBound,
+    /// Waiting bytes when the group began, and what it took since.
+    total: u64,
+    taken: u64,
+    refused: Refused,
     by_disk: Option<u64>,
     min_free: u64,
 }
@@ -90,16 +102,15 @@ impl Room {
 
     /// Takes `bytes` from the room, or says why not.
     pub fn take(&mut self, bytes: u64) -> Result<(), SpoolError> {
-        if bytes > self.by_size {
-            return Err(SpoolError::Full);
-        }
+        self.bound
+            .admit(self.total + self.taken, bytes, &mut self.refused)?;
         if let Some(disk) = self.by_disk.as_mut() {
             if bytes > *disk {
                 return Err(SpoolError::Unavailable(Self::disk_message(self.min_free)));
             }
             *disk -= bytes;
         }
-        self.by_size -= bytes;
+        self.taken += bytes;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! read by everyone without waiting for a write.
 
 use crate::limiter::Nanos;
+use crate::spool::bound::Refused;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
@@ -23,6 +24,8 @@ pub(super) struct Shared {
     /// Waiting bytes when the disk ran low. The file does not shrink when events leave, but redb reuses
     /// the freed pages: while the disk stays low, appends may refill what acks emptied, up to 90% of this.
     pub low_water: Option<u64>,
+    /// The byte bound's remembered refusal (`spool::bound`).
+    pub refused: Refused,
     pub notifiers: HashMap<String, Arc<Notify>>,
 }
 

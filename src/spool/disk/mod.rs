@@ -167,12 +167,16 @@ impl DiskSpool {
         let shared = Arc::new(Mutex::new(shared));
         let pending = Arc::new(RwLock::new(pending));
         let (tx, rx) = std_mpsc::channel();
+        let admission = Bounds::new(opts.dir.clone(), opts.max_bytes, opts.min_free_bytes);
+        // A spool reopened nearly full says so from the start.
+        let refusing = admission.refusal(&mut lock(&shared));
+        lock(&shared).unhealthy = refusing;
         let writer = Writer {
             db: db.clone(),
             shared: shared.clone(),
             pending: pending.clone(),
             dir: opts.dir.clone(),
-            admission: Bounds::new(opts.dir.clone(), opts.max_bytes, opts.min_free_bytes),
+            admission,
             max_dead_letters: opts.max_dead_letters,
             dedup_window_ms: i64::try_from(opts.dedup_window.as_millis()).unwrap_or(i64::MAX),
             dedup,

@@ -188,6 +188,7 @@ impl Writer {
             let admissions = self.admit(records, &mut batch, &mut durable);
             batch.replies.push(Reply::Admissions(reply, Ok(admissions)));
         }
+        self.admission.settle(room, &mut lock(&self.shared));
         let failed = match batch.failed.take() {
             Some(e) => Some(e),
             None if batch.logged.is_empty() => None,
@@ -340,6 +341,7 @@ impl Writer {
             tables.store_counts(&lock(&self.shared).counts, effects)?;
             purged
         };
+        self.admission.settle(room, &mut lock(&self.shared));
         #[cfg(test)]
         if let Some(hold) = self.hold_next_commit.take() {
             let _ = hold.recv();
@@ -400,7 +402,7 @@ impl Writer {
     fn publish(&self, effects: &Effects) {
         let mut s = lock(&self.shared);
         s.apply(effects);
-        let now = self.admission.refusal(&s);
+        let now = self.admission.refusal(&mut s);
         match (&s.unhealthy, &now) {
             (None, Some(why)) => {
                 tracing::warn!(reason = %why, "spool refusing events; ingest answers 503")
