@@ -432,9 +432,16 @@ impl<'a> Fields<'a, '_> {
     }
 
     /// An id field: a string as `string` reads it, or a number taken as its text (order ids often are).
+    /// An identifier given as a string, or as a JSON integer kept to the digit. A number that is not
+    /// an exact integer (a fraction, or more digits than 64 bits hold: JSON parsers keep those only
+    /// approximately) is refused rather than sent changed.
     fn id(&mut self, key: &str) -> Option<String> {
         match self.present(key)? {
-            Value::Number(n) => Some(n.to_string()),
+            Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+            Value::Number(n) => self.err(
+                key,
+                format!("{n} cannot be kept exactly as a JSON number; send it as a string"),
+            ),
             _ => self.string(key),
         }
     }
@@ -879,6 +886,55 @@ mod tests {
             )),
             ["contents"]
         );
+    }
+
+    #[test]
+    fn numbers_are_kept_to_the_digit_or_refused() {
+        // An integer id that fits 64 bits keeps its digits; a longer one cannot be kept exactly.
+        let c = accept(
+            json!({"event": "purchase", "twclid": "t", "conversion_id": 1234567890123456789u64}),
+        );
+        assert_eq!(c.conversion_id, "1234567890123456789");
+        let long: Value = serde_json::from_str(
+            r#"{"event": "purchase", "twclid": "t", "conversion_id": 123456789012345678901234567890}"#,
+        )
+        .unwrap();
+        let errors = reject(long);
+        assert_eq!(fields(&errors), ["conversion_id"]);
+        assert!(
+            errors[0].message.contains("send it as a string"),
+            "{errors:?}"
+        );
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "conversion_id": 1.5})
+            )),
+            ["conversion_id"]
+        );
+        // A value that cannot carry two decimals, counts beyond 64 bits: refused, the field named.
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "value": 1e27})
+            )),
+            ["value"]
+        );
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "number_items": 1e20,
+                "contents": [{"content_id": "a", "num_items": 1e300}]})
+            )),
+            ["number_items", "contents[0].num_items"]
+        );
+        // Prices go out as plain digits with a decimal point.
+        let c = accept(json!({"event": "purchase", "twclid": "t",
+            "contents": [{"content_id": "a", "content_price": 1e16}, {"content_id": "b", "content_price": -0.0}]}));
+        let wire = serde_json::to_string(&c).unwrap();
+        assert!(
+            wire.contains("\"content_price\":10000000000000000.0"),
+            "{wire}"
+        );
+        assert!(wire.contains("\"content_price\":0.0"), "{wire}");
+        assert!(!wire.contains("e+") && !wire.contains("-0.0"), "{wire}");
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub fn money(v: &Value) -> Result<String, String> {
     }
     let mut d = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
     d.rescale(2);
+    if d.scale() != 2 {
+        // Too many digits to carry two decimals (28 significant digits at most).
+        return Err(format!(
+            "{text} is too large; a value must be below 10^26 so that it can be sent with two decimals"
+        ));
+    }
     Ok(d.to_string())
 }
 
@@ -65,21 +71,32 @@ pub fn currency(input: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{input:?} is not an ISO 4217 currency code such as USD or EUR"))
 }
 
-/// A positive integer, given as a JSON integer or a string of digits.
+/// A positive integer, given as a JSON number or as a string: one rule for both (`3`, `"3"`, `1e3` and
+/// `"1e3"` alike); beyond 64 bits it is out of range, never clamped.
 pub fn positive_int(v: &Value) -> Result<u64, String> {
-    let n = match v {
-        Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                .map(|f| f as u64)
-        }),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
+    const WHOLE: &str = "must be a whole number greater than 0";
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_owned(),
+        _ => return Err(WHOLE.into()),
     };
-    match n {
-        Some(n) if n > 0 => Ok(n),
-        _ => Err("must be a whole number greater than 0".into()),
+    if let Ok(n) = text.parse::<u64>() {
+        return if n > 0 { Ok(n) } else { Err(WHOLE.into()) };
     }
+    // Not plain digits: a decimal or scientific form, or a number too large for 64 bits.
+    let Ok(f) = text.parse::<f64>() else {
+        return Err(WHOLE.into());
+    };
+    if f.is_finite() && f >= u64::MAX as f64 {
+        return Err(format!("{text} is out of range; at most {}", u64::MAX));
+    }
+    let d = Decimal::from_str(&text)
+        .or_else(|_| Decimal::from_scientific(&text))
+        .map_err(|_| WHOLE.to_string())?;
+    if !d.fract().is_zero() || d <= Decimal::ZERO {
+        return Err(WHOLE.into());
+    }
+    u64::try_from(d).map_err(|_| format!("{text} is out of range; at most {}", u64::MAX))
 }
 
 #[cfg(test)]
@@ -108,6 +125,55 @@ mod tests {
         assert!(positive_int(&json!(0)).is_err());
         assert!(positive_int(&json!(1.5)).is_err());
         assert!(positive_int(&json!(-2)).is_err());
+    }
+
+    #[test]
+    fn values_that_cannot_carry_two_decimals_are_refused() {
+        assert_eq!(
+            money(&json!(1e26)).unwrap(),
+            "100000000000000000000000000.00"
+        );
+        for too_large in [json!(1e27), json!(1e28), json!("1e27"), json!(1e300)] {
+            let e = money(&too_large).unwrap_err();
+            assert!(
+                e.contains("too large") || e.contains("not a decimal"),
+                "{too_large}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn counts_follow_one_rule_as_numbers_and_as_strings() {
+        for (v, want) in [
+            (json!(3), Ok(3)),
+            (json!("3"), Ok(3)),
+            (json!(1e3), Ok(1000)),
+            (json!("1e3"), Ok(1000)),
+            (json!(18446744073709551615u64), Ok(u64::MAX)),
+            (json!("18446744073709551615"), Ok(u64::MAX)),
+        ] {
+            assert_eq!(positive_int(&v), want, "{v}");
+        }
+        for out_of_range in [
+            json!(1e20),
+            json!("1e20"),
+            json!(1e300),
+            json!("100000000000000000000"),
+        ] {
+            let e = positive_int(&out_of_range).unwrap_err();
+            assert!(e.contains("out of range"), "{out_of_range}: {e}");
+        }
+        for not_whole in [
+            json!(0),
+            json!("0"),
+            json!(1.5),
+            json!("1.5"),
+            json!(-2),
+            json!("x"),
+            json!(true),
+        ] {
+            assert!(positive_int(&not_whole).is_err(), "{not_whole}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! identifier (`twclid`, `hashed_email`, `hashed_phone_number`), no identifier value is empty, hashes are
 //! 64 lower-case hex characters, `conversion_time` is `yyyy-MM-ddTHH:mm:ss.SSSZ`.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conversion {
@@ -88,12 +88,40 @@ pub struct Content {
     pub content_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "plain_price"
+    )]
     pub content_price: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_items: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_group_id: Option<String>,
+}
+
+/// A price as X takes it: plain digits with a decimal point, never an exponent or a negative zero
+/// (`1e16` -> `10000000000000000.0`, `-0.0` -> `0.0`, `20` -> `20.0`).
+pub fn plain_decimal(price: f64) -> String {
+    if price == 0.0 || !price.is_finite() {
+        return "0.0".into();
+    }
+    // f64's Display is the shortest text that reads back as the same number, and never uses an exponent.
+    let text = price.to_string();
+    if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    }
+}
+
+fn plain_price<S: Serializer>(price: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match price {
+        None => s.serialize_none(),
+        Some(p) => serde_json::value::RawValue::from_string(plain_decimal(*p))
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s),
+    }
 }
 
 /// The request body X expects.
