@@ -5,6 +5,7 @@
 //! raw email addresses and phone numbers never appear in an error message.
 
 use sha2::{Digest, Sha256};
+use unicode_general_category::{get_general_category, GeneralCategory};
 use url::Url;
 
 /// SHA-256 of `input`, lower-case hex, no salt.
@@ -29,11 +30,27 @@ pub fn as_sha256_digest(input: &str) -> Option<String> {
     (t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())).then(|| t.to_ascii_lowercase())
 }
 
-/// Email as X wants it before hashing: trimmed, lower-cased, and plausibly an address.
+/// The longest address a mail server takes (RFC 5321: 256 for the path, brackets included).
+const MAX_EMAIL_BYTES: usize = 254;
+
+/// Email as X wants it before hashing: format characters (Unicode Cf) removed, trimmed, lower-cased, and
+/// plausibly an address (one `@`, a dotted domain, at most 254 bytes).
 pub fn normalize_email(input: &str) -> Result<String, &'static str> {
-    let email = input.trim().to_lowercase();
+    // Invisible format characters (zero-width spaces, a BOM pasted with the address) would make a hash
+    // that matches nothing: they go first, then the address is trimmed and lower-cased.
+    let visible: String = input
+        .chars()
+        .filter(|c| get_general_category(*c) != GeneralCategory::Format)
+        .collect();
+    let email = visible.trim().to_lowercase();
     if email.is_empty() {
         return Err("is empty; send the address or leave the field out");
+    }
+    if email.len() > MAX_EMAIL_BYTES {
+        return Err("is not an email address: longer than 254 characters (RFC 5321)");
+    }
+    if email.matches('@').count() != 1 {
+        return Err("is not an email address: expected exactly one '@', as in name@domain");
     }
     let Some((local, domain)) = email.rsplit_once('@') else {
         return Err("is not an email address: expected name@domain");
@@ -176,6 +193,37 @@ pub fn twclid_from_url(url: &Url) -> Option<String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// jane@example.org's digest from the shared, independently computed vectors.
+    const JANE_ORG: &str = "13d855ce931073d4924ac377cda0e9a543908b9d6607727c8033d729c65eced6";
+
+    #[test]
+    fn format_characters_are_removed_before_hashing() {
+        for input in [
+            "ja\u{200b}ne@example.org",
+            "\u{feff}jane@example.org",
+            "jane@exa\u{200d}mple.org",
+            " \u{2060}Jane@Example.org\u{200e} ",
+            "jane\u{ad}@example.org",
+        ] {
+            assert_eq!(hashed_email(input).as_deref(), Ok(JANE_ORG), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn an_address_has_one_at_and_at_most_254_bytes() {
+        assert!(normalize_email("a@b@example.com").is_err());
+        assert!(normalize_email("jane@@example.com").is_err());
+        let local = "a".repeat(64);
+        let domain = format!("{}.com", "b".repeat(254 - 64 - 1 - 4));
+        let longest = format!("{local}@{domain}");
+        assert_eq!(longest.len(), 254);
+        assert_eq!(normalize_email(&longest), Ok(longest.clone()));
+        assert!(normalize_email(&format!("a{longest}")).is_err());
+        let huge = format!("{}@example.com", "a".repeat(1 << 20));
+        let e = normalize_email(&huge).unwrap_err();
+        assert!(e.contains("254"), "{e}");
+    }
 
     fn us() -> phonenumber::country::Id {
         phonenumber::country::Id::US

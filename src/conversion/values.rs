@@ -1,17 +1,24 @@
 //! Time and money formats of the X wire contract. Pure functions, no clock: callers pass `now`.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Timelike, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::Value;
 use std::str::FromStr;
 
 /// Parses RFC 3339 with any offset and any fraction. A time without an offset is refused: its zone is unknown.
 pub fn parse_time(input: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(input.trim())
+    let t = DateTime::parse_from_rfc3339(input.trim())
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| {
             format!("{input:?} is not an RFC 3339 time with an offset; send e.g. \"2022-02-18T01:14:00.603Z\" or \"2022-02-18T02:14:00+01:00\"")
-        })
+        })?;
+    // chrono keeps a leap second (:60) as a nanosecond count past one second; X's format has no :60.
+    if t.nanosecond() >= 1_000_000_000 {
+        return Err(format!(
+            "{input:?} has a seconds field of 60 (a leap second), which X's format does not have; send :59.999 or the next second"
+        ));
+    }
+    Ok(t)
 }
 
 /// X's wire format: UTC, `yyyy-MM-ddTHH:mm:ss.SSSZ`; fractions beyond milliseconds are truncated.
@@ -125,6 +132,22 @@ mod tests {
         assert!(positive_int(&json!(0)).is_err());
         assert!(positive_int(&json!(1.5)).is_err());
         assert!(positive_int(&json!(-2)).is_err());
+    }
+
+    #[test]
+    fn a_leap_second_is_refused() {
+        for input in [
+            "2026-06-30T08:00:60Z",
+            "2026-12-31T23:59:60.500Z",
+            "2026-12-31T23:59:60+00:00",
+        ] {
+            let e = parse_time(input).unwrap_err();
+            assert!(e.contains("leap second"), "{input}: {e}");
+        }
+        assert_eq!(
+            wire_time(parse_time("2026-12-31T23:59:59.999Z").unwrap()),
+            "2026-12-31T23:59:59.999Z"
+        );
     }
 
     #[test]
