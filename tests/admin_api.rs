@@ -274,6 +274,27 @@ async fn a_spool_refusing_for_room_is_unready_unwritable_and_says_why() {
 }
 
 #[tokio::test]
+async fn accounts_take_no_parameters_and_show_when_the_last_error_happened() {
+    let a = setup(&["acme"]);
+    let (s, b, h) = send(&a.admin, get("/v1/accounts?x=1")).await;
+    assert_problem(s, &b, &h, StatusCode::BAD_REQUEST, "\"x\"");
+    {
+        let mut status = a.state.accounts[0].status.lock().unwrap();
+        status.last_error = Some("HTTP 503".into());
+        status.last_error_at = Some(1_796_000_000_123);
+        status.last_status = Some("200".into());
+    }
+    let (s, report, _) = send(&a.admin, get("/v1/accounts")).await;
+    assert_eq!(s, StatusCode::OK);
+    let acme = &report["accounts"][0];
+    assert_eq!(
+        acme["last_error_at"], "2026-11-30T00:53:20.123Z",
+        "{report}"
+    );
+    assert_eq!(acme["last_status"], "200");
+}
+
+#[tokio::test]
 async fn metrics_start_at_zero_for_every_account_and_count_outcomes() {
     let a = setup(&["acme", "beta"]);
     let (s, m) = text(

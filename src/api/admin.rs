@@ -194,6 +194,8 @@ struct AccountReport {
     paused: Option<crate::reasons::PauseReason>,
     last_status: Option<String>,
     last_error: Option<String>,
+    /// When `last_error` happened; it stays after later successes (see `last_status`).
+    last_error_at: Option<String>,
     last_debug_id: Option<String>,
     /// Since this process started.
     delivered: u64,
@@ -224,7 +226,12 @@ async fn dead_letters(st: &AdminState, q: DeadLetterQuery) -> Result<Vec<DeadLet
     st.app.spool.dead_letters(q).await.map_err(unavailable)
 }
 
-async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsReport>, Problem> {
+async fn accounts(
+    State(st): State<Arc<AdminState>>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<AccountsReport>, Problem> {
+    // The same rule as every admin route: an unknown parameter is an error, not silently ignored.
+    params(&st, &raw, &[], false)?;
     let spool = &st.app.spool;
     let now = epoch();
     let mut out = Vec::with_capacity(st.accounts.len());
@@ -254,6 +261,10 @@ async fn accounts(State(st): State<Arc<AdminState>>) -> Result<Json<AccountsRepo
             paused: status.paused,
             last_status: status.last_status,
             last_error: status.last_error,
+            last_error_at: status
+                .last_error_at
+                .and_then(|ms| i64::try_from(ms).ok())
+                .and_then(ms_to_rfc3339),
             last_debug_id: status.last_debug_id,
             delivered: status.delivered,
             dead_lettered: status.dead_lettered,
@@ -287,9 +298,13 @@ fn params(
     account_required: bool,
 ) -> Result<Params, Problem> {
     if let Some(unknown) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
+        let takes = if allowed.is_empty() {
+            "this route takes none".to_owned()
+        } else {
+            format!("this route takes {}", allowed.join(", "))
+        };
         return Err(Problem::bad_request(format!(
-            "unknown query parameter {unknown:?}; this route takes {}",
-            allowed.join(", ")
+            "unknown query parameter {unknown:?}; {takes}"
         )));
     }
     let digits = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());

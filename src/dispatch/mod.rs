@@ -51,6 +51,8 @@ pub struct AccountStatus {
     pub paused: Option<PauseReason>,
     pub last_status: Option<String>,
     pub last_error: Option<String>,
+    /// When `last_error` happened (epoch milliseconds): it stays after later successes.
+    pub last_error_at: Option<u64>,
     pub last_debug_id: Option<String>,
     /// Epoch seconds before which nothing is sent (X's rate limit).
     pub hold_until: Option<u64>,
@@ -340,15 +342,14 @@ impl Dispatcher {
                 Some(backoff(s.retry_base, s.pause_cap, attempts.pauses).max(s.retry_base))
             }
             Action::WaitUntil { until, message } => {
-                let mut s = self.status();
-                s.hold_until = Some(until);
-                s.last_error = Some(message);
+                self.failed_with(message);
+                self.status().hold_until = Some(until);
                 work.push(batch);
                 None
             }
             Action::Backoff { message } => {
                 attempts.failures += 1;
-                self.status().last_error = Some(message);
+                self.failed_with(message);
                 work.push(batch);
                 let s = &self.settings;
                 Some(backoff(s.retry_base, s.retry_cap, attempts.failures))
@@ -378,7 +379,16 @@ impl Dispatcher {
             self.metrics.paused(self.account(), Some(reason));
         }
         s.paused = Some(reason);
+        drop(s);
+        self.failed_with(message);
+    }
+
+    /// Records the last error and when it happened.
+    fn failed_with(&self, message: String) {
+        let at = u64::try_from(self.clock.epoch().as_millis()).unwrap_or(u64::MAX);
+        let mut s = self.status();
         s.last_error = Some(message);
+        s.last_error_at = Some(at);
     }
 
     /// Waits for X's rate-limit hold and for the account's budget; `false` on shutdown.

@@ -491,6 +491,12 @@ async fn transient_faults_back_off_with_full_jitter_within_base_and_cap() {
     let ceilings: Duration = (1..=10).map(|a| backoff_ceiling(base, cap, a)).sum();
     assert!(total < ceilings, "{total:?} vs {ceilings:?}");
     assert_eq!(h.spool.backlog("acme"), 0);
+    // The last error stays after the success, with when it happened; the last status says how it went.
+    let status = h.status();
+    assert_eq!(status.last_status.as_deref(), Some("200"));
+    assert_eq!(status.last_error.as_deref(), Some("status 503"));
+    let last_failure = ORIGIN + calls[9].at + latency;
+    assert_eq!(status.last_error_at, Some(last_failure.as_millis() as u64));
     h.stop().await;
 }
 
