@@ -276,3 +276,74 @@ async fn several_accounts_route_by_name() {
     assert_eq!(b["rejected"][0]["errors"][0]["field"], "account");
     assert_eq!((spool.backlog("acme"), spool.backlog("beta")), (0, 1));
 }
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_taken_and_decompressed_under_the_limit() {
+    let (app, spool, _) = setup();
+    let body = json!({"events": [{"event": "purchase", "twclid": "a"}, {"event": "purchase", "twclid": "b"}]});
+    let req = post()
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(gzip(body.to_string().as_bytes())))
+        .unwrap();
+    let (s, b, _) = send(&app, req).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    assert_eq!(b["accepted"], 2);
+    assert_eq!(spool.backlog("acme"), 2);
+    // A small body that inflates past server.max_body_bytes (4096 here) is refused, nothing kept.
+    let bomb = gzip(&vec![b' '; 1 << 20]);
+    assert!(bomb.len() < 4096);
+    let req = post()
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(bomb))
+        .unwrap();
+    let (s, b, h) = send(&app, req).await;
+    assert_problem(s, &b, &h, StatusCode::PAYLOAD_TOO_LARGE, "decompressed");
+    // Not gzip after all: a clear 400.
+    let req = post()
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (s, b, h) = send(&app, req).await;
+    assert_problem(s, &b, &h, StatusCode::BAD_REQUEST, "gzip");
+    assert_eq!(spool.backlog("acme"), 2);
+}
+
+#[tokio::test]
+async fn other_encodings_and_charsets_are_415_naming_them() {
+    let (app, spool, _) = setup();
+    let body = json!({"event": "purchase", "twclid": "a"}).to_string();
+    for encoding in ["br", "deflate", "gzip, br"] {
+        let req = post()
+            .header(header::CONTENT_ENCODING, encoding)
+            .body(Body::from(body.clone()))
+            .unwrap();
+        let (s, b, h) = send(&app, req).await;
+        assert_problem(s, &b, &h, StatusCode::UNSUPPORTED_MEDIA_TYPE, encoding);
+    }
+    let req = Request::post("/v1/events")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .header(header::CONTENT_TYPE, "application/json; charset=ISO-8859-1")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (s, b, h) = send(&app, req).await;
+    assert_problem(s, &b, &h, StatusCode::UNSUPPORTED_MEDIA_TYPE, "ISO-8859-1");
+    assert_eq!(spool.backlog("acme"), 0);
+    for ct in [
+        "application/json; charset=utf-8",
+        "application/json;charset=\"UTF-8\"",
+    ] {
+        let req = Request::post("/v1/events")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_TYPE, ct)
+            .body(Body::from(body.clone()))
+            .unwrap();
+        assert_eq!(send(&app, req).await.0, StatusCode::ACCEPTED, "{ct}");
+    }
+}

@@ -39,21 +39,91 @@ pub async fn ingest(State(st): State<Arc<AppState>>, request: Request) -> Respon
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers
+/// `Ok` for JSON in UTF-8 (`application/json` or `application/*+json`, no charset or `utf-8`); else the
+/// `415` that says what to send.
+fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
+    let unsupported = |detail: String| {
+        Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            detail,
+        )
+    };
+    let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-    else {
-        return false;
+        .unwrap_or("");
+    let mut parts = ct.split(';');
+    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if !json {
+        return Err(unsupported(
+            "send the events as JSON with Content-Type: application/json".into(),
+        ));
+    }
+    for param in parts {
+        let Some((name, value)) = param.split_once('=') else {
+            continue;
+        };
+        let charset = value.trim().trim_matches('"');
+        if name.trim().eq_ignore_ascii_case("charset")
+            && !charset.eq_ignore_ascii_case("utf-8")
+            && !charset.eq_ignore_ascii_case("utf8")
+        {
+            return Err(unsupported(format!(
+                "charset {charset:?} is not supported: send the JSON in UTF-8 (charset=utf-8, or no charset)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// How the body is compressed.
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+/// The body's `Content-Encoding`: none or gzip; anything else is a `415` naming it.
+fn content_encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(Encoding::Identity);
     };
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let text = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    match text.as_str() {
+        "" | "identity" => Ok(Encoding::Identity),
+        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
+        _ => Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-encoding",
+            "Unsupported content encoding",
+            format!("Content-Encoding {text:?} is not supported: send the body uncompressed or gzip-compressed"),
+        )),
+    }
+}
+
+/// A gzip body, decompressed under `limit`: a body that inflates past it (a zip bomb) is a `413`, and is
+/// never inflated further than the limit.
+fn gunzip(compressed: &[u8], limit: usize) -> Result<axum::body::Bytes, Problem> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(compressed)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            Problem::bad_request(format!("the gzip body could not be decompressed: {e}"))
+        })?;
+    if out.len() > limit {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Payload too large",
+            format!("the decompressed body is larger than server.max_body_bytes ({limit} bytes); send fewer events per request"),
+        ));
+    }
+    Ok(out.into())
 }
 
 async fn read_body(
@@ -132,15 +202,13 @@ async fn read_events(st: &AppState, request: Request) -> Result<Vec<Value>, Prob
     st.keys
         .check(&parts.headers)
         .map_err(Problem::unauthorized)?;
-    if !is_json(&parts.headers) {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            "send the events as JSON with Content-Type: application/json",
-        ));
-    }
+    check_content_type(&parts.headers)?;
+    let encoding = content_encoding(&parts.headers)?;
     let bytes = read_body(body, st.max_body_bytes, &parts.headers).await?;
+    let bytes = match encoding {
+        Encoding::Identity => bytes,
+        Encoding::Gzip => gunzip(&bytes, st.max_body_bytes)?,
+    };
     let parsed: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;
     let events = events_of(parsed).map_err(Problem::bad_request)?;
