@@ -44,6 +44,8 @@ vocabulary! {
         Expired => "expired",
         /// The stored record no longer decodes; what could be read is kept with it.
         Corrupt => "corrupt",
+        /// X refused the conversion alone as too large (413, or the connection closed under its body).
+        TooLarge => "too_large",
     }
 }
 
@@ -94,7 +96,7 @@ mod tests {
         check(DeadLetterReason::ALL, DeadLetterReason::as_str);
         check(PauseReason::ALL, PauseReason::as_str);
         check(IngestOutcome::ALL, IngestOutcome::as_str);
-        assert_eq!(DeadLetterReason::ALL.len(), 4);
+        assert_eq!(DeadLetterReason::ALL.len(), 5);
         assert_eq!(PauseReason::NotFound.to_string(), "not_found");
     }
 }

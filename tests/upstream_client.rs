@@ -118,3 +118,73 @@ async fn html_error_page_is_classified_by_status_and_body_is_sent_as_json() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A server that, once a request's headers are in and without reading its body, either answers
+/// `answer` and closes, as X (and the fake) do with a body they will not take, or (`None`) resets the
+/// connection without a word, so that the client sees its body write fail.
+async fn cut_after_the_headers(answer: Option<&'static [u8]>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 16 << 10];
+            let _ = s.read(&mut buf).await;
+            match answer {
+                Some(bytes) => {
+                    let _ = s.write_all(bytes).await;
+                    let _ = s.shutdown().await;
+                }
+                // A zero linger resets the connection on drop without waiting (what the deprecation
+                // warns of is a lingering, blocking close; there is nothing to wait for here).
+                #[allow(deprecated)]
+                None => {
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                }
+            }
+        }
+    });
+    format!("http://{addr}")
+}
+
+const PAYLOAD_TOO_LARGE: &[u8] =
+    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+#[tokio::test]
+async fn a_body_x_will_not_take_is_too_large_never_a_connection_error() {
+    use conversion_gateway::dispatch::policy::{decide, Action};
+    use conversion_gateway::reasons::DeadLetterReason;
+    let mut big = one();
+    big[0].description = Some("x".repeat(8 << 20));
+    for url in [
+        cut_after_the_headers(Some(PAYLOAD_TOO_LARGE)).await,
+        cut_after_the_headers(None).await,
+    ] {
+        let c = Client::new(settings(url, Duration::from_secs(5))).unwrap();
+        let o = c.send(&target(), &big).await;
+        assert!(
+            matches!(
+                o,
+                Outcome::Refused { status: 413, .. } | Outcome::BodyNotSent { .. }
+            ),
+            "{o:?}"
+        );
+        assert_eq!(decide(&o, 2, 0), Action::Split, "{o:?}");
+        assert!(matches!(
+            decide(&o, 1, 0),
+            Action::DeadLetter {
+                reason: DeadLetterReason::TooLarge,
+                ..
+            }
+        ));
+    }
+    // A small body on a connection that breaks is a connection fault, retried, never dead-lettered.
+    let c = Client::new(settings(
+        cut_after_the_headers(None).await,
+        Duration::from_secs(5),
+    ))
+    .unwrap();
+    let o = c.send(&target(), &one()).await;
+    assert!(matches!(o, Outcome::Transport { .. }), "{o:?}");
+    assert!(matches!(decide(&o, 1, 0), Action::Backoff { .. }));
+}

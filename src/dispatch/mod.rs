@@ -275,7 +275,7 @@ impl Dispatcher {
             Outcome::Refused {
                 status: 400..=499,
                 ..
-            }
+            } | Outcome::BodyNotSent { .. }
         ) {
             // X refused the request whole and took none of it: its events do not count.
             if let Err(e) = self

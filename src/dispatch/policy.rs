@@ -99,9 +99,11 @@ pub fn decide(outcome: &Outcome, batch_len: usize, now: u64) -> Action {
                 message,
             }
         }
-        Outcome::Refused {
-            status: 400 | 413, ..
-        } => isolate(DeadLetterReason::Rejected),
+        Outcome::Refused { status: 400, .. } => isolate(DeadLetterReason::Rejected),
+        // Too large: halves until the event is alone, never a backoff (the same body fails the same way).
+        Outcome::Refused { status: 413, .. } | Outcome::BodyNotSent { .. } => {
+            isolate(DeadLetterReason::TooLarge)
+        }
         Outcome::Refused { status: 404, .. } if names_event_id(outcome) => {
             isolate(DeadLetterReason::NotFound)
         }
@@ -224,6 +226,25 @@ mod tests {
             ),
             Action::Backoff { .. }
         ));
+    }
+
+    #[test]
+    fn too_large_is_split_then_dead_lettered_never_backed_off() {
+        let none = RateLimitInfo::default;
+        let cut = Outcome::BodyNotSent {
+            bytes: 3 << 20,
+            message: "broken pipe".into(),
+        };
+        for o in [refused(413, vec![], none()), cut] {
+            assert_eq!(decide(&o, 120, 0), Action::Split, "{o:?}");
+            assert!(matches!(
+                decide(&o, 1, 0),
+                Action::DeadLetter {
+                    reason: DeadLetterReason::TooLarge,
+                    ..
+                }
+            ));
+        }
     }
 
     #[test]

@@ -39,15 +39,17 @@ impl HttpTransport {
                 message: "account has no credentials (only sandbox mode runs without)".into(),
             };
         };
+        let body_len = body.len();
         let request = self
             .http
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
         let request = auth::apply(request, auth, &url);
+        let bytes = body_len;
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return transport_outcome(&e),
+            Err(e) => return transport_outcome(&e, bytes),
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
@@ -78,7 +80,11 @@ impl Transport for HttpTransport {
     }
 }
 
-fn transport_outcome(e: &reqwest::Error) -> Outcome {
+/// Bodies at least this large whose connection breaks while they are sent are taken as refused for
+/// their size (X closes on a body it will not take); a smaller one breaking is a connection fault.
+const LARGE_BODY: usize = 64 << 10;
+
+fn transport_outcome(e: &reqwest::Error, body_bytes: usize) -> Outcome {
     if e.is_timeout() {
         return Outcome::Timeout;
     }
@@ -90,5 +96,28 @@ fn transport_outcome(e: &reqwest::Error) -> Outcome {
         message.push_str(&s.to_string());
         source = s.source();
     }
+    if body_bytes >= LARGE_BODY && broke_while_sending(e) {
+        return Outcome::BodyNotSent {
+            bytes: body_bytes,
+            message,
+        };
+    }
     Outcome::Transport { message }
+}
+
+/// Whether the peer closed the connection under the request (a broken pipe or a reset while writing).
+fn broke_while_sending(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }

@@ -63,6 +63,9 @@ pub enum Outcome {
     Timeout,
     /// The connection could not be made or broke.
     Transport { message: String },
+    /// X closed the connection while a large body was still being sent: what it does with a body it
+    /// will not take (its 413 may never be read). Treated like a 413.
+    BodyNotSent { bytes: usize, message: String },
 }
 
 impl Outcome {
@@ -74,6 +77,7 @@ impl Outcome {
             }
             Outcome::Timeout => "timeout".into(),
             Outcome::Transport { .. } => "connect_error".into(),
+            Outcome::BodyNotSent { .. } => "body_not_sent".into(),
         }
     }
 
@@ -96,6 +100,11 @@ impl Outcome {
                 .join("; "),
             Outcome::Timeout => "no response within upstream.timeout".into(),
             Outcome::Transport { message } => message.clone(),
+            Outcome::BodyNotSent { bytes, message } => {
+                format!(
+                    "X closed the connection while the {bytes}-byte body was being sent: {message}"
+                )
+            }
         }
     }
 }
