@@ -231,6 +231,7 @@ fn start_dispatchers(
     let delivery = &settings.delivery;
     let dispatch_settings = DispatchSettings {
         max_batch: delivery.max_batch,
+        max_batch_bytes: delivery.max_batch_bytes,
         linger: delivery.linger,
         max_event_age: delivery.max_event_age,
         retry_base: delivery.retry_base,

@@ -122,6 +122,7 @@ mod tests {
             )]
             .into(),
             max_event_age: Duration::from_secs(7 * 86400),
+            max_event_bytes: 64 << 10,
         }
     }
 

@@ -95,6 +95,8 @@ pub struct Server {
     pub admin_api_keys: Vec<Secret>,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
+    /// One event's size in X's JSON at most; a larger one is rejected at ingest, naming the field.
+    pub max_event_bytes: usize,
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
 }
@@ -122,6 +124,8 @@ pub struct Upstream {
 #[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
     pub max_batch: usize,
+    /// One request body to X at most (bytes of JSON): a batch is cut there whatever its count.
+    pub max_batch_bytes: usize,
     #[serde(serialize_with = "serialize_duration")]
     pub linger: Duration,
     #[serde(serialize_with = "serialize_duration")]
@@ -204,6 +208,7 @@ impl Settings {
         Rules {
             accounts,
             max_event_age: self.delivery.max_event_age,
+            max_event_bytes: self.server.max_event_bytes,
         }
     }
 
@@ -227,6 +232,7 @@ allow_unauthenticated = false
 admin_api_keys = []
 max_body_bytes = 1048576
 max_events_per_request = 1000
+max_event_bytes = "64KiB"
 shutdown_timeout = "20s"
 
 [spool]
@@ -243,6 +249,7 @@ sandbox = false
 
 [delivery]
 max_batch = 500
+max_batch_bytes = "1MiB"
 linger = "1s"
 max_event_age = "7d"
 dedup_window = "48h"
@@ -336,6 +343,8 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.server.max_body_bytes, 1_048_576);
         assert_eq!(s.delivery.max_batch, 500);
+        assert_eq!(s.delivery.max_batch_bytes, 1 << 20);
+        assert_eq!(s.server.max_event_bytes, 64 << 10);
         assert_eq!(s.delivery.max_event_age, Duration::from_secs(7 * 86400));
         assert_eq!(s.upstream.base_url, "https://ads-api.x.com");
         let a = &s.accounts["acme"];
@@ -443,6 +452,16 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         let cases: &[(&str, &str, &str)] = &[
             ("", "[upstream]\ntimeout = \"ten\"\n", "upstream.timeout"),
             ("", "[delivery]\nmax_batch = 501\n", "delivery.max_batch"),
+            (
+                "",
+                "[delivery]\nmax_batch_bytes = \"100\"\n",
+                "delivery.max_batch_bytes",
+            ),
+            (
+                "api_keys = [\"k1\"]",
+                "api_keys = [\"k1\"]\nmax_event_bytes = \"2MiB\"",
+                "server.max_event_bytes",
+            ),
             ("pixel_id = \"o9d7n\"", "", "accounts.acme.pixel_id"),
             (
                 "pixel_id = \"o9d7n\"",

@@ -2,6 +2,7 @@
 //! how it becomes `Settings`: every value checked, every error naming its key.
 
 use super::*;
+use crate::conversion::BATCH_ENVELOPE;
 use serde::de::{self, Deserializer};
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +37,8 @@ struct RawServer {
     #[serde(deserialize_with = "count")]
     max_events_per_request: u64,
     #[serde(deserialize_with = "text")]
+    max_event_bytes: String,
+    #[serde(deserialize_with = "text")]
     shutdown_timeout: String,
 }
 
@@ -69,6 +72,8 @@ struct RawUpstream {
 struct RawDelivery {
     #[serde(deserialize_with = "count")]
     max_batch: u64,
+    #[serde(deserialize_with = "text")]
+    max_batch_bytes: String,
     #[serde(deserialize_with = "text")]
     linger: String,
     #[serde(deserialize_with = "text")]
@@ -312,6 +317,15 @@ impl RawSettings {
         let server = self.server.validate()?;
         let upstream = self.upstream.validate()?;
         let delivery = self.delivery.validate()?;
+        if server.max_event_bytes + BATCH_ENVELOPE > delivery.max_batch_bytes {
+            return err(
+                "server.max_event_bytes",
+                format!(
+                    "is {}; an event must fit in one batch: at most delivery.max_batch_bytes ({}) less {BATCH_ENVELOPE}",
+                    server.max_event_bytes, delivery.max_batch_bytes
+                ),
+            );
+        }
         let log = self.log.validate()?;
         let accounts = validate_accounts(self.accounts, &delivery, upstream.sandbox)?;
         Ok(Settings {
@@ -352,6 +366,12 @@ impl RawServer {
                 0 => return err("server.max_events_per_request", "must be greater than 0"),
                 n => usize::try_from(n)
                     .or_else(|_| err("server.max_events_per_request", "is too large"))?,
+            },
+            max_event_bytes: match size("server.max_event_bytes", &s.max_event_bytes)? {
+                0 => return err("server.max_event_bytes", "must be greater than 0"),
+                n => {
+                    usize::try_from(n).or_else(|_| err("server.max_event_bytes", "is too large"))?
+                }
             },
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         })
@@ -404,6 +424,16 @@ impl RawDelivery {
         }
         let delivery = Delivery {
             max_batch: d.max_batch as usize,
+            max_batch_bytes: match size("delivery.max_batch_bytes", &d.max_batch_bytes)? {
+                n if n < 1024 => {
+                    return err(
+                        "delivery.max_batch_bytes",
+                        "must be at least 1KiB (one conversion and the request around it)",
+                    )
+                }
+                n => usize::try_from(n)
+                    .or_else(|_| err("delivery.max_batch_bytes", "is too large"))?,
+            },
             linger: duration("delivery.linger", &d.linger)?,
             max_event_age: duration("delivery.max_event_age", &d.max_event_age)?,
             dedup_window: duration("delivery.dedup_window", &d.dedup_window)?,

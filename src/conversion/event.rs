@@ -8,7 +8,7 @@
 
 use super::identifiers::{hashed_email, hashed_phone, prehashed, twclid_from_url};
 use super::values::{currency, money, parse_time, positive_int, price, wire_time};
-use super::wire::{Content, Conversion, Identifier};
+use super::wire::{json_len, Content, Conversion, Identifier};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -44,6 +44,8 @@ impl AccountRules {
 pub struct Rules {
     pub accounts: BTreeMap<String, AccountRules>,
     pub max_event_age: Duration,
+    /// An accepted conversion's size in X's JSON at most (`server.max_event_bytes`).
+    pub max_event_bytes: usize,
 }
 
 impl Rules {
@@ -173,25 +175,59 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         };
     }
 
-    match (event_id, conversion_time) {
-        (Some(event_id), Some(t)) if errs.is_empty() => Judgement::Accepted {
-            account: account_name,
-            event_name,
-            conversion: Conversion {
-                conversion_time: wire_time(t),
-                event_id,
-                identifiers,
-                conversion_id,
-                value,
-                price_currency,
-                number_items,
-                description,
-                contents,
-                event_source_url: event_source_url.map(String::from),
-            },
+    let conversion = match (event_id, conversion_time) {
+        (Some(event_id), Some(t)) if errs.is_empty() => Conversion {
+            conversion_time: wire_time(t),
+            event_id,
+            identifiers,
+            conversion_id,
+            value,
+            price_currency,
+            number_items,
+            description,
+            contents,
+            event_source_url: event_source_url.map(String::from),
         },
-        _ => Judgement::Rejected(errs),
+        _ => return Judgement::Rejected(errs),
+    };
+    if let Err(too_large) = within_size(&conversion, rules.max_event_bytes) {
+        return Judgement::Rejected(vec![too_large]);
     }
+    Judgement::Accepted {
+        account: account_name,
+        event_name,
+        conversion,
+    }
+}
+
+/// `Ok` when the conversion fits `max` bytes of X's JSON; else the error naming the field that makes it
+/// large (it could never be sent: a batch is capped by bytes too).
+fn within_size(c: &Conversion, max: usize) -> Result<(), FieldError> {
+    let len = c.wire_len();
+    if len <= max {
+        return Ok(());
+    }
+    let fields = [
+        ("description", c.description.as_ref().map_or(0, json_len)),
+        ("contents", c.contents.as_ref().map_or(0, json_len)),
+        (
+            "event_source_url",
+            c.event_source_url.as_ref().map_or(0, json_len),
+        ),
+        ("identifiers", json_len(&c.identifiers)),
+        ("conversion_id", json_len(&c.conversion_id)),
+    ];
+    let (field, _) = fields
+        .iter()
+        .max_by_key(|(_, n)| *n)
+        .copied()
+        .unwrap_or(("", 0));
+    Err(FieldError::new(
+        field,
+        format!(
+            "makes the event {len} bytes, more than server.max_event_bytes ({max}); shorten it"
+        ),
+    ))
 }
 
 /// Whether the user opted out; unclear consent is an error (such an event is never sent).
@@ -600,6 +636,7 @@ mod tests {
         Rules {
             accounts,
             max_event_age: Duration::from_secs(7 * 86400),
+            max_event_bytes: 64 << 10,
         }
     }
 
@@ -935,6 +972,28 @@ mod tests {
         );
         assert!(wire.contains("\"content_price\":0.0"), "{wire}");
         assert!(!wire.contains("e+") && !wire.contains("-0.0"), "{wire}");
+    }
+
+    #[test]
+    fn an_event_larger_than_max_event_bytes_is_rejected_naming_what_makes_it_large() {
+        let errors =
+            reject(json!({"event": "purchase", "twclid": "t", "description": "x".repeat(70_000)}));
+        assert_eq!(fields(&errors), ["description"]);
+        assert!(
+            errors[0].message.contains("server.max_event_bytes (65536)"),
+            "{errors:?}"
+        );
+        let contents: Vec<Value> = (0..2000)
+            .map(|i| json!({"content_id": format!("item-{i}"), "content_name": "a blanket"}))
+            .collect();
+        assert_eq!(
+            fields(&reject(
+                json!({"event": "purchase", "twclid": "t", "contents": contents})
+            )),
+            ["contents"]
+        );
+        // Just under the bound: taken.
+        accept(json!({"event": "purchase", "twclid": "t", "description": "x".repeat(60_000)}));
     }
 
     #[test]

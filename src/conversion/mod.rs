@@ -13,7 +13,7 @@ pub use event::{
     derive_conversion_id, events_of, is_base36_id, map_event, AccountRules, FieldError, Judgement,
     Rules,
 };
-pub use wire::{Batch, Content, Conversion, Identifier};
+pub use wire::{json_len, Batch, Content, Conversion, Identifier, BATCH_ENVELOPE};
 
 #[cfg(test)]
 mod known_answers {

@@ -124,6 +124,34 @@ fn plain_price<S: Serializer>(price: &Option<f64>, s: S) -> Result<S::Ok, S::Err
     }
 }
 
+/// Bytes of `{"conversions":[]}` around the conversions of a batch.
+pub const BATCH_ENVELOPE: usize = 18;
+
+impl Conversion {
+    /// Its size in X's JSON (as it goes in a batch), without building the text.
+    pub fn wire_len(&self) -> usize {
+        json_len(self)
+    }
+}
+
+/// The length of `value`'s JSON, counted as it is written.
+pub fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing into a counter cannot fail, and every wire type serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// The request body X expects.
 #[derive(Debug, Serialize)]
 pub struct Batch<'a> {

@@ -21,7 +21,7 @@ pub mod policy;
 mod tests;
 
 use crate::clock::Clock;
-use crate::conversion::Conversion;
+use crate::conversion::{Conversion, BATCH_ENVELOPE};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::reasons::{DeadLetterReason, PauseReason};
@@ -38,6 +38,8 @@ use tokio::time::Instant;
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     pub max_batch: usize,
+    /// One request body at most (bytes of X's JSON); a batch is cut there whatever its count.
+    pub max_batch_bytes: usize,
     pub linger: Duration,
     pub max_event_age: Duration,
     pub retry_base: Duration,
@@ -227,6 +229,9 @@ impl Dispatcher {
             if batch.is_empty() {
                 continue;
             }
+            if let Some(rest) = self.split_to_bytes(&mut batch) {
+                work.push(rest);
+            }
             if let Some(rest) = self.split_to_budget(&mut batch) {
                 work.push(rest);
             }
@@ -242,6 +247,19 @@ impl Dispatcher {
             }
         }
         true
+    }
+
+    /// When the batch's body would pass `max_batch_bytes`, the part to send after it (the batch keeps at
+    /// least one conversion: ingest bounds one event's size well below the cap).
+    fn split_to_bytes(&self, batch: &mut Vec<Entry>) -> Option<Vec<Entry>> {
+        let mut size = BATCH_ENVELOPE;
+        let cut = batch.iter().position(|e| {
+            // A conversion and the comma before it.
+            size += e.record.conversion.wire_len() + 1;
+            size > self.settings.max_batch_bytes
+        })?;
+        let at = cut.max(1);
+        (at < batch.len()).then(|| batch.split_off(at))
     }
 
     /// When the budget allows fewer events than the batch holds, the part to send later: the rest goes now

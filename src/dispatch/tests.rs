@@ -15,6 +15,8 @@ use std::collections::HashMap;
 struct Call {
     at: Duration,
     ids: Vec<String>,
+    /// The request body's size in bytes.
+    bytes: usize,
 }
 
 type Respond = dyn Fn(usize, &[Conversion]) -> Outcome + Send + Sync;
@@ -42,6 +44,7 @@ impl Transport for Scripted {
                         .iter()
                         .map(|c| c.conversion_id.clone())
                         .collect(),
+                    bytes: crate::conversion::json_len(&crate::conversion::Batch { conversions }),
                 });
                 calls.len() - 1
             };
@@ -89,6 +92,7 @@ fn refuse_bad(_: usize, conversions: &[Conversion]) -> Outcome {
 fn settings() -> DispatchSettings {
     DispatchSettings {
         max_batch: 10,
+        max_batch_bytes: 1 << 20,
         linger: Duration::from_millis(200),
         max_event_age: Duration::from_secs(7 * 86400),
         retry_base: Duration::from_secs(1),
@@ -324,6 +328,43 @@ async fn a_budget_smaller_than_the_batch_sends_what_it_allows_now() {
         "{waited:?}"
     );
     assert_eq!(calls[2].ids, ids("b", 100)[40..].to_vec());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_cut_by_bytes_as_well_as_by_count() {
+    let cap = 600;
+    let h = start(
+        Setup {
+            settings: DispatchSettings {
+                max_batch: 10,
+                max_batch_bytes: cap,
+                ..settings()
+            },
+            ..Setup::default()
+        },
+        |_, _| ok(),
+    );
+    let all = ids("c", 10);
+    h.append(&strs(&all)).await;
+    h.run_for(Duration::from_secs(1)).await;
+    let calls = h.calls();
+    let one =
+        crate::conversion::json_len(&Conversion::minimal(&wire_time(ORIGIN), "o9d2g", "t", "c0"));
+    assert!(
+        calls.len() > 1,
+        "ten conversions of {one} bytes do not fit {cap} bytes"
+    );
+    for c in &calls {
+        assert!(c.bytes <= cap, "{} bytes", c.bytes);
+    }
+    let sent: Vec<String> = calls.iter().flat_map(|c| c.ids.clone()).collect();
+    assert_eq!(sent, all, "all of them, once, in order");
+    // Each batch was as full as the cap allows: adding the next conversion would have passed it.
+    for pair in calls.windows(2) {
+        assert!(pair[0].bytes + one + 1 > cap, "{:?}", pair[0]);
+    }
+    assert_eq!(h.spool.backlog("acme"), 0);
     h.stop().await;
 }
 

@@ -487,6 +487,7 @@ fn rules() -> Rules {
             })
             .collect(),
         max_event_age: Duration::from_secs(86400),
+        max_event_bytes: 64 << 10,
     }
 }
 

@@ -67,6 +67,7 @@ fn state_stopped_by(
         rules: Rules {
             accounts,
             max_event_age: Duration::from_secs(7 * 86400),
+            max_event_bytes: 64 << 10,
         },
         spool,
         keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),

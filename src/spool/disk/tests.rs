@@ -357,6 +357,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
         rules: crate::conversion::Rules {
             accounts: Default::default(),
             max_event_age: Duration::from_secs(86400),
+            max_event_bytes: 64 << 10,
         },
         spool: spool.clone(),
         keys: crate::api::ApiKeys::new(&[], true),
