@@ -607,3 +607,74 @@ async fn accounts_of_one_ad_account_share_its_budget() {
         "{busiest} conversions of one ad account within 3 s from {start}"
     );
 }
+
+/// Issue 10's hostile run: events of megabytes accepted ahead of a small one. X refuses large bodies
+/// (the fake, like X, answers 413 or closes under them): the gateway splits, never backs off, delivers
+/// what X takes, dead-letters what it refuses even alone, and the small event goes out promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_events_never_block_the_small_one_behind_them() {
+    let mut stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            UNBUDGETED,
+            ("GATEWAY_SERVER__MAX_BODY_BYTES", "16777216"),
+            ("GATEWAY_SERVER__MAX_EVENT_BYTES", "3MiB"),
+            ("GATEWAY_DELIVERY__MAX_BATCH_BYTES", "8MiB"),
+            ("GATEWAY_DELIVERY__LINGER", "300ms"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let big = |id: &str, bytes: usize| json!({"account": "acme", "event": "purchase", "twclid": "t", "conversion_id": id, "description": "x".repeat(bytes)});
+    // Four of 1.5 MB (together far more than X takes), one of 2.5 MB (more than X takes even alone).
+    let mut list: Vec<Value> = (0..4).map(|i| big(&format!("big-{i}"), 3 << 19)).collect();
+    list.push(big("huge", 5 << 19));
+    list.push(
+        json!({"account": "acme", "event": "purchase", "twclid": "t", "conversion_id": "small"}),
+    );
+    for e in &list {
+        assert_eq!(post_events(&http, &stack.ingest_url, e).await.status(), 202);
+    }
+    let started = Instant::now();
+    let want: HashSet<String> = ["small", "big-0", "big-1", "big-2", "big-3"]
+        .map(String::from)
+        .into();
+    wait_received(&http, &stack.fake_url, &want, Duration::from_secs(30)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}: no backoff on a body too large",
+        started.elapsed()
+    );
+    let requests = fake_requests(&http, &stack.fake_url).await;
+    assert!(
+        requests
+            .iter()
+            .all(|r| r["status"] == 200 || r["status"] == 413),
+        "only accepted or too large: {:?}",
+        requests
+            .iter()
+            .map(|r| r["status"].clone())
+            .collect::<Vec<_>>()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(stack.stop_gateway("TERM").success());
+    let spool = DiskSpool::open(spool_opts(stack.dir.path().join("spool"))).unwrap();
+    let dead = spool
+        .dead_letters(DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.len(),
+        1,
+        "{:?}",
+        dead.iter()
+            .map(|d| (&d.reason, &d.message))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(dead[0].reason.as_str(), "too_large");
+    assert_eq!(dead[0].conversion.as_ref().unwrap().conversion_id, "huge");
+    assert_eq!(spool.backlog("acme"), 0);
+    spool.close().await.unwrap();
+}
