@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use conversion_gateway::spool::{DeadLetterQuery, DeadLetterStore, DiskSpool, Queue};
+use conversion_gateway::spool::{DeadLetter, DeadLetterQuery, DeadLetterStore, DiskSpool, Queue};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,20 @@ async fn fault(http: &reqwest::Client, fake_url: &str, spec: Value) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// Stops the gateway (SIGTERM, a clean exit), opens its spool and reads its first dead letters.
+async fn dead_letters_after_stop(stack: &mut Stack) -> (Arc<DiskSpool>, Vec<DeadLetter>) {
+    assert!(stack.stop_gateway("TERM").success());
+    let spool = DiskSpool::open(spool_opts(stack.dir.path().join("spool"))).unwrap();
+    let dead = spool
+        .dead_letters(DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (spool, dead)
 }
 
 /// (arrival ms, conversions) of every request the fake accepted, in arrival order.
@@ -85,15 +99,7 @@ async fn a_poison_event_is_isolated_and_dead_lettered_the_rest_delivered() {
     let requests = fake_requests(&http, &stack.fake_url).await;
     assert!(requests.len() <= 1 + 2 * 9, "{} requests", requests.len());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(stack.stop_gateway("TERM").success());
-    let spool = DiskSpool::open(spool_opts(stack.dir.path().join("spool"))).unwrap();
-    let dead = spool
-        .dead_letters(DeadLetterQuery {
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (spool, dead) = dead_letters_after_stop(&mut stack).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].conversion.as_ref().unwrap().conversion_id, "p-137");
     assert_eq!(dead[0].reason.as_str(), "rejected");
@@ -656,15 +662,7 @@ async fn oversized_events_never_block_the_small_one_behind_them() {
             .collect::<Vec<_>>()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(stack.stop_gateway("TERM").success());
-    let spool = DiskSpool::open(spool_opts(stack.dir.path().join("spool"))).unwrap();
-    let dead = spool
-        .dead_letters(DeadLetterQuery {
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (spool, dead) = dead_letters_after_stop(&mut stack).await;
     assert_eq!(
         dead.len(),
         1,

@@ -476,43 +476,48 @@ impl Dispatcher {
                 "the stored record ({} bytes) does not decode: {}",
                 r.raw_bytes, r.error
             );
-            let reason = DeadLetterReason::Corrupt;
-            match self
-                .spool
-                .dead_letter(self.account(), &[r.id], reason, &message)
+            if self
+                .move_to_dead_letters(&[r.id], DeadLetterReason::Corrupt, &message)
                 .await
             {
-                Ok(()) => {
-                    self.status().dead_lettered += 1;
-                    self.metrics.dead_lettered(self.account(), reason, 1);
-                    tracing::error!(account = %self.account(), id = r.id, raw_bytes = r.raw_bytes, error = %r.error, "a stored record does not decode; dead-lettered as corrupt");
-                }
-                Err(e) => {
-                    tracing::error!(account = %self.account(), error = %e, "cannot dead-letter a corrupt record; it stays in the spool")
-                }
+                tracing::error!(account = %self.account(), id = r.id, raw_bytes = r.raw_bytes, error = %r.error, "a stored record does not decode; dead-lettered as corrupt");
             }
         }
     }
 
     async fn dead_letter(&self, entries: &[Entry], reason: DeadLetterReason, message: &str) {
         let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+        if self.move_to_dead_letters(&ids, reason, message).await {
+            let conversion_ids: Vec<&str> = entries
+                .iter()
+                .map(|e| e.record.conversion.conversion_id.as_str())
+                .collect();
+            tracing::warn!(account = %self.account(), %reason, count = ids.len(), ?conversion_ids, x_message = %message, "dead-lettered");
+        }
+    }
+
+    /// Moves `ids` to the dead letters and counts them (status, metrics); `false`, logged, when the spool
+    /// could not, in which case they stay waiting.
+    async fn move_to_dead_letters(
+        &self,
+        ids: &[u64],
+        reason: DeadLetterReason,
+        message: &str,
+    ) -> bool {
         match self
             .spool
-            .dead_letter(self.account(), &ids, reason, message)
+            .dead_letter(self.account(), ids, reason, message)
             .await
         {
             Ok(()) => {
                 self.status().dead_lettered += ids.len() as u64;
                 self.metrics
                     .dead_lettered(self.account(), reason, ids.len() as u64);
-                let conversion_ids: Vec<&str> = entries
-                    .iter()
-                    .map(|e| e.record.conversion.conversion_id.as_str())
-                    .collect();
-                tracing::warn!(account = %self.account(), %reason, count = ids.len(), ?conversion_ids, x_message = %message, "dead-lettered");
+                true
             }
             Err(e) => {
-                tracing::error!(account = %self.account(), error = %e, "cannot dead-letter; the events stay in the spool")
+                tracing::error!(account = %self.account(), %reason, error = %e, "cannot dead-letter; the events stay in the spool");
+                false
             }
         }
     }

@@ -187,7 +187,6 @@ impl DiskSpool {
             hold_next_commit: None,
         };
         let (fatal_tx, fatal) = watch::channel(None);
-        let on_stop = shared.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || {
@@ -200,7 +199,7 @@ impl DiskSpool {
                         cause,
                         "the spool's storage thread stopped; no event can be kept"
                     );
-                    lock(&on_stop).unhealthy = Some(why.clone());
+                    // `health` reads the cause from here first.
                     fatal_tx.send_replace(Some(why));
                 }
                 // Only now do callers' commands fail: readiness already says why.
