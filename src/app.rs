@@ -6,7 +6,7 @@
 //! readiness fails, the servers finish their requests, each dispatcher lets its request in flight finish
 //! and its ack commit, and the spool is closed last (what was not sent stays in it).
 
-use crate::api::{self, AccountView, AdminState, ApiKeys, AppState};
+use crate::api::{self, AccountView, AdminState, ApiKeys, AppState, ServeOptions};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
@@ -15,7 +15,6 @@ use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, Trigger};
 use crate::spool::{DiskSpool, DiskSpoolOptions, Queue, Spool, SpoolStats};
 use crate::upstream::{self, Target, Transport};
-use axum::serve::ListenerExt;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -64,6 +63,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         ),
         max_body_bytes: settings.server.max_body_bytes,
         max_events_per_request: settings.server.max_events_per_request,
+        body_budget: api::body_budget::BodyBudget::new(settings.server.max_inflight_body_bytes),
         shutdown: shutdown.clone(),
         now: chrono::Utc::now,
         metrics: metrics.clone(),
@@ -90,24 +90,22 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         limiter,
     });
     let mut servers = JoinSet::new();
-    // Answers are small and go out whole: no Nagle delay on them.
-    let ingest = ingest.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let ingest_server =
-        axum::serve(ingest, api::app(state)).with_graceful_shutdown(shutdown.clone().wait());
-    let admin_server = axum::serve(admin, api::admin_app(admin_state))
-        .with_graceful_shutdown(shutdown.clone().wait());
-    servers.spawn(async move {
-        if let Err(e) = ingest_server.await {
-            tracing::error!(error = %e, "ingest listener failed");
-        }
-    });
-    servers.spawn(async move {
-        if let Err(e) = admin_server.await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
+    let serve = |nodelay| ServeOptions {
+        header_timeout: settings.server.header_timeout,
+        nodelay,
+    };
+    servers.spawn(api::serve(
+        ingest,
+        api::app(state),
+        shutdown.clone(),
+        serve(true),
+    ));
+    servers.spawn(api::serve(
+        admin,
+        api::admin_app(admin_state),
+        shutdown.clone(),
+        serve(false),
+    ));
     Ok(Running {
         ingest_addr,
         admin_addr,

@@ -4,15 +4,17 @@
 //! Invariants: raw email and phone numbers live only in this request's memory; `202` is answered only
 //! after the spool took the accepted events; one bad event never affects the others of the request.
 
+use super::body_budget::{BodyBudget, Lease};
 use super::{AppState, Problem};
 use crate::conversion::{events_of, map_event, FieldError, Judgement};
 use crate::reasons::IngestOutcome;
 use crate::spool::{Admission, Record};
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::BytesMut;
 use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::Value;
@@ -104,63 +106,101 @@ fn content_encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
     }
 }
 
-/// A gzip body, decompressed under `limit`: a body that inflates past it (a zip bomb) is a `413`, and is
-/// never inflated further than the limit.
-fn gunzip(compressed: &[u8], limit: usize) -> Result<axum::body::Bytes, Problem> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(compressed)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| {
-            Problem::bad_request(format!("the gzip body could not be decompressed: {e}"))
-        })?;
-    if out.len() > limit {
-        return Err(Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            "Payload too large",
-            format!("the decompressed body is larger than server.max_body_bytes ({limit} bytes); send fewer events per request"),
-        ));
-    }
-    Ok(out.into())
+fn too_large(what: &str, limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload-too-large",
+        "Payload too large",
+        format!("the {what} is larger than server.max_body_bytes ({limit} bytes); send fewer events per request"),
+    )
 }
 
+/// The `503` of a body the in-flight budget has no room for.
+fn shed(budget: &BodyBudget) -> Problem {
+    Problem::unavailable(
+        format!(
+            "the gateway is reading as many request bodies as server.max_inflight_body_bytes ({} bytes) allows; nothing of this request was read, retry in a moment",
+            budget.total()
+        ),
+        1,
+    )
+}
+
+/// A gzip body, decompressed under `limit` and held in `lease` as it inflates: a body that inflates past
+/// the limit (a zip bomb) is a `413`, and is never inflated further than the limit.
+fn gunzip(
+    compressed: &[u8],
+    limit: usize,
+    lease: &mut Lease,
+    budget: &BodyBudget,
+) -> Result<Bytes, Problem> {
+    use std::io::Read;
+    const STEP: usize = 64 << 10;
+    let mut decoder = flate2::read::GzDecoder::new(compressed);
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        if before > limit {
+            return Err(too_large("decompressed body", limit));
+        }
+        if !lease.hold(compressed.len() + before + STEP) {
+            return Err(shed(budget));
+        }
+        let n = (&mut decoder)
+            .take(STEP as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                Problem::bad_request(format!("the gzip body could not be decompressed: {e}"))
+            })?;
+        if n == 0 {
+            return Ok(out.into());
+        }
+    }
+}
+
+/// Reads the body under `limit`, holding its bytes in `lease` as they arrive: a declared length is held
+/// before anything is read, a chunked body frame by frame. An oversized body is never buffered whole.
 async fn read_body(
-    body: Body,
+    mut body: Body,
     limit: usize,
     headers: &HeaderMap,
-) -> Result<axum::body::Bytes, Problem> {
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            "Payload too large",
-            format!("the body is larger than server.max_body_bytes ({limit} bytes); send fewer events per request"),
-        )
-    };
+    lease: &mut Lease,
+    budget: &BodyBudget,
+) -> Result<Bytes, Problem> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Err(too_large("body", limit));
     }
-    // Limited stops reading as soon as the limit is passed: an oversized body is never buffered whole.
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
+    let declared = declared.map_or(0, |n| n as usize);
+    if !lease.hold(declared) {
+        return Err(shed(budget));
+    }
+    let mut buf = BytesMut::with_capacity(declared);
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| Problem::bad_request("the request body could not be read"))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = buf.len() + data.len();
+        if len > limit {
+            return Err(too_large("body", limit));
         }
-        Err(_) => Err(Problem::bad_request("the request body could not be read")),
+        if !lease.hold(len) {
+            return Err(shed(budget));
+        }
+        buf.extend_from_slice(&data);
     }
+    Ok(buf.freeze())
 }
 
 async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
-    let events = read_events(st, request).await?;
+    // Held until the answer is made: the body, its events and their records live that long.
+    let mut lease = st.body_budget.lease();
+    let events = read_events(st, request, &mut lease).await?;
     let now = (st.now)();
     let mut out = IngestResponse {
         accepted: 0,
@@ -191,7 +231,11 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
 
 /// The request's events, once it is allowed in (not shutting down, authenticated, JSON, within the
 /// size and count limits).
-async fn read_events(st: &AppState, request: Request) -> Result<Vec<Value>, Problem> {
+async fn read_events(
+    st: &AppState,
+    request: Request,
+    lease: &mut Lease,
+) -> Result<Vec<Value>, Problem> {
     if st.is_shutting_down() {
         return Err(Problem::unavailable(
             "the gateway is shutting down; retry against another instance or in a moment",
@@ -204,10 +248,11 @@ async fn read_events(st: &AppState, request: Request) -> Result<Vec<Value>, Prob
         .map_err(Problem::unauthorized)?;
     check_content_type(&parts.headers)?;
     let encoding = content_encoding(&parts.headers)?;
-    let bytes = read_body(body, st.max_body_bytes, &parts.headers).await?;
+    let budget = &st.body_budget;
+    let bytes = read_body(body, st.max_body_bytes, &parts.headers, lease, budget).await?;
     let bytes = match encoding {
         Encoding::Identity => bytes,
-        Encoding::Gzip => gunzip(&bytes, st.max_body_bytes)?,
+        Encoding::Gzip => gunzip(&bytes, st.max_body_bytes, lease, budget)?,
     };
     let parsed: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;

@@ -4,12 +4,16 @@
 
 pub mod admin;
 pub mod auth;
+pub mod body_budget;
+mod explained;
 pub mod ingest;
 pub mod problem;
+mod server;
 
 pub use admin::{admin_app, AccountView, AdminState};
 pub use auth::ApiKeys;
 pub use problem::Problem;
+pub use server::{serve, ServeOptions};
 
 use crate::conversion::Rules;
 use crate::metrics::Metrics;
@@ -32,6 +36,8 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
+    /// Bytes of request bodies in flight (`server.max_inflight_body_bytes`).
+    pub body_budget: Arc<body_budget::BodyBudget>,
     /// Once it fires, new requests get 503.
     pub shutdown: crate::shutdown::Shutdown,
     /// The clock (replaceable in tests).

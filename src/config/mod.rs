@@ -97,6 +97,11 @@ pub struct Server {
     pub max_events_per_request: usize,
     /// One event's size in X's JSON at most; a larger one is rejected at ingest, naming the field.
     pub max_event_bytes: usize,
+    /// Bytes of request bodies being read and parsed at once; a body beyond it is shed with a 503.
+    pub max_inflight_body_bytes: usize,
+    /// A request's headers must arrive within this.
+    #[serde(serialize_with = "serialize_duration")]
+    pub header_timeout: Duration,
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
 }
@@ -233,6 +238,8 @@ admin_api_keys = []
 max_body_bytes = 1048576
 max_events_per_request = 1000
 max_event_bytes = "64KiB"
+max_inflight_body_bytes = "64MiB"
+header_timeout = "10s"
 shutdown_timeout = "20s"
 
 [spool]
@@ -345,6 +352,8 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(s.delivery.max_batch, 500);
         assert_eq!(s.delivery.max_batch_bytes, 1 << 20);
         assert_eq!(s.server.max_event_bytes, 64 << 10);
+        assert_eq!(s.server.max_inflight_body_bytes, 64 << 20);
+        assert_eq!(s.server.header_timeout, Duration::from_secs(10));
         assert_eq!(s.delivery.max_event_age, Duration::from_secs(7 * 86400));
         assert_eq!(s.upstream.base_url, "https://ads-api.x.com");
         let a = &s.accounts["acme"];
@@ -461,6 +470,16 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
                 "api_keys = [\"k1\"]",
                 "api_keys = [\"k1\"]\nmax_event_bytes = \"2MiB\"",
                 "server.max_event_bytes",
+            ),
+            (
+                "api_keys = [\"k1\"]",
+                "api_keys = [\"k1\"]\nmax_inflight_body_bytes = \"512KiB\"",
+                "server.max_inflight_body_bytes",
+            ),
+            (
+                "api_keys = [\"k1\"]",
+                "api_keys = [\"k1\"]\nheader_timeout = \"0s\"",
+                "server.header_timeout",
             ),
             ("pixel_id = \"o9d7n\"", "", "accounts.acme.pixel_id"),
             (

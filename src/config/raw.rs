@@ -39,6 +39,10 @@ struct RawServer {
     #[serde(deserialize_with = "text")]
     max_event_bytes: String,
     #[serde(deserialize_with = "text")]
+    max_inflight_body_bytes: String,
+    #[serde(deserialize_with = "text")]
+    header_timeout: String,
+    #[serde(deserialize_with = "text")]
     shutdown_timeout: String,
 }
 
@@ -315,6 +319,15 @@ impl RawSettings {
     pub(super) fn validate(self) -> Result<Settings, ConfigError> {
         // Section by section, in this order: the first error found is the one reported.
         let server = self.server.validate()?;
+        if server.max_inflight_body_bytes < server.max_body_bytes {
+            return err(
+                "server.max_inflight_body_bytes",
+                format!(
+                    "is {}; it must hold at least one body of server.max_body_bytes ({})",
+                    server.max_inflight_body_bytes, server.max_body_bytes
+                ),
+            );
+        }
         let upstream = self.upstream.validate()?;
         let delivery = self.delivery.validate()?;
         if server.max_event_bytes + BATCH_ENVELOPE > delivery.max_batch_bytes {
@@ -372,6 +385,18 @@ impl RawServer {
                 n => {
                     usize::try_from(n).or_else(|_| err("server.max_event_bytes", "is too large"))?
                 }
+            },
+            max_inflight_body_bytes: match size(
+                "server.max_inflight_body_bytes",
+                &s.max_inflight_body_bytes,
+            )? {
+                0 => return err("server.max_inflight_body_bytes", "must be greater than 0"),
+                n => usize::try_from(n)
+                    .or_else(|_| err("server.max_inflight_body_bytes", "is too large"))?,
+            },
+            header_timeout: match duration("server.header_timeout", &s.header_timeout)? {
+                d if d.is_zero() => return err("server.header_timeout", "must be greater than 0"),
+                d => d,
             },
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         })

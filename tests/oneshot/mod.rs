@@ -73,6 +73,7 @@ fn state_stopped_by(
         keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),
         max_body_bytes: 4096,
         max_events_per_request: 5,
+        body_budget: conversion_gateway::api::body_budget::BodyBudget::new(64 << 20),
         shutdown,
         now: chrono::Utc::now,
         metrics: Arc::new(Metrics::new(accounts_names.iter().copied())),

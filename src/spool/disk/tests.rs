@@ -363,6 +363,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
         keys: crate::api::ApiKeys::new(&[], true),
         max_body_bytes: 1024,
         max_events_per_request: 10,
+        body_budget: crate::api::body_budget::BodyBudget::new(64 << 20),
         shutdown: crate::shutdown::Shutdown::never(),
         now: chrono::Utc::now,
         metrics,

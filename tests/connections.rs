@@ -1,0 +1,158 @@
+//! The gateway as a raw TCP client sees it: hyper's parse-error answers carry problem bodies, headers
+//! must arrive within `server.header_timeout`, and a stop refuses new connections and is never held
+//! up by a client trickling headers.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+fn ingest_addr(stack: &Stack) -> SocketAddr {
+    stack
+        .ingest_url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Writes `request` on a fresh connection and reads until the server closes it.
+fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code, the head and the JSON body of an answer that must be a problem.
+fn problem(answer: &str) -> (u16, String, serde_json::Value) {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {answer:?}"));
+    let code = head.get(9..12).unwrap().parse().unwrap();
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/problem+json"),
+        "{head}"
+    );
+    assert!(
+        lower.contains(&format!("content-length: {}", body.len())),
+        "{head}"
+    );
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    (code, head.to_owned(), json)
+}
+
+#[test]
+fn requests_hyper_cannot_parse_get_problem_bodies() {
+    let stack = start_stack();
+    let addr = ingest_addr(&stack);
+    let post = "POST /v1/events HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n";
+
+    let two_lengths = format!("{post}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}");
+    let (code, _, body) = problem(&exchange(addr, two_lengths.as_bytes()));
+    assert_eq!(code, 400);
+    assert_eq!(body["type"], "urn:conversion-gateway:problem:bad-request");
+    assert!(body["detail"].as_str().unwrap().contains("Content-Length"));
+
+    let nul = format!("{post}X-Note: a\0b\r\nContent-Length: 2\r\n\r\n{{}}");
+    let (code, _, _) = problem(&exchange(addr, nul.as_bytes()));
+    assert_eq!(code, 400);
+
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let too_many = format!("{post}{many}Content-Length: 2\r\n\r\n{{}}");
+    let (code, _, body) = problem(&exchange(addr, too_many.as_bytes()));
+    assert_eq!(code, 431);
+    assert_eq!(
+        body["type"],
+        "urn:conversion-gateway:problem:headers-too-large"
+    );
+
+    // The handlers' own errors are unchanged: still one problem each, on a connection kept open.
+    let unknown = exchange(
+        addr,
+        b"GET /nowhere HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+    );
+    let (code, _, body) = problem(&unknown);
+    assert_eq!(code, 404);
+    assert_eq!(body["type"], "urn:conversion-gateway:problem:not-found");
+    // And the gateway still serves after all of them.
+    assert!(get_ok(&format!("{}/readyz", stack.admin_url)));
+}
+
+/// Opens a connection that sends a request's first line and then one header byte every 100 ms, until
+/// the server closes it; returns when it did.
+fn trickle(addr: SocketAddr) -> std::thread::JoinHandle<Duration> {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let _ = tcp.write_all(b"POST /v1/events HTTP/1.1\r\nHost: gateway\r\nX-Slow: ");
+        while start.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(100));
+            if tcp.write_all(b"a").is_err() {
+                break;
+            }
+            // A closed connection shows as EOF on a read that does not block.
+            tcp.set_nonblocking(true).unwrap();
+            let mut one = [0u8; 1];
+            let closed = matches!(tcp.read(&mut one), Ok(0));
+            tcp.set_nonblocking(false).unwrap();
+            if closed {
+                break;
+            }
+        }
+        start.elapsed()
+    })
+}
+
+#[test]
+fn headers_must_arrive_within_the_header_timeout() {
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[("GATEWAY_SERVER__HEADER_TIMEOUT", "1s")],
+    );
+    let slow = trickle(ingest_addr(&stack));
+    let held = slow.join().unwrap();
+    // Cut off by the timeout, not by the test's own two-minute limit.
+    assert!(held < Duration::from_secs(60), "held for {held:?}");
+    assert!(get_ok(&format!("{}/readyz", stack.admin_url)));
+}
+
+#[test]
+fn a_stop_refuses_new_connections_and_is_not_held_by_trickling_headers() {
+    let mut stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_SERVER__HEADER_TIMEOUT", "5m"),
+            ("GATEWAY_SERVER__SHUTDOWN_TIMEOUT", "5m"),
+        ],
+    );
+    let addr = ingest_addr(&stack);
+    let slow = trickle(addr);
+    // An idle keep-alive connection, too.
+    let idle = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stack.gateway.signal("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = TcpStream::connect(addr).is_err();
+    let alive = stack.gateway.child.try_wait().unwrap().is_none();
+    assert!(
+        refused && alive,
+        "while stopping, new connections are refused (refused {refused}, still running {alive})"
+    );
+    let exited = stack.gateway.wait_exit(Duration::from_secs(120));
+    let status = exited.expect("the gateway did not exit");
+    assert!(status.success(), "{status:?}\n{}", stack.gateway.log_text());
+    let held = slow.join().unwrap();
+    // Five minutes of header timeout and of shutdown timeout: a prompt exit means the stop cut it off.
+    assert!(
+        held < Duration::from_secs(60),
+        "the trickler held on for {held:?}"
+    );
+    drop(idle);
+}
