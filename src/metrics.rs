@@ -30,6 +30,8 @@ pub struct Metrics {
     batch_size: HistogramVec,
     spool_events: IntGaugeVec,
     spool_bytes: IntGauge,
+    spool_bound_used: IntGauge,
+    spool_max_bytes: IntGauge,
     spool_oldest: GaugeVec,
     spool_writable: IntGauge,
     dead_letters_stored: IntGauge,
@@ -46,6 +48,7 @@ pub struct SpoolSnapshot {
     /// Per configured account: waiting events and the oldest one's acceptance time (epoch seconds).
     pub accounts: Vec<(String, u64, Option<f64>)>,
     pub bytes: u64,
+    pub bound: crate::spool::BoundUsage,
     pub writable: bool,
     pub dead_letters: u64,
     /// Dead letters evicted since the spool was made (persisted, so it survives restarts).
@@ -132,6 +135,20 @@ impl Metrics {
         let spool_bytes = register(
             &registry,
             IntGauge::new(name("spool_bytes"), "Bytes of events waiting in the spool."),
+        );
+        let spool_bound_used = register(
+            &registry,
+            IntGauge::new(
+                name("spool_bound_used_bytes"),
+                "What counts against spool.max_bytes: for the disk spool, what its files take (waiting events, dead letters, dedup entries, page overhead).",
+            ),
+        );
+        let spool_max_bytes = register(
+            &registry,
+            IntGauge::new(
+                name("spool_max_bytes"),
+                "The spool's byte bound (spool.max_bytes); ingest answers 503 when spool_bound_used_bytes reaches it.",
+            ),
         );
         let spool_oldest = register(
             &registry,
@@ -244,6 +261,8 @@ impl Metrics {
             batch_size,
             spool_events,
             spool_bytes,
+            spool_bound_used,
+            spool_max_bytes,
             spool_oldest,
             spool_writable,
             dead_letters_stored,
@@ -329,6 +348,8 @@ impl Metrics {
                 .set(oldest.unwrap_or(0.0));
         }
         self.spool_bytes.set(spool.bytes as i64);
+        self.spool_bound_used.set(spool.bound.used_bytes as i64);
+        self.spool_max_bytes.set(spool.bound.max_bytes as i64);
         self.spool_writable.set(i64::from(spool.writable));
         self.dead_letters_stored.set(spool.dead_letters as i64);
         if let Some(rss) = resident_bytes() {
@@ -407,6 +428,10 @@ mod tests {
                 .map(|(a, n, t)| (a.to_string(), *n, *t))
                 .collect(),
             bytes: 10,
+            bound: crate::spool::BoundUsage {
+                used_bytes: 40,
+                max_bytes: 100,
+            },
             writable: false,
             dead_letters: 3,
             dead_letters_evicted: 2,

@@ -98,6 +98,10 @@ fn the_compose_stack_and_prometheus_configuration_are_consistent() {
     let exported = Metrics::new(["acme"]).render(&SpoolSnapshot {
         accounts: vec![("acme".into(), 0, None)],
         bytes: 0,
+        bound: conversion_gateway::spool::BoundUsage {
+            used_bytes: 0,
+            max_bytes: 1 << 30,
+        },
         writable: true,
         dead_letters: 0,
         dead_letters_evicted: 0,

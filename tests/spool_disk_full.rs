@@ -1,35 +1,16 @@
 //! The durable spool on a tiny tmpfs: when the disk fills, appends fail cleanly (nothing accepted is lost,
 //! nothing half-written), and they succeed again once space is freed. Needs root to mount tmpfs (CI is root).
 
-use conversion_gateway::conversion::{Conversion, Identifier};
 use conversion_gateway::spool::{
     Admission, DiskSpool, DiskSpoolOptions, Queue, Record, SpoolError, SpoolStats,
 };
 use std::time::Duration;
 
 mod common;
-use common::{spool_opts, Tmpfs};
+use common::{sized_record, spool_opts, Tmpfs};
 
 fn record(i: usize) -> Record {
-    Record {
-        account: "acme".into(),
-        received_at_ms: chrono::Utc::now().timestamp_millis(),
-        event_name: None,
-        conversion: Conversion {
-            conversion_time: "2026-11-28T00:00:00.000Z".into(),
-            event_id: "o9d2g".into(),
-            identifiers: vec![Identifier::Twclid {
-                twclid: format!("click-{i}-{}", "x".repeat(200)),
-            }],
-            conversion_id: format!("c{i}"),
-            value: None,
-            price_currency: None,
-            number_items: None,
-            description: Some("d".repeat(300)),
-            contents: None,
-            event_source_url: None,
-        },
-    }
+    sized_record(i, format!("click-{i}-{}", "x".repeat(200)), "d".repeat(300))
 }
 
 /// The write itself fails with ENOSPC: redb's transaction is rolled back and the file reopened.

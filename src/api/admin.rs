@@ -145,6 +145,7 @@ async fn metrics_text(State(st): State<Arc<AdminState>>) -> Response {
     let snapshot = SpoolSnapshot {
         accounts,
         bytes: spool.bytes(),
+        bound: spool.bound_usage(),
         writable: spool.health().is_ok(),
         dead_letters: dead.kept,
         dead_letters_evicted: dead.evicted,
@@ -205,6 +206,9 @@ struct AccountReport {
 #[derive(Serialize)]
 struct SpoolReport {
     bytes: u64,
+    /// What counts against `spool.max_bytes`, and the bound.
+    bound_used_bytes: u64,
+    max_bytes: u64,
     writable: bool,
     /// Why the spool refuses events, while it does.
     refusing_because: Option<String>,
@@ -276,6 +280,8 @@ async fn accounts(
         accounts: out,
         spool: SpoolReport {
             bytes: spool.bytes(),
+            bound_used_bytes: spool.bound_usage().used_bytes,
+            max_bytes: spool.bound_usage().max_bytes,
             writable: refusing_because.is_none(),
             refusing_because,
             dead_letters: dead.kept,

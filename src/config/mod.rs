@@ -481,6 +481,7 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
                 "api_keys = [\"k1\"]\nheader_timeout = \"0s\"",
                 "server.header_timeout",
             ),
+            ("", "[spool]\nmax_bytes = \"8MiB\"\n", "spool.max_bytes"),
             ("pixel_id = \"o9d7n\"", "", "accounts.acme.pixel_id"),
             (
                 "pixel_id = \"o9d7n\"",

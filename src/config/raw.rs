@@ -494,7 +494,15 @@ impl RawSpool {
         Ok(Spool {
             dir: self.dir,
             max_bytes: match size("spool.max_bytes", &self.max_bytes)? {
-                0 => return err("spool.max_bytes", "must be greater than 0"),
+                n if n < crate::spool::disk::MIN_MAX_BYTES => {
+                    return err(
+                        "spool.max_bytes",
+                        format!(
+                            "is {n}; the spool's files need at least {} bytes (16MiB)",
+                            crate::spool::disk::MIN_MAX_BYTES
+                        ),
+                    )
+                }
                 n => n,
             },
             max_dead_letters: self.max_dead_letters,

@@ -15,6 +15,8 @@ use super::SpoolError;
 #[derive(Debug, Clone, Copy)]
 pub struct ByteBound {
     max_bytes: u64,
+    /// What the bound holds before any call: a durable spool's fixed reserve (its files' own structures).
+    floor: u64,
 }
 
 /// The last refusal's need, kept by the implementation (under the same lock as its byte count).
@@ -23,12 +25,25 @@ pub struct Refused(Option<u64>);
 
 impl ByteBound {
     pub fn new(max_bytes: u64) -> Self {
-        ByteBound { max_bytes }
+        ByteBound {
+            max_bytes,
+            floor: 0,
+        }
     }
 
-    /// Room the spool keeps before it says it refuses: 1/64 of the bound, at most 16 KiB (a few events).
+    /// A bound of which `floor` is always taken (by what the implementation keeps besides the calls).
+    pub fn with_floor(max_bytes: u64, floor: u64) -> Self {
+        ByteBound { max_bytes, floor }
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Room the spool keeps before it says it refuses: 1/64 of what the bound leaves for calls, at most
+    /// 16 KiB (a few events).
     pub fn headroom(&self) -> u64 {
-        (self.max_bytes / 64).clamp(1, 16 << 10)
+        (self.max_bytes.saturating_sub(self.floor) / 64).clamp(1, 16 << 10)
     }
 
     /// Why the spool refuses calls while it holds `total` bytes, if it does. A remembered refusal is

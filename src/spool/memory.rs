@@ -354,6 +354,13 @@ impl SpoolStats for MemorySpool {
             .map_or(0, |q| q.values().map(|w| w.bytes).sum())
     }
 
+    fn bound_usage(&self) -> super::BoundUsage {
+        super::BoundUsage {
+            used_bytes: self.lock().bytes,
+            max_bytes: self.bound.max_bytes(),
+        }
+    }
+
     fn health(&self) -> Result<(), String> {
         let mut inner = self.lock();
         let total = inner.bytes;

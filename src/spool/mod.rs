@@ -18,7 +18,9 @@
 //!   is kept (on disk, for a durable implementation); `Err` means nothing of that call was kept. A call
 //!   that would take the spool past its byte bound is refused whole with `Full`, and from then on every
 //!   call is, and `health` says so, until that much is free again (`bound`: one decision for ingest,
-//!   readiness and metrics).
+//!   readiness and metrics). What counts against the bound is the implementation's to say, and must be
+//!   what it really keeps: the memory spool counts its waiting records; the disk spool what its files
+//!   take (waiting events, dead letters, dedup entries, page overhead: `disk::admission`).
 //! - **Dedup**: a record is `Duplicate` when a record with the same `(account, event_id, conversion_id)`
 //!   was queued earlier (in an earlier call or earlier in the same call) with a `received_at_ms` less than
 //!   `dedup_window` before its own — whether that one is still waiting, delivered or dead-lettered. The
@@ -183,6 +185,13 @@ pub struct AccountBacklog {
     pub oldest_ms: Option<i64>,
 }
 
+/// What counts against a spool's byte bound (its own measure: see the contract), and the bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BoundUsage {
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpoolError {
     /// No room left; the caller should retry later.
@@ -194,7 +203,9 @@ pub enum SpoolError {
 impl std::fmt::Display for SpoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SpoolError::Full => f.write_str("the spool is full"),
+            SpoolError::Full => f.write_str(
+                "the spool is full (spool.max_bytes: waiting events, dead letters and the dedup window's entries fill it)",
+            ),
             SpoolError::Unavailable(why) => write!(f, "the spool is unavailable: {why}"),
         }
     }
@@ -284,6 +295,9 @@ pub trait SpoolStats: Send + Sync + 'static {
 
     /// Bytes of waiting records of `account` (from memory).
     fn account_bytes(&self, account: &str) -> u64;
+
+    /// What counts against the byte bound now, and the bound (`spool.max_bytes`), from memory.
+    fn bound_usage(&self) -> BoundUsage;
 
     /// `Err(why)` while the spool cannot take events (full, disk failing, storage stopped); from memory.
     fn health(&self) -> Result<(), String>;

@@ -449,3 +449,23 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// A spooled record of account `acme` with conversion id `c{i}`, the given click id and description
+/// (their lengths set its size).
+pub fn sized_record(
+    i: usize,
+    twclid: String,
+    description: String,
+) -> conversion_gateway::spool::Record {
+    use conversion_gateway::conversion::Conversion;
+    let id = format!("c{i}");
+    conversion_gateway::spool::Record {
+        account: "acme".into(),
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        event_name: None,
+        conversion: Conversion {
+            description: Some(description),
+            ..Conversion::minimal("2026-11-28T00:00:00.000Z", "o9d2g", &twclid, &id)
+        },
+    }
+}

@@ -18,6 +18,10 @@ pub(super) struct Count {
 pub(super) struct Shared {
     pub counts: HashMap<String, Count>,
     pub total_bytes: u64,
+    /// What the dead letters store (their encoding), kept in `meta` like the counts.
+    pub dead_bytes: u64,
+    /// Live entries of the dedup log.
+    pub dedup_entries: u64,
     pub tats: HashMap<String, Nanos>,
     /// Why writes fail right now, if they do.
     pub unhealthy: Option<String>,
@@ -49,6 +53,7 @@ impl Shared {
             c.bytes = (c.bytes as i64 + db).max(0) as u64;
             self.total_bytes = (self.total_bytes as i64 + db).max(0) as u64;
         }
+        self.dead_bytes = (self.dead_bytes as i64 + fx.dead_bytes).max(0) as u64;
         for (k, t) in &fx.tats {
             self.tats.insert(k.clone(), *t);
         }
@@ -60,6 +65,8 @@ impl Shared {
 pub(super) struct Effects {
     /// Per account: change in waiting events and in their bytes.
     pub counts: HashMap<String, (i64, i64)>,
+    /// Change in the bytes the dead letters store.
+    pub dead_bytes: i64,
     pub tats: Vec<(String, Nanos)>,
     /// Accounts that got new events (their dispatchers are woken).
     pub appended: Vec<String>,

@@ -25,8 +25,9 @@ pub const HEADER_LEN: u64 = 4096;
 const FRAME_HEAD: usize = 8 + 4 + 4 + 4;
 /// A frame longer than this is not one of ours.
 const MAX_FRAME: usize = 256 << 20;
-/// A reset gives back the file's blocks beyond this (the log only grows this large while redb fails).
-const KEEP_BYTES: u64 = 16 << 20;
+/// A reset gives back the file's blocks beyond this (the log only grows this large while redb fails, or
+/// with one unusually large group of appends). Part of the spool's reserve (`admission::RESERVE`).
+pub const KEEP_BYTES: u64 = 4 << 20;
 
 /// One event as the log keeps it: what the storage thread needs to put it into redb.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -61,6 +61,7 @@ mod tables;
 mod tests;
 mod writer;
 
+pub use admission::{footprint_of_new, MIN_MAX_BYTES};
 pub use limiter_store::DiskLimiterState;
 
 use super::codec;
@@ -102,6 +103,7 @@ pub struct DiskSpool {
     readers: Readers,
     tx: std_mpsc::Sender<Cmd>,
     shared: Arc<Mutex<Shared>>,
+    max_bytes: u64,
     /// `Some(cause)` once the storage thread stopped on its own.
     fatal: watch::Receiver<Option<String>>,
 }
@@ -156,6 +158,7 @@ impl DiskSpool {
             .map_err(|e| storage(format!("cannot read {}: {e}", log_path.display())))?;
         let (mut dedup, mut seq) = recovery::load_dedup(&db)?;
         let pending = recovery::intake_log_events(&db, &mut shared, logged, &mut dedup, &mut seq)?;
+        shared.dedup_entries = dedup.table.len() as u64;
         if pending.len == 0 {
             // Everything logged is in redb; the log may start over. (If it cannot, it refuses frames until
             // a later reset succeeds: the first append tries again.)
@@ -210,6 +213,7 @@ impl DiskSpool {
             readers: Readers { db, pending },
             tx,
             shared,
+            max_bytes: opts.max_bytes,
             fatal,
         }))
     }
@@ -416,6 +420,13 @@ impl SpoolStats for DiskSpool {
 
     fn bytes(&self) -> u64 {
         lock(&self.shared).total_bytes
+    }
+
+    fn bound_usage(&self) -> super::BoundUsage {
+        super::BoundUsage {
+            used_bytes: lock(&self.shared).footprint(),
+            max_bytes: self.max_bytes,
+        }
     }
 
     fn account_bytes(&self, account: &str) -> u64 {

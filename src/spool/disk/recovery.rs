@@ -7,7 +7,7 @@ use super::dedup_state::DedupState;
 use super::fingerprints::FingerprintTable;
 use super::intake_log::IntakeRecord;
 use super::pending::Pending;
-use super::schema::{fingerprint, DedupEntry, MetaKey, DEDUP_LOG, META};
+use super::schema::{fingerprint, DedupEntry, MetaKey, DEAD, DEDUP_LOG, META};
 use super::storage;
 use super::tables::Tables;
 use crate::spool::SpoolError;
@@ -17,6 +17,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 pub(super) fn load_counts(db: &Database, shared: &mut Shared) -> Result<(), SpoolError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta = txn.open_table(META).map_err(storage)?;
+    let mut dead_bytes = None;
     for item in meta.iter().map_err(storage)? {
         let (k, v) = item.map_err(storage)?;
         let (name, v) = (k.value(), v.value());
@@ -31,9 +32,22 @@ pub(super) fn load_counts(db: &Database, shared: &mut Shared) -> Result<(), Spoo
             Some(MetaKey::Tat(key)) => {
                 shared.tats.insert(key.to_owned(), v);
             }
+            Some(MetaKey::DeadBytes) => dead_bytes = Some(v),
             _ => {}
         }
     }
+    // A spool made before the dead letters' bytes were kept: counted once (they are bounded in number).
+    shared.dead_bytes = match dead_bytes {
+        Some(v) => v,
+        None => {
+            let dead = txn.open_table(DEAD).map_err(storage)?;
+            let mut total = 0u64;
+            for item in dead.iter().map_err(storage)? {
+                total += item.map_err(storage)?.1.value().len() as u64;
+            }
+            total
+        }
+    };
     Ok(())
 }
 
@@ -87,7 +101,7 @@ pub(super) fn recover(
         tables.put_logged(&missing.events)?;
         tables.set(MetaKey::Seq, missing.last_seq)?;
         tables.set(MetaKey::DedupNext, missing.next_log)?;
-        tables.store_counts(&shared.counts, &missing.effects)?;
+        tables.store_counts(&shared.counts, shared.dead_bytes, &missing.effects)?;
     }
     txn.commit().map_err(storage)
 }

@@ -25,6 +25,8 @@ pub enum MetaKey<'a> {
     DeadSeq,
     /// Dead letters evicted to stay within the bound, since the spool was made.
     DeadEvicted,
+    /// Bytes the dead letters store (absent in spools made before it was kept: counted at start-up).
+    DeadBytes,
     /// Waiting events of an account.
     Events(&'a str),
     /// Bytes of an account's waiting events.
@@ -35,11 +37,12 @@ pub enum MetaKey<'a> {
 
 impl<'a> MetaKey<'a> {
     /// Every key without a parameter.
-    pub const FIXED: [MetaKey<'static>; 4] = [
+    pub const FIXED: [MetaKey<'static>; 5] = [
         MetaKey::Seq,
         MetaKey::DedupNext,
         MetaKey::DeadSeq,
         MetaKey::DeadEvicted,
+        MetaKey::DeadBytes,
     ];
 
     pub fn name(&self) -> String {
@@ -48,6 +51,7 @@ impl<'a> MetaKey<'a> {
             MetaKey::DedupNext => "dedup_next".into(),
             MetaKey::DeadSeq => "dead_seq".into(),
             MetaKey::DeadEvicted => "dead_evicted".into(),
+            MetaKey::DeadBytes => "dead_bytes".into(),
             MetaKey::Events(a) => format!("events:{a}"),
             MetaKey::Bytes(a) => format!("bytes:{a}"),
             MetaKey::Tat(k) => format!("tat:{k}"),

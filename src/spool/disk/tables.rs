@@ -109,6 +109,7 @@ impl<'t> Tables<'t> {
                 let id = self.next(MetaKey::DeadSeq)?;
                 let letter = dead_letter(id, account, reason, message, &value);
                 let bytes = serde_json::to_vec(&letter).map_err(storage)?;
+                fx.dead_bytes += bytes.len() as i64;
                 self.dead.insert(id, bytes.as_slice()).map_err(storage)?;
             }
         }
@@ -116,18 +117,27 @@ impl<'t> Tables<'t> {
     }
 
     /// Removes dead letter `id` if it is `account`'s.
-    pub fn take_dead(&mut self, account: &str, id: u64) -> Result<Option<DeadLetter>, SpoolError> {
-        let letter: Option<DeadLetter> = match self.dead.get(id).map_err(storage)? {
-            Some(v) => Some(serde_json::from_slice(v.value()).map_err(|e| {
-                storage(format!(
-                    "table dead_letters: entry {id} does not decode: {e}"
-                ))
-            })?),
+    pub fn take_dead(
+        &mut self,
+        account: &str,
+        id: u64,
+        fx: &mut Effects,
+    ) -> Result<Option<DeadLetter>, SpoolError> {
+        let letter: Option<(DeadLetter, usize)> = match self.dead.get(id).map_err(storage)? {
+            Some(v) => Some((
+                serde_json::from_slice(v.value()).map_err(|e| {
+                    storage(format!(
+                        "table dead_letters: entry {id} does not decode: {e}"
+                    ))
+                })?,
+                v.value().len(),
+            )),
             None => None,
         };
         match letter {
-            Some(l) if l.account == account => {
+            Some((l, len)) if l.account == account => {
                 self.dead.remove(id).map_err(storage)?;
+                fx.dead_bytes -= len as i64;
                 Ok(Some(l))
             }
             _ => Ok(None),
@@ -149,7 +159,7 @@ impl<'t> Tables<'t> {
         }
         let mut moved = 0;
         for (id, bytes) in letters {
-            if self.take_dead(account, id)?.is_none() {
+            if self.take_dead(account, id, fx)?.is_none() {
                 continue;
             }
             *seq += 1;
@@ -159,23 +169,34 @@ impl<'t> Tables<'t> {
         Ok(Ok(moved))
     }
 
-    pub fn delete_dead(&mut self, account: &str, ids: &[u64]) -> Result<usize, SpoolError> {
+    pub fn delete_dead(
+        &mut self,
+        account: &str,
+        ids: &[u64],
+        fx: &mut Effects,
+    ) -> Result<usize, SpoolError> {
         let mut deleted = 0;
         for id in ids {
-            if self.take_dead(account, *id)?.is_some() {
+            if self.take_dead(account, *id, fx)?.is_some() {
                 deleted += 1;
             }
         }
         Ok(deleted)
     }
 
-    pub fn evict_dead(&mut self, max: u64) -> Result<(), SpoolError> {
+    pub fn evict_dead(&mut self, max: u64, fx: &mut Effects) -> Result<(), SpoolError> {
         use redb::ReadableTableMetadata;
         let mut len = self.dead.len().map_err(storage)?;
         while len > max {
-            if self.dead.pop_first().map_err(storage)?.is_none() {
+            let Some(evicted) = self
+                .dead
+                .pop_first()
+                .map_err(storage)?
+                .map(|(_, letter)| letter.value().len())
+            else {
                 break;
-            }
+            };
+            fx.dead_bytes -= evicted as i64;
             len -= 1;
             self.next(MetaKey::DeadEvicted)?;
         }
@@ -209,12 +230,20 @@ impl<'t> Tables<'t> {
         Ok(expired)
     }
 
-    /// Stores the counters of the accounts `fx` touched: `base` (what memory holds) changed by `fx`.
+    /// Stores the counters of the accounts `fx` touched and the dead letters' bytes: `base` (what memory
+    /// holds) changed by `fx`.
     pub fn store_counts(
         &mut self,
         base: &HashMap<String, Count>,
+        dead_bytes: u64,
         fx: &Effects,
     ) -> Result<(), SpoolError> {
+        if fx.dead_bytes != 0 {
+            self.set(
+                MetaKey::DeadBytes,
+                (dead_bytes as i64 + fx.dead_bytes).max(0) as u64,
+            )?;
+        }
         for (account, (de, db)) in &fx.counts {
             let c = base.get(account).copied().unwrap_or_default();
             self.set(

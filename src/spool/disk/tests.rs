@@ -3,7 +3,8 @@ use super::intake_log::IntakeRecord;
 use super::*;
 use crate::conversion::Conversion;
 use crate::reasons::DeadLetterReason;
-use crate::spool::{Admission, DeadLetterQuery, Entry};
+use crate::spool::conformance::{all_letters, ids_of};
+use crate::spool::{Admission, Entry};
 use std::path::Path;
 
 fn opts(dir: &Path) -> DiskSpoolOptions {
@@ -247,13 +248,7 @@ async fn a_record_that_no_longer_decodes_is_reported_apart_and_dead_lettered_as_
         .append(vec![record("a", "1"), record("a", "2"), record("a", "3")])
         .await
         .unwrap();
-    let ids_before: Vec<u64> = spool
-        .peek("a", 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let ids_before: Vec<u64> = ids_of(&*spool, "a").await;
     spool.close().await.unwrap();
     drop(spool);
     // The middle record's bytes are damaged.
@@ -282,14 +277,7 @@ async fn a_record_that_no_longer_decodes_is_reported_apart_and_dead_lettered_as_
         )
         .await
         .unwrap();
-    let dead = spool
-        .dead_letters(DeadLetterQuery {
-            account: None,
-            after: 0,
-            limit: 10,
-        })
-        .await
-        .unwrap();
+    let dead = spool.dead_letters(all_letters()).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, DeadLetterReason::Corrupt);
     assert_eq!(dead[0].conversion, None);
@@ -449,4 +437,67 @@ async fn a_pending_copy_older_than_the_snapshot_is_not_read() {
         Some(spool.peek("a", 1).await.unwrap()[0].record.received_at_ms)
     );
     pending::write(&spool.readers.pending).clear();
+}
+
+/// What the dead letters store is kept in `meta`; a spool made before it was (no `dead_bytes` key) has
+/// it counted at start-up, so the bound holds for files written by an older version too.
+#[tokio::test]
+async fn dead_letter_bytes_count_against_the_bound_and_are_recounted_for_an_old_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = DiskSpool::open(opts(dir.path())).unwrap();
+    let empty = spool.bound_usage().used_bytes;
+    spool
+        .append((0..3).map(|i| record("a", &i.to_string())).collect())
+        .await
+        .unwrap();
+    let queued = spool.bound_usage().used_bytes;
+    let ids: Vec<u64> = ids_of(&*spool, "a").await;
+    spool
+        .dead_letter("a", &ids, DeadLetterReason::Rejected, "refused")
+        .await
+        .unwrap();
+    let dead = spool.bound_usage().used_bytes;
+    // The events left the queue, their dead letters (larger: JSON with the reason) took their place.
+    assert_eq!(spool.bytes(), 0);
+    assert!(dead > queued && queued > empty, "{empty} {queued} {dead}");
+    spool.close().await.unwrap();
+    drop(spool);
+
+    let spool = DiskSpool::open(opts(dir.path())).unwrap();
+    assert_eq!(
+        spool.bound_usage().used_bytes,
+        dead,
+        "kept across a restart"
+    );
+    spool.close().await.unwrap();
+    drop(spool);
+
+    // An older version's file: no dead_bytes key.
+    {
+        let db = redb::Database::open(dir.path().join("spool.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(schema::META).unwrap();
+            meta.remove(schema::MetaKey::DeadBytes.name().as_str())
+                .unwrap()
+                .expect("the key was there");
+        }
+        txn.commit().unwrap();
+    }
+    let spool = DiskSpool::open(opts(dir.path())).unwrap();
+    assert_eq!(
+        spool.bound_usage().used_bytes,
+        dead,
+        "recounted at start-up"
+    );
+    // Deleting them gives their room back.
+    let letters = spool.dead_letters(all_letters()).await.unwrap();
+    let ids: Vec<u64> = letters.iter().map(|d| d.id).collect();
+    assert_eq!(spool.delete_dead_letters("a", &ids).await.unwrap(), 3);
+    let after = spool.bound_usage().used_bytes;
+    assert!(
+        after < queued,
+        "{after} vs {queued}: only the dedup entries are left"
+    );
+    assert!(after > empty);
 }

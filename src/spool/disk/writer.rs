@@ -6,7 +6,7 @@
 //! — at the latest `APPLY_AFTER` after they were logged. When a write fails it is undone whole, its
 //! callers get the error, readiness says why, and the database is reopened.
 
-use super::admission::{Bounds, Room};
+use super::admission::{Bounds, Room, DEDUP_STORED};
 use super::counters::{lock, Effects, Shared};
 use super::dedup_state::DedupState;
 use super::handle::Handle;
@@ -33,7 +33,7 @@ const APPLY_EVENTS: usize = 4096;
 const MAX_PENDING: usize = 200_000;
 /// How long logged events wait before redb is tried again after a failed transaction.
 const APPLY_RETRY: Duration = Duration::from_secs(1);
-/// The intake log starts over once this much of it is in redb.
+/// The intake log starts over once this much of it is in redb (and this much logged is due to go there).
 const LOG_RESET_AT: u64 = 1 << 20;
 
 pub(super) struct Writer {
@@ -140,7 +140,9 @@ impl Writer {
         }
         let due = {
             let p = pending::read(&self.pending);
-            (p.len >= APPLY_EVENTS || p.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER))
+            (p.len >= APPLY_EVENTS
+                || self.intake.len() >= LOG_RESET_AT
+                || p.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER))
                 && Instant::now() >= self.apply_not_before
         };
         if !ops.is_empty() || due {
@@ -181,7 +183,12 @@ impl Writer {
         let db = self.db.get();
         let mut durable = durable_lookup(db.as_ref().ok());
         for (records, reply) in appends {
-            if let Err(why) = room.take(records.iter().map(|p| p.bytes.len() as u64).sum()) {
+            // Each new event stores its record and a dedup entry.
+            let stored = records
+                .iter()
+                .map(|p| p.bytes.len() as u64 + DEDUP_STORED)
+                .sum();
+            if let Err(why) = room.take(stored) {
                 batch.replies.push(Reply::Admissions(reply, Err(why)));
                 continue;
             }
@@ -338,7 +345,10 @@ impl Writer {
             tables.set(MetaKey::Seq, self.seq)?;
             tables.set(MetaKey::DedupNext, self.dedup.next)?;
             let purged = tables.purge_dedup(&self.dedup, now_ms() - self.dedup_window_ms)?;
-            tables.store_counts(&lock(&self.shared).counts, effects)?;
+            {
+                let s = lock(&self.shared);
+                tables.store_counts(&s.counts, s.dead_bytes, effects)?;
+            }
             purged
         };
         self.admission.settle(room, &mut lock(&self.shared));
@@ -374,7 +384,7 @@ impl Writer {
                 reply,
             } => {
                 tables.remove(&account, &ids, Some((reason, &message)), effects)?;
-                tables.evict_dead(self.max_dead_letters)?;
+                tables.evict_dead(self.max_dead_letters, effects)?;
                 Reply::Unit(reply, Ok(()))
             }
             Op::Replay {
@@ -389,7 +399,7 @@ impl Writer {
                 account,
                 ids,
                 reply,
-            } => Reply::Count(reply, Ok(tables.delete_dead(&account, &ids)?)),
+            } => Reply::Count(reply, Ok(tables.delete_dead(&account, &ids, effects)?)),
             Op::SaveTat { key, tat, reply } => {
                 tables.set(MetaKey::Tat(&key), tat)?;
                 effects.tats.push((key, tat));
@@ -402,6 +412,7 @@ impl Writer {
     fn publish(&self, effects: &Effects) {
         let mut s = lock(&self.shared);
         s.apply(effects);
+        s.dedup_entries = self.dedup.table.len() as u64;
         let now = self.admission.refusal(&mut s);
         match (&s.unhealthy, &now) {
             (None, Some(why)) => {
