@@ -143,6 +143,7 @@ async fn without_admin_keys_the_v1_api_is_off() {
         keys: api::ApiKeys::new(&[], false),
         accounts: Vec::new(),
         limiter: base.limiter.clone(),
+        unready_when_spool_refuses: true,
     });
     let admin = api::admin_app(state);
     let (s, b, h) = send(&admin, get("/v1/accounts")).await;
@@ -517,4 +518,53 @@ async fn dead_letters_page_replay_with_the_fixed_mapping_and_delete() {
     assert_eq!((s, b["deleted"].clone()), (StatusCode::OK, json!(2)));
     let (_, none, _) = send(&a.admin, get("/v1/dead-letters")).await;
     assert_eq!(none["dead_letters"], json!([]));
+}
+
+/// `server.unready_when_spool_refuses = false`: a sidecar whose pod must stay in service. `/readyz` stays
+/// 200 and says why ingest refuses; the gauge and `/v1/accounts` still say the spool refuses.
+#[tokio::test]
+async fn readiness_can_be_kept_while_the_spool_refuses() {
+    let one = {
+        let probe = setup(&["acme"]);
+        let body = json!({"event": "purchase", "twclid": "t", "conversion_id": "c0"});
+        post_json(&probe.ingest, body).await;
+        probe.spool.bytes()
+    };
+    // Room for one event and half of another.
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), one + one / 2));
+    let base = setup_with(spool, &["acme"]);
+    let state = Arc::new(AdminState {
+        app: base.state.app.clone(),
+        keys: api::ApiKeys::new(&[], false),
+        accounts: Vec::new(),
+        limiter: base.state.limiter.clone(),
+        unready_when_spool_refuses: false,
+    });
+    let admin = api::admin_app(state);
+    for (id, status) in [
+        ("c0", StatusCode::ACCEPTED),
+        ("c1", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let body = json!({"event": "purchase", "twclid": "t", "conversion_id": id});
+        assert_eq!(post_json(&base.ingest, body).await.0, status);
+    }
+    let (s, text_body) = text(&admin, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        text_body.contains("ingest answers 503") && text_body.contains("full"),
+        "{text_body}"
+    );
+    // The default configuration (the setup's state) is unready for the same spool.
+    let (s, _, _) = send(
+        &base.admin,
+        Request::get("/readyz").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (_, m) = text(
+        &admin,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(sample(&m, "conversion_gateway_spool_writable"), Some(0.0));
 }

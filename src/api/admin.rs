@@ -41,6 +41,8 @@ pub struct AdminState {
     pub keys: ApiKeys,
     pub accounts: Vec<AccountView>,
     pub limiter: Arc<dyn Limiter>,
+    /// `server.unready_when_spool_refuses`: whether `/readyz` fails while the spool refuses events.
+    pub unready_when_spool_refuses: bool,
 }
 
 /// Dead letters per page when `limit` is not given, and the most one page holds.
@@ -103,12 +105,16 @@ async fn require_admin_key(
     }
 }
 
-async fn readyz(State(st): State<Arc<AdminState>>) -> Result<&'static str, Problem> {
+async fn readyz(State(st): State<Arc<AdminState>>) -> Result<String, Problem> {
     if st.app.is_shutting_down() {
         return Err(Problem::unavailable("shutting down", 5));
     }
     match st.app.spool.health() {
-        Ok(()) => Ok("ready\n"),
+        Ok(()) => Ok("ready\n".into()),
+        // Configured to stay in service: the pod's application keeps serving, its POSTs get 503.
+        Err(why) if !st.unready_when_spool_refuses => Ok(format!(
+            "ready (server.unready_when_spool_refuses = false); ingest answers 503: the spool cannot take events: {why}\n"
+        )),
         Err(why) => Err(Problem::unavailable(
             format!("the spool cannot take events: {why}"),
             5,

@@ -42,6 +42,8 @@ struct RawServer {
     max_inflight_body_bytes: String,
     #[serde(deserialize_with = "text")]
     header_timeout: String,
+    #[serde(deserialize_with = "flag")]
+    unready_when_spool_refuses: bool,
     #[serde(deserialize_with = "text")]
     shutdown_timeout: String,
 }
@@ -398,6 +400,7 @@ impl RawServer {
                 d if d.is_zero() => return err("server.header_timeout", "must be greater than 0"),
                 d => d,
             },
+            unready_when_spool_refuses: s.unready_when_spool_refuses,
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         })
     }
