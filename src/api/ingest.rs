@@ -178,23 +178,35 @@ async fn read_body(
     if !lease.hold(declared) {
         return Err(shed(budget));
     }
-    let mut buf = BytesMut::with_capacity(declared);
+    // A body that arrives in one frame (most do) is kept as it came; a second frame makes the copy.
+    let mut only: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut len = 0;
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|_| Problem::bad_request("the request body could not be read"))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let len = buf.len() + data.len();
+        len += data.len();
         if len > limit {
             return Err(too_large("body", limit));
         }
         if !lease.hold(len) {
             return Err(shed(budget));
         }
-        buf.extend_from_slice(&data);
+        match only.take() {
+            None if buf.is_empty() => only = Some(data),
+            first => {
+                if let Some(first) = first {
+                    buf.reserve(declared.max(len));
+                    buf.extend_from_slice(&first);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(only.unwrap_or_else(|| buf.freeze()))
 }
 
 async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {

@@ -203,6 +203,9 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
 /// `Ok` when the conversion fits `max` bytes of X's JSON; else the error naming the field that makes it
 /// large (it could never be sent: a batch is capped by bytes too).
 fn within_size(c: &Conversion, max: usize) -> Result<(), FieldError> {
+    if c.wire_len_at_most() <= max {
+        return Ok(());
+    }
     let len = c.wire_len();
     if len <= max {
         return Ok(());

@@ -132,6 +132,62 @@ impl Conversion {
     pub fn wire_len(&self) -> usize {
         json_len(self)
     }
+
+    /// At least `wire_len`, from the strings' lengths alone (JSON writes a byte as six at most, and every
+    /// key, bracket and number fits the fixed allowances): callers skip the exact count when even this
+    /// fits.
+    pub fn wire_len_at_most(&self) -> usize {
+        // Keys and punctuation: the conversion's own, an identifier's, a content's; a number's digits
+        // (a price is written in plain digits: an f64 needs at most 309 of them and a decimal part).
+        const CONVERSION: usize = 256;
+        const IDENTIFIER: usize = 64;
+        const CONTENT: usize = 128;
+        const NUMBER: usize = 400;
+        let s = |x: &str| 6 * x.len();
+        let o = |x: &Option<String>| x.as_deref().map_or(0, s);
+        let identifiers: usize = self
+            .identifiers
+            .iter()
+            .map(|i| {
+                IDENTIFIER
+                    + match i {
+                        Identifier::Twclid { twclid } => s(twclid),
+                        Identifier::HashedEmail { hashed_email } => s(hashed_email),
+                        Identifier::HashedPhoneNumber {
+                            hashed_phone_number,
+                        } => s(hashed_phone_number),
+                        Identifier::Device {
+                            ip_address,
+                            user_agent,
+                        } => o(ip_address) + o(user_agent),
+                    }
+            })
+            .sum();
+        let contents: usize = self
+            .contents
+            .iter()
+            .flatten()
+            .map(|c| {
+                CONTENT
+                    + 2 * NUMBER
+                    + o(&c.content_id)
+                    + o(&c.content_name)
+                    + o(&c.content_type)
+                    + o(&c.content_group_id)
+            })
+            .sum();
+        CONVERSION
+            + NUMBER
+            + s(&self.conversion_time)
+            + s(&self.event_id)
+            + s(&self.conversion_id)
+            + o(&self.value)
+            + o(&self.price_currency)
+            + o(&self.description)
+            + o(&self.event_source_url)
+            + identifiers
+            + contents
+    }
 }
 
 /// The length of `value`'s JSON, counted as it is written.
@@ -156,4 +212,106 @@ pub fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
 #[derive(Debug, Serialize)]
 pub struct Batch<'a> {
     pub conversions: &'a [Conversion],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        // Any Unicode, control characters and quotes included (the ones JSON escapes longest).
+        prop_oneof![
+            any::<String>(),
+            "[\u{0}-\u{1f}\"\\\\]{0,40}",
+            "[a-f0-9]{64}"
+        ]
+    }
+
+    fn identifier() -> impl Strategy<Value = Identifier> {
+        prop_oneof![
+            text().prop_map(|twclid| Identifier::Twclid { twclid }),
+            text().prop_map(|hashed_email| Identifier::HashedEmail { hashed_email }),
+            text().prop_map(|hashed_phone_number| Identifier::HashedPhoneNumber {
+                hashed_phone_number
+            }),
+            (proptest::option::of(text()), proptest::option::of(text())).prop_map(
+                |(ip_address, user_agent)| Identifier::Device {
+                    ip_address,
+                    user_agent
+                }
+            ),
+        ]
+    }
+
+    fn content() -> impl Strategy<Value = Content> {
+        (
+            proptest::option::of(text()),
+            proptest::option::of(text()),
+            proptest::option::of(text()),
+            proptest::option::of(any::<f64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(text()),
+        )
+            .prop_map(|(id, name, kind, price, n, group)| Content {
+                content_id: id,
+                content_name: name,
+                content_type: kind,
+                content_price: price,
+                num_items: n,
+                content_group_id: group,
+            })
+    }
+
+    fn conversion() -> impl Strategy<Value = Conversion> {
+        (
+            (text(), text(), text()),
+            proptest::collection::vec(identifier(), 0..4),
+            (
+                proptest::option::of(text()),
+                proptest::option::of(text()),
+                proptest::option::of(any::<u64>()),
+            ),
+            proptest::option::of(text()),
+            proptest::option::of(proptest::collection::vec(content(), 0..4)),
+            proptest::option::of(text()),
+        )
+            .prop_map(
+                |((time, event, id), identifiers, (value, currency, n), desc, contents, url)| {
+                    Conversion {
+                        conversion_time: time,
+                        event_id: event,
+                        identifiers,
+                        conversion_id: id,
+                        value,
+                        price_currency: currency,
+                        number_items: n,
+                        description: desc,
+                        contents,
+                        event_source_url: url,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// The cheap bound is never below the exact size, so skipping the exact count is safe.
+        #[test]
+        fn the_bound_is_never_below_the_size(c in conversion()) {
+            prop_assert!(c.wire_len() <= c.wire_len_at_most(), "{} > {}", c.wire_len(), c.wire_len_at_most());
+        }
+    }
+
+    #[test]
+    fn the_extremes_fit_the_bound() {
+        let mut c = Conversion::minimal("\u{0}", "\"", "\\", "\u{1f}");
+        c.number_items = Some(u64::MAX);
+        c.contents = Some(vec![Content {
+            content_price: Some(f64::MAX),
+            num_items: Some(u64::MAX),
+            ..Content::default()
+        }]);
+        assert!(c.wire_len() <= c.wire_len_at_most());
+        assert!(plain_decimal(f64::MAX).len() < 400);
+    }
 }

@@ -252,6 +252,12 @@ impl Dispatcher {
     /// When the batch's body would pass `max_batch_bytes`, the part to send after it (the batch keeps at
     /// least one conversion: ingest bounds one event's size well below the cap).
     fn split_to_bytes(&self, batch: &mut Vec<Entry>) -> Option<Vec<Entry>> {
+        let at_most = batch.iter().fold(BATCH_ENVELOPE, |n, e| {
+            n.saturating_add(e.record.conversion.wire_len_at_most() + 1)
+        });
+        if at_most <= self.settings.max_batch_bytes {
+            return None;
+        }
         let mut size = BATCH_ENVELOPE;
         let cut = batch.iter().position(|e| {
             // A conversion and the comma before it.
