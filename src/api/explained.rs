@@ -40,6 +40,10 @@ impl<I> Explained<I> {
 
 /// The problem answer for a hyper parse-error head, or `None` when `buf` is not one.
 fn replacement(buf: &[u8]) -> Option<Vec<u8>> {
+    // Most writes are the handlers' answers: only a 4xx status line is looked at further.
+    if !(buf.starts_with(b"HTTP/1.1 4") || buf.starts_with(b"HTTP/1.0 4")) {
+        return None;
+    }
     let head_end = find(buf, b"\r\n\r\n")?;
     let head = std::str::from_utf8(buf.get(..head_end)?).ok()?;
     let mut lines = head.split("\r\n");

@@ -6,7 +6,8 @@
 //! Everything redb stores counts: waiting events, dead letters (their JSON) and the dedup log's entries
 //! (48 bytes each, for the whole dedup window, also after delivery). redb keeps whole 4 KiB pages — a
 //! value just over half a page takes a page of its own, a large value is rounded up to a power of two of
-//! pages — so what it stores is counted `OVERHEAD` times; the intake log and redb's own structures take
+//! pages, nearly twice the value just past a power of two, and freed pages are reused only after the next
+//! commit — so what it stores is counted `overhead` (2¼) times; the intake log and redb's own structures take
 //! at most `RESERVE`. Measured (`tests/spool_footprint.rs`): the files stay under the bound for events of
 //! every size, through fills, drains and dead letters.
 //!
@@ -27,8 +28,10 @@ use std::time::{Duration, Instant};
 /// `min_free_bytes` is the margin for what is written in between (and ENOSPC is handled anyway).
 const FREE_SPACE_FRESH: Duration = Duration::from_millis(50);
 
-/// What the files take on disk per byte redb stores, at most (whole pages; see the module doc).
-pub(super) const OVERHEAD: u64 = 2;
+/// What the files take on disk per byte redb stores, at most: 9/4 (whole pages; see the module doc).
+pub(super) fn overhead(stored: u64) -> u64 {
+    stored.saturating_mul(9) / 4
+}
 /// The intake log (what a reset keeps), redb's own structures, and one batch in motion (a batch acked or
 /// dead-lettered is stored twice until its transaction commits; 1 MiB at the default
 /// `delivery.max_batch_bytes`).
@@ -40,7 +43,7 @@ pub const MIN_MAX_BYTES: u64 = 2 * RESERVE;
 
 /// What the spool's files take on disk, at most, when redb stores `stored` bytes.
 pub(super) fn footprint(stored: u64) -> u64 {
-    stored.saturating_mul(OVERHEAD).saturating_add(RESERVE)
+    overhead(stored).saturating_add(RESERVE)
 }
 
 /// The footprint of an empty spool after `records` new events of `one` encoded bytes (each with its
@@ -154,8 +157,8 @@ impl Room {
     /// Takes `bytes` that redb will store from the room, or says why not.
     pub fn take(&mut self, bytes: u64) -> Result<(), SpoolError> {
         self.bound.admit(
-            self.footprint + self.taken * OVERHEAD,
-            bytes * OVERHEAD,
+            self.footprint + overhead(self.taken),
+            overhead(bytes),
             &mut self.refused,
         )?;
         if let Some(disk) = self.by_disk.as_mut() {

@@ -33,8 +33,12 @@ const APPLY_EVENTS: usize = 4096;
 const MAX_PENDING: usize = 200_000;
 /// How long logged events wait before redb is tried again after a failed transaction.
 const APPLY_RETRY: Duration = Duration::from_secs(1);
-/// The intake log starts over once this much of it is in redb (and this much logged is due to go there).
+/// The intake log starts over once this much of it is in redb.
 const LOG_RESET_AT: u64 = 1 << 20;
+/// ... and this much logged goes into redb at once, whatever the time: the log stays within what a reset
+/// keeps (`intake_log::KEEP_BYTES`, part of the spool's reserve). Above what 25 ms of intake logs at full
+/// speed, so that it adds no commit in normal operation.
+const LOG_APPLY_AT: u64 = 2 << 20;
 
 pub(super) struct Writer {
     pub db: Arc<Handle>,
@@ -141,7 +145,7 @@ impl Writer {
         let due = {
             let p = pending::read(&self.pending);
             (p.len >= APPLY_EVENTS
-                || self.intake.len() >= LOG_RESET_AT
+                || self.intake.len() >= LOG_APPLY_AT
                 || p.since.is_some_and(|t| t.elapsed() >= APPLY_AFTER))
                 && Instant::now() >= self.apply_not_before
         };
