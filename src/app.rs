@@ -88,7 +88,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         keys: ApiKeys::new(&settings.server.admin_api_keys, false),
         accounts: views,
         limiter,
-        unready_when_spool_refuses: settings.server.unready_when_spool_refuses,
+        ready_requires_spool: settings.server.ready_requires_spool,
     });
     let mut servers = JoinSet::new();
     let serve = |nodelay| ServeOptions {

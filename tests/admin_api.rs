@@ -143,7 +143,7 @@ async fn without_admin_keys_the_v1_api_is_off() {
         keys: api::ApiKeys::new(&[], false),
         accounts: Vec::new(),
         limiter: base.limiter.clone(),
-        unready_when_spool_refuses: true,
+        ready_requires_spool: true,
     });
     let admin = api::admin_app(state);
     let (s, b, h) = send(&admin, get("/v1/accounts")).await;
@@ -520,7 +520,7 @@ async fn dead_letters_page_replay_with_the_fixed_mapping_and_delete() {
     assert_eq!(none["dead_letters"], json!([]));
 }
 
-/// `server.unready_when_spool_refuses = false`: a sidecar whose pod must stay in service. `/readyz` stays
+/// `server.ready_requires_spool = false`: a sidecar whose pod must stay in service. `/readyz` stays
 /// 200 and says why ingest refuses; the gauge and `/v1/accounts` still say the spool refuses.
 #[tokio::test]
 async fn readiness_can_be_kept_while_the_spool_refuses() {
@@ -538,7 +538,7 @@ async fn readiness_can_be_kept_while_the_spool_refuses() {
         keys: api::ApiKeys::new(&[], false),
         accounts: Vec::new(),
         limiter: base.state.limiter.clone(),
-        unready_when_spool_refuses: false,
+        ready_requires_spool: false,
     });
     let admin = api::admin_app(state);
     for (id, status) in [

@@ -41,8 +41,8 @@ pub struct AdminState {
     pub keys: ApiKeys,
     pub accounts: Vec<AccountView>,
     pub limiter: Arc<dyn Limiter>,
-    /// `server.unready_when_spool_refuses`: whether `/readyz` fails while the spool refuses events.
-    pub unready_when_spool_refuses: bool,
+    /// `server.ready_requires_spool`: whether `/readyz` fails while the spool refuses events.
+    pub ready_requires_spool: bool,
 }
 
 /// Dead letters per page when `limit` is not given, and the most one page holds.
@@ -112,8 +112,8 @@ async fn readyz(State(st): State<Arc<AdminState>>) -> Result<String, Problem> {
     match st.app.spool.health() {
         Ok(()) => Ok("ready\n".into()),
         // Configured to stay in service: the pod's application keeps serving, its POSTs get 503.
-        Err(why) if !st.unready_when_spool_refuses => Ok(format!(
-            "ready (server.unready_when_spool_refuses = false); ingest answers 503: the spool cannot take events: {why}\n"
+        Err(why) if !st.ready_requires_spool => Ok(format!(
+            "ready (server.ready_requires_spool = false); ingest answers 503: the spool cannot take events: {why}\n"
         )),
         Err(why) => Err(Problem::unavailable(
             format!("the spool cannot take events: {why}"),

@@ -103,7 +103,7 @@ pub struct Server {
     #[serde(serialize_with = "serialize_duration")]
     pub header_timeout: Duration,
     /// Whether `/readyz` fails while the spool refuses events (a sidecar's readiness is its pod's).
-    pub unready_when_spool_refuses: bool,
+    pub ready_requires_spool: bool,
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
 }
@@ -242,7 +242,7 @@ max_events_per_request = 1000
 max_event_bytes = "64KiB"
 max_inflight_body_bytes = "64MiB"
 header_timeout = "10s"
-unready_when_spool_refuses = true
+ready_requires_spool = true
 shutdown_timeout = "20s"
 
 [spool]
@@ -357,7 +357,7 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(s.server.max_event_bytes, 64 << 10);
         assert_eq!(s.server.max_inflight_body_bytes, 64 << 20);
         assert_eq!(s.server.header_timeout, Duration::from_secs(10));
-        assert!(s.server.unready_when_spool_refuses);
+        assert!(s.server.ready_requires_spool);
         assert_eq!(s.delivery.max_event_age, Duration::from_secs(7 * 86400));
         assert_eq!(s.upstream.base_url, "https://ads-api.x.com");
         let a = &s.accounts["acme"];

@@ -43,7 +43,7 @@ struct RawServer {
     #[serde(deserialize_with = "text")]
     header_timeout: String,
     #[serde(deserialize_with = "flag")]
-    unready_when_spool_refuses: bool,
+    ready_requires_spool: bool,
     #[serde(deserialize_with = "text")]
     shutdown_timeout: String,
 }
@@ -400,7 +400,7 @@ impl RawServer {
                 d if d.is_zero() => return err("server.header_timeout", "must be greater than 0"),
                 d => d,
             },
-            unready_when_spool_refuses: s.unready_when_spool_refuses,
+            ready_requires_spool: s.ready_requires_spool,
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         })
     }

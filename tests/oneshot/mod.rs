@@ -106,7 +106,7 @@ pub fn admin_state(app: Arc<AppState>) -> Arc<api::AdminState> {
             .into(),
             Arc::new(VolatileState::default()),
         )),
-        unready_when_spool_refuses: true,
+        ready_requires_spool: true,
     })
 }
 

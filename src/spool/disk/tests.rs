@@ -371,7 +371,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
             Default::default(),
             spool.limiter_state(),
         )),
-        unready_when_spool_refuses: true,
+        ready_requires_spool: true,
     });
     let response = crate::api::admin_app(admin)
         .oneshot(
