@@ -41,6 +41,8 @@ pub struct Metrics {
     evicted_dead_letters: IntCounter,
     resident_memory: IntGauge,
     open_fds: IntGauge,
+    requests_shed: IntCounter,
+    inflight_body_bytes: IntGauge,
 }
 
 /// What the spool holds at scrape time.
@@ -220,6 +222,20 @@ impl Metrics {
             &registry,
             IntGauge::new("process_open_fds", "Number of open file descriptors."),
         );
+        let requests_shed = register(
+            &registry,
+            IntCounter::new(
+                name("requests_shed_total"),
+                "Ingest requests answered 503 because server.max_inflight_body_bytes was taken by other bodies (nothing of them was kept).",
+            ),
+        );
+        let inflight_body_bytes = register(
+            &registry,
+            IntGauge::new(
+                name("inflight_body_bytes"),
+                "Bytes of request bodies being read and parsed now, at most server.max_inflight_body_bytes.",
+            ),
+        );
         let evicted_dead_letters = register(
             &registry,
             IntCounter::new(
@@ -272,6 +288,8 @@ impl Metrics {
             evicted_dead_letters,
             resident_memory,
             open_fds,
+            requests_shed,
+            inflight_body_bytes,
         }
     }
 
@@ -331,6 +349,16 @@ impl Metrics {
     }
 
     /// One HTTP request answered; `route` is the matched route template (or `unmatched`).
+    /// An ingest request shed for lack of in-flight body room.
+    pub fn shed(&self) {
+        self.requests_shed.inc();
+    }
+
+    /// What the in-flight body budget holds now (set before a scrape is rendered).
+    pub fn set_inflight_body_bytes(&self, bytes: usize) {
+        self.inflight_body_bytes.set(bytes as i64);
+    }
+
     pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
         self.http_duration
             .with_label_values(&[route, status_label(status)])

@@ -123,4 +123,22 @@ async fn concurrent_large_bodies_are_shed_beyond_the_budget_and_small_ones_still
         "small requests were refused: {small:?}"
     );
     assert!(peak < 256 << 20, "peak resident set {} MiB", peak >> 20);
+    // Every shed request is counted, and nothing is held once they are all answered.
+    let metrics = reqwest::get(format!("{}/metrics", stack.admin_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    };
+    assert_eq!(
+        sample("conversion_gateway_requests_shed_total "),
+        shed as f64
+    );
+    assert_eq!(sample("conversion_gateway_inflight_body_bytes "), 0.0);
 }

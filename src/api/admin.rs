@@ -156,6 +156,9 @@ async fn metrics_text(State(st): State<Arc<AdminState>>) -> Response {
         dead_letters: dead.kept,
         dead_letters_evicted: dead.evicted,
     };
+    st.app
+        .metrics
+        .set_inflight_body_bytes(st.app.body_budget.used());
     // Rendering reads /proc (memory, open files): off the runtime's workers like every other file read.
     let metrics = st.app.metrics.clone();
     let text = tokio::task::spawn_blocking(move || metrics.render(&snapshot))

@@ -4,7 +4,7 @@
 //! Invariants: raw email and phone numbers live only in this request's memory; `202` is answered only
 //! after the spool took the accepted events; one bad event never affects the others of the request.
 
-use super::body_budget::{BodyBudget, Lease};
+use super::body_budget::Lease;
 use super::{AppState, Problem};
 use crate::conversion::{events_of, map_event, FieldError, Judgement};
 use crate::reasons::IngestOutcome;
@@ -115,8 +115,10 @@ fn too_large(what: &str, limit: usize) -> Problem {
     )
 }
 
-/// The `503` of a body the in-flight budget has no room for.
-fn shed(budget: &BodyBudget) -> Problem {
+/// The `503` of a body the in-flight budget has no room for (counted).
+fn shed(st: &AppState) -> Problem {
+    st.metrics.shed();
+    let budget = &st.body_budget;
     Problem::unavailable(
         format!(
             "the gateway is reading as many request bodies as server.max_inflight_body_bytes ({} bytes) allows; nothing of this request was read, retry in a moment",
@@ -132,7 +134,7 @@ fn gunzip(
     compressed: &[u8],
     limit: usize,
     lease: &mut Lease,
-    budget: &BodyBudget,
+    st: &AppState,
 ) -> Result<Bytes, Problem> {
     use std::io::Read;
     const STEP: usize = 64 << 10;
@@ -144,7 +146,7 @@ fn gunzip(
             return Err(too_large("decompressed body", limit));
         }
         if !lease.hold(compressed.len() + before + STEP) {
-            return Err(shed(budget));
+            return Err(shed(st));
         }
         let n = (&mut decoder)
             .take(STEP as u64)
@@ -165,7 +167,7 @@ async fn read_body(
     limit: usize,
     headers: &HeaderMap,
     lease: &mut Lease,
-    budget: &BodyBudget,
+    st: &AppState,
 ) -> Result<Bytes, Problem> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -176,7 +178,7 @@ async fn read_body(
     }
     let declared = declared.map_or(0, |n| n as usize);
     if !lease.hold(declared) {
-        return Err(shed(budget));
+        return Err(shed(st));
     }
     // A body that arrives in one frame (most do) is kept as it came; a second frame makes the copy.
     let mut only: Option<Bytes> = None;
@@ -193,7 +195,7 @@ async fn read_body(
             return Err(too_large("body", limit));
         }
         if !lease.hold(len) {
-            return Err(shed(budget));
+            return Err(shed(st));
         }
         match only.take() {
             None if buf.is_empty() => only = Some(data),
@@ -260,11 +262,10 @@ async fn read_events(
         .map_err(Problem::unauthorized)?;
     check_content_type(&parts.headers)?;
     let encoding = content_encoding(&parts.headers)?;
-    let budget = &st.body_budget;
-    let bytes = read_body(body, st.max_body_bytes, &parts.headers, lease, budget).await?;
+    let bytes = read_body(body, st.max_body_bytes, &parts.headers, lease, st).await?;
     let bytes = match encoding {
         Encoding::Identity => bytes,
-        Encoding::Gzip => gunzip(&bytes, st.max_body_bytes, lease, budget)?,
+        Encoding::Gzip => gunzip(&bytes, st.max_body_bytes, lease, st)?,
     };
     let parsed: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;
