@@ -12,13 +12,40 @@ use redb::{ReadableDatabase, ReadableTableMetadata};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-/// Runs `read` on the blocking pool.
+/// What a read says when the handle it used was broken by a failed write (redb refuses every use of a
+/// handle after an I/O error) and the storage thread is reopening the file.
+const REOPENING: &str = "the spool file is being reopened after a failed write";
+/// How long a read waits for that reopen before it reports the failure.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A read error: a handle broken by a failed write is `REOPENING` (the read is tried again).
+pub(super) fn read_error(e: impl Into<redb::Error>) -> SpoolError {
+    match e.into() {
+        redb::Error::PreviousIo => SpoolError::Unavailable(REOPENING.into()),
+        e => storage(e),
+    }
+}
+
+/// Runs `read` on the blocking pool. A read that met a handle a failed write had just broken is tried
+/// again on the reopened one (for at most `REOPEN_WAIT`): a full disk fails writes, never reads.
 pub(super) async fn blocking<T: Send + 'static>(
-    read: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+    read: impl Fn() -> Result<T, SpoolError> + Send + 'static,
 ) -> Result<T, SpoolError> {
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(|e| storage(format!("a spool read stopped: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            match read() {
+                Err(SpoolError::Unavailable(why))
+                    if why == REOPENING && started.elapsed() < REOPEN_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .map_err(|e| storage(format!("a spool read stopped: {e}")))?
 }
 
 /// Up to `max` of `account`'s stored records with ids above `after`, as raw bytes, in order.
@@ -39,14 +66,14 @@ fn raw_after(
         .map(|(id, e)| (*id, e.bytes.clone()))
         .collect();
     let db = db.get()?;
-    let txn = db.begin_read().map_err(storage)?;
+    let txn = db.begin_read().map_err(read_error)?;
     let applied = meta(&txn, MetaKey::Seq)?;
     let mut found: BTreeMap<u64, Vec<u8>> =
         logged.into_iter().filter(|(id, _)| *id > applied).collect();
-    let table = txn.open_table(EVENTS).map_err(storage)?;
+    let table = txn.open_table(EVENTS).map_err(read_error)?;
     let range = (account, after.saturating_add(1))..=(account, u64::MAX);
-    for item in table.range(range).map_err(storage)?.take(max) {
-        let (k, v) = item.map_err(storage)?;
+    for item in table.range(range).map_err(read_error)?.take(max) {
+        let (k, v) = item.map_err(read_error)?;
         found
             .entry(k.value().1)
             .or_insert_with(|| v.value().to_vec());
@@ -102,14 +129,17 @@ pub(super) fn dead_letters(
     q: &DeadLetterQuery,
 ) -> Result<Vec<DeadLetter>, SpoolError> {
     let db = db.get()?;
-    let txn = db.begin_read().map_err(storage)?;
-    let table = txn.open_table(DEAD).map_err(storage)?;
+    let txn = db.begin_read().map_err(read_error)?;
+    let table = txn.open_table(DEAD).map_err(read_error)?;
     let mut out = Vec::new();
-    for item in table.range(q.after.saturating_add(1)..).map_err(storage)? {
+    for item in table
+        .range(q.after.saturating_add(1)..)
+        .map_err(read_error)?
+    {
         if out.len() >= q.limit {
             break;
         }
-        let (k, v) = item.map_err(storage)?;
+        let (k, v) = item.map_err(read_error)?;
         let letter: DeadLetter = serde_json::from_slice(v.value()).map_err(|e| {
             storage(format!(
                 "table dead_letters: entry {} does not decode: {e}",
@@ -125,12 +155,12 @@ pub(super) fn dead_letters(
 
 pub(super) fn dead_letter_counts(db: &Handle) -> Result<DeadLetterCounts, SpoolError> {
     let db = db.get()?;
-    let txn = db.begin_read().map_err(storage)?;
+    let txn = db.begin_read().map_err(read_error)?;
     let kept = txn
         .open_table(DEAD)
-        .map_err(storage)?
+        .map_err(read_error)?
         .len()
-        .map_err(storage)?;
+        .map_err(read_error)?;
     let evicted = meta(&txn, MetaKey::DeadEvicted)?;
     Ok(DeadLetterCounts { kept, evicted })
 }
@@ -139,9 +169,9 @@ pub(super) fn dead_letter_counts(db: &Handle) -> Result<DeadLetterCounts, SpoolE
 fn meta(txn: &redb::ReadTransaction, key: MetaKey<'_>) -> Result<u64, SpoolError> {
     Ok(txn
         .open_table(META)
-        .map_err(storage)?
+        .map_err(read_error)?
         .get(key.name().as_str())
-        .map_err(storage)?
+        .map_err(read_error)?
         .map_or(0, |v| v.value()))
 }
 
