@@ -130,15 +130,12 @@ async fn concurrent_large_bodies_are_shed_beyond_the_budget_and_small_ones_still
         .text()
         .await
         .unwrap();
-    let sample = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} not in /metrics"))
-    };
     assert_eq!(
-        sample("conversion_gateway_requests_shed_total "),
-        shed as f64
+        metric_sample(&metrics, "conversion_gateway_requests_shed_total"),
+        Some(shed as f64)
     );
-    assert_eq!(sample("conversion_gateway_inflight_body_bytes "), 0.0);
+    assert_eq!(
+        metric_sample(&metrics, "conversion_gateway_inflight_body_bytes"),
+        Some(0.0)
+    );
 }

@@ -44,10 +44,7 @@ async fn metrics_text(http: &reqwest::Client, stack: &Stack) -> String {
 
 /// The value of the sample `series` (name and labels as printed).
 fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series}"))
+    metric_sample(metrics, series).unwrap_or_else(|| panic!("no sample {series}"))
 }
 
 async fn readyz(http: &reqwest::Client, stack: &Stack) -> u16 {

@@ -285,12 +285,13 @@ async fn accounts(
     }
     let dead = spool.dead_letter_counts().await.map_err(unavailable)?;
     let refusing_because = spool.health().err();
+    let bound = spool.bound_usage();
     Ok(Json(AccountsReport {
         accounts: out,
         spool: SpoolReport {
             bytes: spool.bytes(),
-            bound_used_bytes: spool.bound_usage().used_bytes,
-            max_bytes: spool.bound_usage().max_bytes,
+            bound_used_bytes: bound.used_bytes,
+            max_bytes: bound.max_bytes,
             writable: refusing_because.is_none(),
             refusing_because,
             dead_letters: dead.kept,

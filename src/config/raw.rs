@@ -317,6 +317,14 @@ fn keys(key: &str, inline: Vec<String>, file: Option<PathBuf>) -> Result<Vec<Sec
     Ok(out)
 }
 
+/// A count or size that must be above 0 and fit this machine's `usize`.
+fn positive_usize(key: &str, n: u64) -> Result<usize, ConfigError> {
+    match n {
+        0 => err(key, "must be greater than 0"),
+        n => usize::try_from(n).or_else(|_| err(key, "is too large")),
+    }
+}
+
 impl RawSettings {
     pub(super) fn validate(self) -> Result<Settings, ConfigError> {
         // Section by section, in this order: the first error found is the one reported.
@@ -371,31 +379,19 @@ impl RawServer {
                 s.admin_api_keys,
                 s.admin_api_keys_file,
             )?,
-            max_body_bytes: match s.max_body_bytes {
-                0 => return err("server.max_body_bytes", "must be greater than 0"),
-                n => {
-                    usize::try_from(n).or_else(|_| err("server.max_body_bytes", "is too large"))?
-                }
-            },
-            max_events_per_request: match s.max_events_per_request {
-                0 => return err("server.max_events_per_request", "must be greater than 0"),
-                n => usize::try_from(n)
-                    .or_else(|_| err("server.max_events_per_request", "is too large"))?,
-            },
-            max_event_bytes: match size("server.max_event_bytes", &s.max_event_bytes)? {
-                0 => return err("server.max_event_bytes", "must be greater than 0"),
-                n => {
-                    usize::try_from(n).or_else(|_| err("server.max_event_bytes", "is too large"))?
-                }
-            },
-            max_inflight_body_bytes: match size(
+            max_body_bytes: positive_usize("server.max_body_bytes", s.max_body_bytes)?,
+            max_events_per_request: positive_usize(
+                "server.max_events_per_request",
+                s.max_events_per_request,
+            )?,
+            max_event_bytes: positive_usize(
+                "server.max_event_bytes",
+                size("server.max_event_bytes", &s.max_event_bytes)?,
+            )?,
+            max_inflight_body_bytes: positive_usize(
                 "server.max_inflight_body_bytes",
-                &s.max_inflight_body_bytes,
-            )? {
-                0 => return err("server.max_inflight_body_bytes", "must be greater than 0"),
-                n => usize::try_from(n)
-                    .or_else(|_| err("server.max_inflight_body_bytes", "is too large"))?,
-            },
+                size("server.max_inflight_body_bytes", &s.max_inflight_body_bytes)?,
+            )?,
             header_timeout: match duration("server.header_timeout", &s.header_timeout)? {
                 d if d.is_zero() => return err("server.header_timeout", "must be greater than 0"),
                 d => d,

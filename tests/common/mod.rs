@@ -469,3 +469,10 @@ pub fn sized_record(
         },
     }
 }
+
+/// The value of the sample `series` (name and labels as printed) in a text exposition.
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
