@@ -8,12 +8,16 @@
 
 use crate::api::{self, AccountView, AdminState, ApiKeys, AppState, ServeOptions};
 use crate::clock::{Clock, SystemClock};
-use crate::config::Settings;
+use crate::config::{LimiterBackend, Settings, SpoolBackend};
 use crate::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
-use crate::limiter::{EmbeddedLimiter, Gcra, Limiter};
+use crate::limiter::{EmbeddedLimiter, Gcra, Limiter, RedisLimiter};
 use crate::metrics::Metrics;
+use crate::redis_store::durability::{self, Durability};
+use crate::redis_store::Store;
 use crate::shutdown::{Shutdown, Trigger};
-use crate::spool::{DiskSpool, DiskSpoolOptions, Queue, Spool, SpoolStats};
+use crate::spool::{
+    DiskSpool, DiskSpoolOptions, Queue, RedisSpool, RedisSpoolOptions, Spool, SpoolStats,
+};
 use crate::upstream::{self, Target, Transport};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,8 +38,91 @@ pub struct Running {
     shutdown_timeout: std::time::Duration,
     servers: JoinSet<()>,
     dispatchers: JoinSet<()>,
-    disk: Arc<DiskSpool>,
+    spool: Arc<dyn Spool>,
+    /// The disk spool, when events wait in this process's files (closed last on the way out).
+    disk: Option<Arc<DiskSpool>>,
+    /// The Redis queue, when events wait there (what this replica holds is handed back on the way out).
+    redis: Option<Arc<RedisSpool>>,
     accounts: Vec<String>,
+}
+
+/// The spool and limiter the configuration asks for, and the Redis they share, if any.
+struct Backends {
+    spool: Arc<dyn Spool>,
+    disk: Option<Arc<DiskSpool>>,
+    limiter: Arc<dyn Limiter>,
+    shared: Option<api::SharedState>,
+}
+
+async fn backends(settings: &Settings) -> Result<Backends, String> {
+    let store = match &settings.redis.url {
+        Some(url)
+            if settings.spool.backend == SpoolBackend::Redis
+                || settings.limiter.backend == LimiterBackend::Redis =>
+        {
+            Some(Store::open(url, &settings.redis.key_prefix)?)
+        }
+        _ => None,
+    };
+    let (spool, disk, redis_spool): (Arc<dyn Spool>, _, _) = match (&settings.spool.backend, &store)
+    {
+        (SpoolBackend::Redis, Some(store)) => {
+            let redis = RedisSpool::open(
+                store.clone(),
+                RedisSpoolOptions {
+                    accounts: settings.accounts.keys().cloned().collect(),
+                    consumer: settings.redis.consumer.clone(),
+                    claim_idle: settings.redis.claim_idle,
+                    dedup_window: settings.delivery.dedup_window,
+                    max_bytes: settings.spool.max_bytes,
+                    max_dead_letters: settings.spool.max_dead_letters,
+                },
+            )
+            .await;
+            tracing::info!(consumer = %settings.redis.consumer, url = %settings.redis.url.as_ref().map(|u| u.redacted()).unwrap_or_default(), "events are queued in Redis, shared by every replica");
+            (redis.clone(), None, Some(redis))
+        }
+        _ => {
+            let disk = open_spool(settings)?;
+            (disk.clone() as Arc<dyn Spool>, Some(disk), None)
+        }
+    };
+    let limiter: Arc<dyn Limiter> = match (&settings.limiter.backend, &store, &disk) {
+        (LimiterBackend::Redis, Some(store), _) => {
+            RedisLimiter::start(store.clone(), budgets(settings)).await
+        }
+        (_, _, Some(disk)) => Arc::new(EmbeddedLimiter::new(budgets(settings), disk.limiter_state())),
+        // Configuration validation makes a Redis spool come with the Redis limiter.
+        _ => return Err("limiter.backend: the embedded limiter keeps its state in the disk spool; with spool.backend = \"redis\" use limiter.backend = \"redis\"".into()),
+    };
+    let shared = match store {
+        Some(store) => {
+            let durability = if redis_spool.is_some() {
+                let d = durability::probe(&store).await;
+                match &d {
+                    Durability::Durable => tracing::info!("Redis fsyncs every write (appendonly yes, appendfsync always): a 202 means the events are on its disk"),
+                    Durability::NotDurable(why) => tracing::warn!(why = %why, "Redis may lose acknowledged writes: a 202 does not mean the events are on disk"),
+                    Durability::Unknown(why) => tracing::warn!(why = %why, "cannot tell whether Redis fsyncs every write (CONFIG GET refused or failed): a 202 may not mean the events are on disk"),
+                }
+                Some(d)
+            } else {
+                None
+            };
+            Some(api::SharedState {
+                store,
+                spool: redis_spool,
+                durability,
+                limiter: settings.limiter.backend == LimiterBackend::Redis,
+            })
+        }
+        None => None,
+    };
+    Ok(Backends {
+        spool,
+        disk,
+        limiter,
+        shared,
+    })
 }
 
 /// Opens the spool, starts every dispatcher and both listeners.
@@ -45,14 +132,18 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
             "sandbox mode: batches are built, validated and recorded, nothing is sent to X"
         );
     }
-    let disk = open_spool(&settings)?;
-    let spool: Arc<dyn Spool> = disk.clone();
-    let limiter: Arc<dyn Limiter> = Arc::new(EmbeddedLimiter::new(
-        budgets(&settings),
-        disk.limiter_state(),
-    ));
+    let Backends {
+        spool,
+        disk,
+        limiter,
+        shared,
+    } = backends(&settings).await?;
     let transport = upstream::from_settings(&settings.upstream)?;
-    let metrics = Arc::new(Metrics::new(settings.accounts.keys().map(String::as_str)));
+    let accounts = settings.accounts.keys().map(String::as_str);
+    let metrics = Arc::new(match &shared {
+        Some(_) => Metrics::shared(accounts),
+        None => Metrics::new(accounts),
+    });
     let (trigger, shutdown) = Shutdown::new();
     let state = Arc::new(AppState {
         rules: settings.mapping_rules(),
@@ -76,19 +167,21 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     tracing::info!(ingest = %ingest_addr, admin = %admin_addr, "listening");
 
     let parts = Parts {
-        spool,
+        spool: spool.clone(),
         limiter: limiter.clone(),
         transport,
         clock: Arc::new(SystemClock),
         metrics,
     };
     let (dispatchers, views) = start_dispatchers(&settings, &parts, &shutdown);
+    let redis_queue = shared.as_ref().and_then(|s| s.spool.clone());
     let admin_state = Arc::new(AdminState {
         app: state.clone(),
         keys: ApiKeys::new(&settings.server.admin_api_keys, false),
         accounts: views,
         limiter,
         ready_requires_spool: settings.server.ready_requires_spool,
+        shared,
     });
     let mut servers = JoinSet::new();
     let serve = |nodelay| ServeOptions {
@@ -114,7 +207,9 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         shutdown_timeout: settings.server.shutdown_timeout,
         servers,
         dispatchers,
+        spool,
         disk,
+        redis: redis_queue,
         accounts: settings.accounts.keys().cloned().collect(),
     })
 }
@@ -127,7 +222,7 @@ impl Running {
         mut self,
         signal: impl std::future::Future<Output = ()>,
     ) -> Result<(), String> {
-        let fatal = self.disk.fatal();
+        let fatal = self.spool.fatal();
         tokio::select! {
             _ = signal => {
                 tracing::info!("shutdown requested: no new events accepted, in-flight requests finishing");
@@ -152,7 +247,9 @@ impl Running {
     /// Stops the spool's storage thread as a bug would, for tests of the crash-only path.
     #[doc(hidden)]
     pub fn crash_storage_thread(&self) {
-        self.disk.crash_storage_thread();
+        if let Some(disk) = &self.disk {
+            disk.crash_storage_thread();
+        }
     }
 
     /// Waits for everything to finish after `stop` (at most `server.shutdown_timeout`), then closes the spool.
@@ -167,8 +264,20 @@ impl Running {
                 "shutdown_timeout reached; stopping with work unfinished (it stays in the spool)"
             );
         }
-        let left: usize = self.accounts.iter().map(|a| self.disk.backlog(a)).sum();
-        let closed = self.disk.close().await;
+        let left: usize = self.accounts.iter().map(|a| self.spool.backlog(a)).sum();
+        let Some(disk) = self.disk.take() else {
+            let handed_back = match &self.redis {
+                Some(redis) => redis.release().await,
+                None => 0,
+            };
+            tracing::info!(
+                events_waiting = left,
+                handed_back,
+                "stopped; the events waiting in Redis go out through the other replicas (what this one held is handed back), or after the next start"
+            );
+            return Ok(());
+        };
+        let closed = disk.close().await;
         tracing::info!(
             events_waiting = left,
             "stopped; waiting events go out after the next start"

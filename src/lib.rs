@@ -16,6 +16,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod preview;
 pub mod reasons;
+pub mod redis_store;
 pub mod shutdown;
 pub mod spool;
 pub mod telemetry;

@@ -43,6 +43,23 @@ pub struct Metrics {
     open_fds: IntGauge,
     requests_shed: IntCounter,
     inflight_body_bytes: IntGauge,
+    /// Only in the shared mode.
+    redis: Option<RedisMetrics>,
+}
+
+struct RedisMetrics {
+    up: IntGauge,
+    durable: IntGauge,
+    held: IntGaugeVec,
+}
+
+/// The shared mode's state at scrape time.
+pub struct RedisSnapshot {
+    pub up: bool,
+    /// 1 when Redis fsyncs every write; 0 otherwise, or when it cannot be told. `None`: no Redis queue.
+    pub durable: Option<i64>,
+    /// Per account: events this replica holds unacknowledged (with the Redis queue).
+    pub held_here: Vec<(String, u64)>,
 }
 
 /// What the spool holds at scrape time.
@@ -55,6 +72,7 @@ pub struct SpoolSnapshot {
     pub dead_letters: u64,
     /// Dead letters evicted since the spool was made (persisted, so it survives restarts).
     pub dead_letters_evicted: u64,
+    pub redis: Option<RedisSnapshot>,
 }
 
 fn name(s: &str) -> String {
@@ -77,6 +95,15 @@ impl Metrics {
     /// Registers every metric and creates the series of every account in `accounts` at 0.
     /// (Long on purpose: it is the table of every metric's name, help and labels, read in one place.)
     pub fn new<'a>(accounts: impl IntoIterator<Item = &'a str>) -> Self {
+        Self::build(accounts, false)
+    }
+
+    /// With the shared mode's metrics too (Redis reachable, durable, what this replica holds).
+    pub fn shared<'a>(accounts: impl IntoIterator<Item = &'a str>) -> Self {
+        Self::build(accounts, true)
+    }
+
+    fn build<'a>(accounts: impl IntoIterator<Item = &'a str>, shared: bool) -> Self {
         let accounts: Vec<String> = accounts.into_iter().map(str::to_owned).collect();
         let registry = Registry::new();
         let counter = |n: &str, help: &str, labels: &[&str]| {
@@ -265,6 +292,22 @@ impl Metrics {
         }
         received.with_label_values(&[UNKNOWN_ACCOUNT, IngestOutcome::Rejected.as_str()]);
         spool_writable.set(1);
+        let redis = shared.then(|| {
+            let single = |n: &str, help: &str| register(&registry, IntGauge::new(name(n), help));
+            let held = gauge(
+                "redis_held_events",
+                "Events of the shared Redis queue this replica has taken and not yet acknowledged (another replica takes them over after redis.claim_idle if this one stops).",
+                &["account"],
+            );
+            for a in &accounts {
+                held.with_label_values(&[a]);
+            }
+            RedisMetrics {
+                up: single("redis_up", "1 while Redis answered the last command, 0 while it cannot be reached or refuses."),
+                durable: single("redis_durable", "1 when Redis fsyncs every write before answering (appendonly yes, appendfsync always): a 202 means on disk. 0 when it does not, or cannot be told (CONFIG GET refused)."),
+                held,
+            }
+        });
 
         Metrics {
             registry,
@@ -290,6 +333,7 @@ impl Metrics {
             open_fds,
             requests_shed,
             inflight_body_bytes,
+            redis,
         }
     }
 
@@ -380,6 +424,13 @@ impl Metrics {
         self.spool_max_bytes.set(spool.bound.max_bytes as i64);
         self.spool_writable.set(i64::from(spool.writable));
         self.dead_letters_stored.set(spool.dead_letters as i64);
+        if let (Some(m), Some(r)) = (&self.redis, &spool.redis) {
+            m.up.set(i64::from(r.up));
+            m.durable.set(r.durable.unwrap_or(0));
+            for (account, n) in &r.held_here {
+                m.held.with_label_values(&[account]).set(*n as i64);
+            }
+        }
         if let Some(rss) = resident_bytes() {
             self.resident_memory.set(rss as i64);
         }
@@ -463,6 +514,7 @@ mod tests {
             writable: false,
             dead_letters: 3,
             dead_letters_evicted: 2,
+            redis: None,
         }
     }
 

@@ -23,6 +23,11 @@ macro_rules! vocabulary {
                     $($name::$variant => $label),+
                 }
             }
+
+            /// The value whose label is `label` (as stored), if any.
+            pub fn from_label(label: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == label)
+            }
         }
 
         impl std::fmt::Display for $name {

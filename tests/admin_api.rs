@@ -144,6 +144,7 @@ async fn without_admin_keys_the_v1_api_is_off() {
         accounts: Vec::new(),
         limiter: base.limiter.clone(),
         ready_requires_spool: true,
+        shared: None,
     });
     let admin = api::admin_app(state);
     let (s, b, h) = send(&admin, get("/v1/accounts")).await;
@@ -539,6 +540,7 @@ async fn readiness_can_be_kept_while_the_spool_refuses() {
         accounts: Vec::new(),
         limiter: base.state.limiter.clone(),
         ready_requires_spool: false,
+        shared: None,
     });
     let admin = api::admin_app(state);
     for (id, status) in [

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use conversion_gateway::metrics::{Metrics, SpoolSnapshot};
+use conversion_gateway::metrics::{Metrics, RedisSnapshot, SpoolSnapshot};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
@@ -81,6 +81,20 @@ fn the_compose_stack_and_prometheus_configuration_are_consistent() {
             "docker-compose.yml lacks {needle:?}"
         );
     }
+    // The shared profile: Redis durable and without eviction, three replicas on it.
+    for needle in [
+        "profiles: [\"shared\"]",
+        "\"--appendonly\", \"yes\", \"--appendfsync\", \"always\", \"--maxmemory-policy\", \"noeviction\"",
+        "replicas: 3",
+        "GATEWAY_REDIS__URL: redis://redis:6379/0",
+        "GATEWAY_SPOOL__BACKEND: redis",
+        "GATEWAY_LIMITER__BACKEND: redis",
+    ] {
+        assert!(
+            compose.contains(needle),
+            "docker-compose.yml's shared profile lacks {needle:?}"
+        );
+    }
     assert!(read("config/prometheus.yml").contains("targets: [\"gateway:9090\"]"));
     let config = Path::new(ROOT).join("config/prometheus.yml");
     let out = Command::new(promtool())
@@ -95,7 +109,7 @@ fn the_compose_stack_and_prometheus_configuration_are_consistent() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The alerts name only metrics the gateway exports.
-    let exported = Metrics::new(["acme"]).render(&SpoolSnapshot {
+    let exported = Metrics::shared(["acme"]).render(&SpoolSnapshot {
         accounts: vec![("acme".into(), 0, None)],
         bytes: 0,
         bound: conversion_gateway::spool::BoundUsage {
@@ -105,6 +119,11 @@ fn the_compose_stack_and_prometheus_configuration_are_consistent() {
         writable: true,
         dead_letters: 0,
         dead_letters_evicted: 0,
+        redis: Some(RedisSnapshot {
+            up: true,
+            durable: Some(1),
+            held_here: vec![("acme".into(), 0)],
+        }),
     });
     let alerts = read("config/alerts.yml");
     let names: HashSet<&str> = alerts

@@ -357,13 +357,18 @@ async fn a_full_disk_answers_503_loses_nothing_and_intake_resumes() {
         "{} accepted before the disk filled",
         accepted.len()
     );
-    assert_eq!(
-        http.get(format!("{}/readyz", stack.admin_url))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
+    // A full disk is the spool's state, not the process's: the pod stays in service (the default,
+    // `server.ready_requires_spool = false`), and readiness says why ingest refuses.
+    let ready = http
+        .get(format!("{}/readyz", stack.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let why = ready.text().await.unwrap();
+    assert!(
+        why.contains("ingest answers 503") && why.contains("disk"),
+        "{why}"
     );
     // X comes back: the backlog drains, and with it the room in the spool.
     http.delete(format!("{}/_fake/faults", stack.fake_url))

@@ -1,16 +1,20 @@
 //! The admin listener (`server.admin_listen`): probes, `/metrics`, and the operator's `/v1` API — accounts
 //! and dead letters (list, replay, delete).
 //!
-//! Invariants: `/livez` never depends on X or the spool; `/readyz` fails only when the gateway cannot accept
-//! and durably spool events (spool full or failing, shutting down) — an X outage or a backlog never makes it
-//! unready, because a failing sidecar takes its whole pod out of service; every `/v1` route needs one of
+//! Invariants: `/livez` never depends on X or the spool; `/readyz` fails only while this process cannot
+//! take requests at all (starting, shutting down, its spool's storage stopped) — a condition every replica
+//! shares (X down, Redis down, spools filling during a long outage) never makes it unready, because a
+//! sidecar's readiness is its pod's and would take the whole site out of service; such conditions are
+//! answered with 503 to the callers and shown in metrics and `/v1/accounts`. `server.ready_requires_spool
+//! = true` (a standalone gateway behind a load balancer) also fails it while the spool refuses events.
+//! Every `/v1` route needs one of
 //! `server.admin_api_keys` (none configured: the `/v1` API is off and answers 403); nothing here shows a raw
 //! email, phone number, secret or token — spooled events hold hashes only.
 
 use super::{ApiKeys, AppState, Problem};
 use crate::dispatch::AccountStatus;
 use crate::limiter::Limiter;
-use crate::metrics::SpoolSnapshot;
+use crate::metrics::{RedisSnapshot, SpoolSnapshot};
 use crate::spool::{DeadLetter, DeadLetterQuery, SpoolError};
 use axum::extract::{Query, Request, State};
 use axum::http::{header, StatusCode, Uri};
@@ -43,6 +47,39 @@ pub struct AdminState {
     pub limiter: Arc<dyn Limiter>,
     /// `server.ready_requires_spool`: whether `/readyz` fails while the spool refuses events.
     pub ready_requires_spool: bool,
+    /// The Redis of the shared mode, when configured.
+    pub shared: Option<SharedState>,
+}
+
+/// What the admin API and metrics show of the shared mode.
+pub struct SharedState {
+    pub store: crate::redis_store::Store,
+    /// The Redis queue, when events wait there.
+    pub spool: Option<Arc<crate::spool::RedisSpool>>,
+    /// Read at start-up, when events wait in Redis.
+    pub durability: Option<crate::redis_store::durability::Durability>,
+    /// Whether the budget is the fleet's (`limiter.backend = "redis"`).
+    pub limiter: bool,
+}
+
+impl SharedState {
+    fn report(&self) -> RedisReport {
+        use crate::redis_store::durability::Durability;
+        let (durability, durability_note) = match &self.durability {
+            None => (None, None),
+            Some(Durability::Durable) => (Some("durable"), None),
+            Some(Durability::NotDurable(why)) => (Some("not_durable"), Some(why.clone())),
+            Some(Durability::Unknown(why)) => (Some("unknown"), Some(why.clone())),
+        };
+        RedisReport {
+            spool: self.spool.is_some(),
+            limiter: self.limiter,
+            up: self.store.up(),
+            down_because: self.store.down_because(),
+            durability,
+            durability_note,
+        }
+    }
 }
 
 /// Dead letters per page when `limit` is not given, and the most one page holds.
@@ -109,6 +146,13 @@ async fn readyz(State(st): State<Arc<AdminState>>) -> Result<String, Problem> {
     if st.app.is_shutting_down() {
         return Err(Problem::unavailable("shutting down", 5));
     }
+    // This process cannot take requests at all: whatever the configuration, it is not ready.
+    if let Some(why) = st.app.spool.stopped() {
+        return Err(Problem::unavailable(
+            format!("the spool cannot take events: {why}"),
+            5,
+        ));
+    }
     match st.app.spool.health() {
         Ok(()) => Ok("ready\n".into()),
         // Configured to stay in service: the pod's application keeps serving, its POSTs get 503.
@@ -155,6 +199,18 @@ async fn metrics_text(State(st): State<Arc<AdminState>>) -> Response {
         writable: spool.health().is_ok(),
         dead_letters: dead.kept,
         dead_letters_evicted: dead.evicted,
+        redis: st.shared.as_ref().map(|sh| RedisSnapshot {
+            up: sh.store.up(),
+            durable: sh.durability.as_ref().map(|d| d.gauge()),
+            held_here: st
+                .accounts
+                .iter()
+                .map(|a| {
+                    let held = sh.spool.as_ref().map_or(0, |s| s.held_here(&a.name));
+                    (a.name.clone(), held)
+                })
+                .collect(),
+        }),
     };
     st.app
         .metrics
@@ -210,6 +266,23 @@ struct AccountReport {
     /// Since this process started.
     delivered: u64,
     dead_lettered: u64,
+    /// With the Redis queue: events of this account this replica has taken and not yet acknowledged
+    /// (the backlog is the whole fleet's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held_here: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct RedisReport {
+    /// `spool.backend` and `limiter.backend`: what lives in Redis.
+    spool: bool,
+    limiter: bool,
+    /// Whether Redis answered the last command, and why not.
+    up: bool,
+    down_because: Option<String>,
+    /// With the Redis queue: "durable" (a 202 means fsynced), "not_durable" or "unknown", and why.
+    durability: Option<&'static str>,
+    durability_note: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -229,6 +302,9 @@ struct SpoolReport {
 struct AccountsReport {
     accounts: Vec<AccountReport>,
     spool: SpoolReport,
+    /// The shared mode's Redis, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<RedisReport>,
 }
 
 fn unavailable(e: SpoolError) -> Problem {
@@ -250,7 +326,16 @@ async fn accounts(
     let mut out = Vec::with_capacity(st.accounts.len());
     for a in &st.accounts {
         let status = a.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let backlog = spool.account_backlog(&a.name).await.map_err(unavailable)?;
+        // Unreadable (Redis down): what was last known, without the oldest event's time.
+        let backlog =
+            spool
+                .account_backlog(&a.name)
+                .await
+                .unwrap_or_else(|_| crate::spool::AccountBacklog {
+                    events: spool.backlog(&a.name) as u64,
+                    bytes: spool.account_bytes(&a.name),
+                    oldest_ms: None,
+                });
         out.push(AccountReport {
             name: a.name.clone(),
             ad_account_id: a.ad_account_id.clone(),
@@ -281,9 +366,14 @@ async fn accounts(
             last_debug_id: status.last_debug_id,
             delivered: status.delivered,
             dead_lettered: status.dead_lettered,
+            held_here: st
+                .shared
+                .as_ref()
+                .and_then(|sh| sh.spool.as_ref())
+                .map(|s| s.held_here(&a.name)),
         });
     }
-    let dead = spool.dead_letter_counts().await.map_err(unavailable)?;
+    let dead = spool.dead_letter_counts().await.unwrap_or_default();
     let refusing_because = spool.health().err();
     let bound = spool.bound_usage();
     Ok(Json(AccountsReport {
@@ -297,6 +387,7 @@ async fn accounts(
             dead_letters: dead.kept,
             dead_letters_evicted: dead.evicted,
         },
+        redis: st.shared.as_ref().map(SharedState::report),
     }))
 }
 

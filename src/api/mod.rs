@@ -10,7 +10,7 @@ pub mod ingest;
 pub mod problem;
 mod server;
 
-pub use admin::{admin_app, AccountView, AdminState};
+pub use admin::{admin_app, AccountView, AdminState, SharedState};
 pub use auth::ApiKeys;
 pub use problem::Problem;
 pub use server::{serve, ServeOptions};

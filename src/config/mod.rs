@@ -80,6 +80,8 @@ fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Err
 pub struct Settings {
     pub server: Server,
     pub spool: Spool,
+    pub limiter: Limiter,
+    pub redis: Redis,
     pub upstream: Upstream,
     pub delivery: Delivery,
     pub log: Log,
@@ -110,6 +112,8 @@ pub struct Server {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Spool {
+    /// Where events wait: this process's files, or Redis (shared by every replica).
+    pub backend: SpoolBackend,
     pub dir: PathBuf,
     /// Bytes of waiting events the spool holds before ingest answers 503.
     pub max_bytes: u64,
@@ -117,6 +121,81 @@ pub struct Spool {
     pub max_dead_letters: u64,
     /// Appends are refused while the file system under `dir` has less free space than this.
     pub min_free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolBackend {
+    Disk,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimiterBackend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Limiter {
+    /// Whose budget a dispatcher draws on: this process's, or one per ad account for the whole fleet.
+    pub backend: LimiterBackend,
+}
+
+/// The Redis the shared mode uses (`limiter.backend` or `spool.backend` = "redis").
+#[derive(Debug, Clone, Serialize)]
+pub struct Redis {
+    /// `redis://` or `rediss://` (TLS); `None` when not configured. Printed with its password redacted.
+    pub url: Option<RedisUrl>,
+    /// Every key starts with it.
+    pub key_prefix: String,
+    /// This replica's name in the consumer groups (default: the host name, a pod's name).
+    pub consumer: String,
+    /// A replica's unacknowledged events idle this long are taken over by another.
+    #[serde(serialize_with = "serialize_duration")]
+    pub claim_idle: Duration,
+}
+
+/// A Redis URL: a secret when it holds a password, so `Debug` and `Serialize` show it redacted.
+#[derive(Clone)]
+pub struct RedisUrl(Secret);
+
+impl RedisUrl {
+    /// A URL not read from a configuration (tests, the benchmark).
+    #[doc(hidden)]
+    pub fn for_tests(url: &str) -> RedisUrl {
+        RedisUrl(Secret::new(url))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The URL with any password (and user name) replaced by `[REDACTED]`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(self.expose()) {
+            Ok(mut u) => {
+                if !u.password().unwrap_or_default().is_empty() {
+                    let _ = u.set_password(Some("REDACTED"));
+                }
+                u.to_string().replace(":REDACTED@", ":[REDACTED]@")
+            }
+            Err(_) => "[REDACTED]".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -242,14 +321,23 @@ max_events_per_request = 1000
 max_event_bytes = "64KiB"
 max_inflight_body_bytes = "64MiB"
 header_timeout = "10s"
-ready_requires_spool = true
+ready_requires_spool = false
 shutdown_timeout = "20s"
 
 [spool]
+backend = "disk"
 dir = "data"
 max_bytes = "1GiB"
 max_dead_letters = 100000
 min_free_bytes = "16MiB"
+
+[limiter]
+backend = "embedded"
+
+[redis]
+key_prefix = "cg"
+consumer = ""
+claim_idle = "60s"
 
 [upstream]
 base_url = "https://ads-api.x.com"
@@ -357,7 +445,12 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(s.server.max_event_bytes, 64 << 10);
         assert_eq!(s.server.max_inflight_body_bytes, 64 << 20);
         assert_eq!(s.server.header_timeout, Duration::from_secs(10));
-        assert!(s.server.ready_requires_spool);
+        assert!(!s.server.ready_requires_spool);
+        assert_eq!(s.spool.backend, SpoolBackend::Disk);
+        assert_eq!(s.limiter.backend, LimiterBackend::Embedded);
+        assert_eq!(s.redis.claim_idle, Duration::from_secs(60));
+        assert_eq!(s.redis.key_prefix, "cg");
+        assert!(s.redis.url.is_none());
         assert_eq!(s.delivery.max_event_age, Duration::from_secs(7 * 86400));
         assert_eq!(s.upstream.base_url, "https://ads-api.x.com");
         let a = &s.accounts["acme"];
@@ -548,5 +641,75 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
         assert_eq!(load_str(&text, &[]).unwrap_err().key, "accounts.acme.auth");
         let s = load_str(&format!("{text}\n[upstream]\nsandbox = true\n"), &[]).unwrap();
         assert!(s.accounts["acme"].auth.is_none());
+    }
+
+    #[test]
+    fn the_shared_mode_needs_a_url_and_a_shared_budget() {
+        let env = |pairs: &[(&'static str, &'static str)]| pairs.to_vec();
+        let e = load_str(GOOD, &env(&[("GATEWAY_SPOOL__BACKEND", "redis")])).unwrap_err();
+        assert_eq!(e.key, "spool.backend", "{e}");
+        assert!(e.message.contains("redis.url"), "{e}");
+        let e = load_str(GOOD, &env(&[("GATEWAY_LIMITER__BACKEND", "redis")])).unwrap_err();
+        assert_eq!(e.key, "limiter.backend", "{e}");
+        let url = ("GATEWAY_REDIS__URL", "redis://10.0.0.7:6379/2");
+        let e = load_str(GOOD, &env(&[url, ("GATEWAY_SPOOL__BACKEND", "redis")])).unwrap_err();
+        assert_eq!(
+            e.key, "limiter.backend",
+            "a shared queue needs the shared budget: {e}"
+        );
+        let s = load_str(
+            GOOD,
+            &env(&[
+                url,
+                ("GATEWAY_SPOOL__BACKEND", "redis"),
+                ("GATEWAY_LIMITER__BACKEND", "redis"),
+                ("GATEWAY_REDIS__CONSUMER", "shop-7d9f-x2"),
+                ("GATEWAY_REDIS__CLAIM_IDLE", "90s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.spool.backend, SpoolBackend::Redis);
+        assert_eq!(s.limiter.backend, LimiterBackend::Redis);
+        assert_eq!(s.redis.consumer, "shop-7d9f-x2");
+        assert_eq!(s.redis.claim_idle, Duration::from_secs(90));
+        // Without a consumer name, the host name.
+        let s = load_str(GOOD, &env(&[url, ("GATEWAY_LIMITER__BACKEND", "redis")])).unwrap();
+        assert!(!s.redis.consumer.is_empty());
+        let e = load_str(GOOD, &env(&[("GATEWAY_SPOOL__BACKEND", "memcached")])).unwrap_err();
+        assert_eq!(e.key, "spool.backend", "{e}");
+    }
+
+    #[test]
+    fn a_redis_url_is_checked_and_its_password_never_shown() {
+        let with_password = "redis://:CANARY-redis-password@10.0.0.7:6379/0";
+        let s = load_str(GOOD, &[("GATEWAY_REDIS__URL", with_password)]).unwrap();
+        let shown = s.to_redacted_toml();
+        assert!(!shown.contains("CANARY"), "{shown}");
+        assert!(
+            shown.contains("redis://:[REDACTED]@10.0.0.7:6379/0"),
+            "{shown}"
+        );
+        assert!(!format!("{:?}", s.redis).contains("CANARY"));
+        for (bad, key) in [
+            ("http://10.0.0.7:6379", "redis.url"),
+            ("redis//:CANARY-redis-password@x", "redis.url"),
+        ] {
+            let e = load_str(GOOD, &[("GATEWAY_REDIS__URL", bad)]).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(!e.to_string().contains("CANARY"), "{e}");
+        }
+        let e = load_str(GOOD, &[("GATEWAY_REDIS__CLAIM_IDLE", "100ms")]).unwrap_err();
+        assert_eq!(e.key, "redis.claim_idle");
+        let e = load_str(GOOD, &[("GATEWAY_REDIS__KEY_PREFIX", "{cg}")]).unwrap_err();
+        assert_eq!(e.key, "redis.key_prefix");
+        // From a file, like every secret.
+        let f = file(&format!("{with_password}\n"));
+        let path = f.path().to_str().unwrap().to_owned();
+        let s = load(
+            Some(file(GOOD).path()),
+            [("GATEWAY_REDIS__URL_FILE".to_string(), path)],
+        )
+        .unwrap();
+        assert_eq!(s.redis.url.unwrap().expose(), with_password);
     }
 }

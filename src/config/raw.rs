@@ -10,6 +10,8 @@ use serde::de::{self, Deserializer};
 pub(super) struct RawSettings {
     server: RawServer,
     spool: RawSpool,
+    limiter: RawLimiter,
+    redis: RawRedis,
     upstream: RawUpstream,
     delivery: RawDelivery,
     log: RawLog,
@@ -51,6 +53,7 @@ struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSpool {
+    backend: SpoolBackend,
     dir: PathBuf,
     #[serde(deserialize_with = "text")]
     max_bytes: String,
@@ -58,6 +61,26 @@ struct RawSpool {
     max_dead_letters: u64,
     #[serde(deserialize_with = "text")]
     min_free_bytes: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimiter {
+    backend: LimiterBackend,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    #[serde(default, deserialize_with = "opt_text")]
+    url: Option<String>,
+    url_file: Option<PathBuf>,
+    #[serde(deserialize_with = "text")]
+    key_prefix: String,
+    #[serde(deserialize_with = "text")]
+    consumer: String,
+    #[serde(deserialize_with = "text")]
+    claim_idle: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,9 +374,32 @@ impl RawSettings {
         }
         let log = self.log.validate()?;
         let accounts = validate_accounts(self.accounts, &delivery, upstream.sandbox)?;
+        let spool = self.spool.validate()?;
+        let limiter = Limiter {
+            backend: self.limiter.backend,
+        };
+        let redis = self.redis.validate()?;
+        if redis.url.is_none() {
+            for (key, wanted) in [
+                ("spool.backend", spool.backend == SpoolBackend::Redis),
+                ("limiter.backend", limiter.backend == LimiterBackend::Redis),
+            ] {
+                if wanted {
+                    return err(key, "is \"redis\" but [redis] has no url; set redis.url (or redis.url_file), e.g. \"redis://127.0.0.1:6379/0\"");
+                }
+            }
+        }
+        if spool.backend == SpoolBackend::Redis && limiter.backend != LimiterBackend::Redis {
+            return err(
+                "limiter.backend",
+                "must be \"redis\" when spool.backend is \"redis\": every replica delivers from the shared queue, so they must draw on one shared budget (else each sends the account's whole rate)",
+            );
+        }
         Ok(Settings {
             server,
-            spool: self.spool.validate()?,
+            spool,
+            limiter,
+            redis,
             upstream,
             delivery,
             log,
@@ -488,9 +534,86 @@ impl RawLog {
     }
 }
 
+impl RawRedis {
+    fn validate(self) -> Result<Redis, ConfigError> {
+        let url = match secret("redis.url", self.url, self.url_file)? {
+            None => None,
+            Some(url) => {
+                let key = "redis.url";
+                match url::Url::parse(url.expose()) {
+                    Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host().is_some() => {}
+                    Ok(u) => {
+                        return err(
+                            key,
+                            format!(
+                                "has scheme {:?}; use redis://host:port/db (or rediss:// for TLS)",
+                                u.scheme()
+                            ),
+                        )
+                    }
+                    // The parser's message never quotes the URL, which may hold a password.
+                    Err(e) => {
+                        return err(
+                            key,
+                            format!(
+                            "is not a URL ({e}); use redis://host:port/db (or rediss:// for TLS)"
+                        ),
+                        )
+                    }
+                }
+                Some(RedisUrl(url))
+            }
+        };
+        let prefix = self.key_prefix.trim();
+        if prefix.is_empty()
+            || prefix.contains(['{', '}'])
+            || prefix.chars().any(char::is_whitespace)
+        {
+            return err(
+                "redis.key_prefix",
+                "must be non-empty, without spaces or braces (the gateway adds the hash tags itself)",
+            );
+        }
+        let consumer = match self.consumer.trim() {
+            "" => host_name(),
+            c => c.to_owned(),
+        };
+        if consumer.is_empty() {
+            return err(
+                "redis.consumer",
+                "is empty and this machine has no host name; set redis.consumer to this replica's name",
+            );
+        }
+        let claim_idle = match duration("redis.claim_idle", &self.claim_idle)? {
+            d if d < Duration::from_secs(1) => {
+                return err("redis.claim_idle", "must be at least 1s")
+            }
+            d => d,
+        };
+        Ok(Redis {
+            url,
+            key_prefix: prefix.to_owned(),
+            consumer,
+            claim_idle,
+        })
+    }
+}
+
+/// The host name (a pod's name in Kubernetes), or "" when there is none.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 impl RawSpool {
     fn validate(self) -> Result<Spool, ConfigError> {
         Ok(Spool {
+            backend: self.backend,
             dir: self.dir,
             max_bytes: match size("spool.max_bytes", &self.max_bytes)? {
                 n if n < crate::spool::disk::MIN_MAX_BYTES => {

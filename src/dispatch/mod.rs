@@ -338,6 +338,9 @@ impl Dispatcher {
             } => {
                 *attempts = Attempts::default();
                 self.delivered(debug_id, hold_until);
+                if let Some(until) = hold_until {
+                    self.share_hold(until).await;
+                }
                 let to = AckTarget {
                     spool: self.spool.clone(),
                     account: self.account().to_owned(),
@@ -368,6 +371,7 @@ impl Dispatcher {
             Action::WaitUntil { until, message } => {
                 self.failed_with(message);
                 self.status().hold_until = Some(until);
+                self.share_hold(until).await;
                 work.push(batch);
                 None
             }
@@ -382,6 +386,15 @@ impl Dispatcher {
         match wait {
             Some(d) if sleep_or_stop(d, stop).await => Flow::Stopped,
             _ => Flow::Continue,
+        }
+    }
+
+    /// Tells the limiter X's reset time (epoch seconds), so that no dispatcher drawing on the budget,
+    /// in this process or (shared) another replica, sends before it.
+    async fn share_hold(&self, until: u64) {
+        let until = until.saturating_mul(1_000_000_000);
+        if let Err(e) = self.limiter.hold(&self.budget_key, until).await {
+            tracing::warn!(account = %self.account(), error = %e, "cannot share X's rate-limit hold; this replica keeps it");
         }
     }
 
@@ -435,8 +448,12 @@ impl Dispatcher {
                 }
                 Ok(_) => return !stop.is_set(),
                 Err(e) => {
-                    // Without a persisted reservation nothing is sent: a restart must not exceed the budget.
-                    tracing::error!(account = %self.account(), error = %e, "cannot persist the rate budget");
+                    // Without a persisted reservation nothing is sent: a restart must not exceed the
+                    // budget, nor a replica the fleet's.
+                    tracing::error!(account = %self.account(), error = %e, "cannot reserve from the rate budget; nothing is sent until it can");
+                    self.failed_with(format!(
+                        "the rate budget cannot be checked, nothing is sent: {e}"
+                    ));
                     if sleep_or_stop(self.settings.retry_base, stop).await {
                         return false;
                     }

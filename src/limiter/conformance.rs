@@ -29,6 +29,14 @@ pub trait Subject: Send {
         &mut self,
         keys: &[&str],
     ) -> impl std::future::Future<Output = Option<Arc<dyn Limiter>>> + Send;
+    /// Another limiter drawing on the same budget at the same time (another replica), for a shared
+    /// implementation; `None` for one whose budget is its process's own.
+    fn peer(
+        &mut self,
+        _keys: &[&str],
+    ) -> impl std::future::Future<Output = Option<Arc<dyn Limiter>>> + Send {
+        async { None }
+    }
 }
 
 /// `EmbeddedLimiter` over `VolatileState`: state survives a new limiter in the same process.
@@ -94,6 +102,40 @@ impl Subject for Disk {
     }
 }
 
+/// `RedisLimiter` on a `redis-server` of its own: state survives a new limiter (a restart), and a peer
+/// is another replica over the same Redis.
+pub struct Redis {
+    server: crate::redis_store::server::RedisServer,
+}
+
+impl Default for Redis {
+    fn default() -> Self {
+        Redis {
+            server: crate::redis_store::server::RedisServer::start(),
+        }
+    }
+}
+
+impl Redis {
+    async fn limiter(&self, keys: &[&str]) -> Arc<dyn Limiter> {
+        let url = crate::config::RedisUrl::for_tests(&self.server.url());
+        let store = crate::redis_store::Store::open(&url, "cg").expect("a store");
+        super::RedisLimiter::on_callers_clock(store, rules(keys)).await
+    }
+}
+
+impl Subject for Redis {
+    async fn open(&mut self, keys: &[&str]) -> Arc<dyn Limiter> {
+        self.limiter(keys).await
+    }
+    async fn restart(&mut self, keys: &[&str]) -> Option<Arc<dyn Limiter>> {
+        Some(self.limiter(keys).await)
+    }
+    async fn peer(&mut self, keys: &[&str]) -> Option<Arc<dyn Limiter>> {
+        Some(self.limiter(keys).await)
+    }
+}
+
 /// Random arrivals, each batch sent when the limiter says: no window of length `WINDOW` holds more than
 /// `LIMIT` events.
 pub async fn no_sliding_window_exceeds_the_limit(mut t: impl Subject) {
@@ -109,15 +151,8 @@ pub async fn no_sliding_window_exceeds_the_limit(mut t: impl Subject) {
         clock = at;
         sent.push((at, n));
     }
-    let window = WINDOW.as_nanos() as u64;
-    for (i, (start, _)) in sent.iter().enumerate() {
-        let in_window: u64 = sent[i..]
-            .iter()
-            .take_while(|(t, _)| *t < start + window)
-            .map(|(_, n)| n)
-            .sum();
-        assert!(in_window <= LIMIT, "{in_window} events in one window");
-    }
+    let most = most_in_a_window(&sent);
+    assert!(most <= LIMIT, "{most} events in one window");
     // And the budget is used: 300 batches of ~50 took about as long as the rate allows, not far longer.
     let total: u64 = sent.iter().map(|(_, n)| n).sum();
     let span = sent.last().unwrap().0 - sent[0].0;
@@ -170,6 +205,66 @@ pub async fn keys_are_independent(mut t: impl Subject) {
     assert_eq!(limiter.available("other", now), u64::MAX);
 }
 
+/// X's hold: nothing of the key is due before it, whatever the budget; other keys go on.
+pub async fn a_hold_keeps_every_reservation_after_it(mut t: impl Subject) {
+    let limiter = t.open(&["k", "other"]).await;
+    let now = 1_000 * SEC;
+    assert_eq!(limiter.reserve("k", 1, now).await.unwrap(), now);
+    limiter.hold("k", now + 30 * SEC).await.unwrap();
+    assert!(limiter.reserve("k", 1, now).await.unwrap() >= now + 30 * SEC);
+    assert_eq!(limiter.reserve("other", 1, now).await.unwrap(), now);
+    // An earlier hold learnt later does not shorten it.
+    limiter.hold("k", now + 5 * SEC).await.unwrap();
+    assert!(limiter.reserve("k", 1, now + 6 * SEC).await.unwrap() >= now + 30 * SEC);
+    if let Some(peer) = t.peer(&["k", "other"]).await {
+        assert!(
+            peer.reserve("k", 1, now).await.unwrap() >= now + 30 * SEC,
+            "another replica holds too"
+        );
+    }
+}
+
+/// Two replicas drawing on one budget at once: together they never exceed it.
+pub async fn peers_share_one_budget(mut t: impl Subject) {
+    let a = t.open(&["k"]).await;
+    let Some(b) = t.peer(&["k"]).await else {
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut clocks: [Nanos; 2] = [1_000 * SEC; 2];
+    let mut sent: Vec<(Nanos, u64)> = Vec::new();
+    for i in 0..200 {
+        let which = i % 2;
+        let limiter = if which == 0 { &a } else { &b };
+        clocks[which] += rng.gen_range(0..100_000_000);
+        let n = rng.gen_range(1..=BURST);
+        let at = limiter.reserve("k", n, clocks[which]).await.unwrap();
+        clocks[which] = at;
+        sent.push((at, n));
+    }
+    sent.sort();
+    let most = most_in_a_window(&sent);
+    assert!(
+        most <= LIMIT,
+        "{most} events in one window across two replicas"
+    );
+}
+
+/// The most events any window of length `WINDOW` holds, of `sent` (times in order, counts).
+fn most_in_a_window(sent: &[(Nanos, u64)]) -> u64 {
+    let window = WINDOW.as_nanos() as u64;
+    (0..sent.len())
+        .map(|i| {
+            sent[i..]
+                .iter()
+                .take_while(|(t, _)| *t < sent[i].0 + window)
+                .map(|(_, n)| n)
+                .sum()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 macro_rules! conformance {
     ($($name:ident => $subject:expr),+ $(,)?) => {
         $(
@@ -192,6 +287,14 @@ macro_rules! conformance {
                 async fn keys_are_independent() {
                     super::keys_are_independent($subject).await
                 }
+                #[tokio::test]
+                async fn a_hold_keeps_every_reservation_after_it() {
+                    super::a_hold_keeps_every_reservation_after_it($subject).await
+                }
+                #[tokio::test]
+                async fn peers_share_one_budget() {
+                    super::peers_share_one_budget($subject).await
+                }
             }
         )+
     };
@@ -200,4 +303,5 @@ macro_rules! conformance {
 conformance! {
     volatile => Volatile::default(),
     disk => Disk::default(),
+    redis => Redis::default(),
 }

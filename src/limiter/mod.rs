@@ -11,14 +11,19 @@
 //! - `Limiter`: what a dispatcher asks (reserve, refund, available). Contract of every implementation
 //!   (checked by `conformance` for each): for any arrivals, no window of length `window` sees more than
 //!   `limit` events of one key go; a reservation is returned only once it is persisted, so a restart
-//!   never hands out a fresh burst; a refund gives back the events of a refused request; keys are
-//!   independent, and reservations of one key never wait for another's.
+//!   never hands out a fresh burst; a refund gives back the events of a refused request; after
+//!   `hold(key, until)` (X's reset time) no reservation of the key is due before `until`; keys are
+//!   independent, and reservations of one key never wait for another's. A shared implementation
+//!   (`RedisLimiter`) keeps all of this for every limiter over the same store: one budget for the fleet.
 //! - `LimiterState`: where `EmbeddedLimiter` keeps its TATs between runs (`VolatileState` in memory,
 //!   `spool::DiskLimiterState` in the spool's file). `load` answers from memory; `save` returns once the
 //!   TAT is durable.
 
 #[cfg(test)]
 mod conformance;
+pub mod redis;
+
+pub use self::redis::RedisLimiter;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -104,6 +109,9 @@ pub trait Limiter: Send + Sync + 'static {
     /// Gives back the `n` events of the last reservation when X refused the request without taking them.
     /// Sound for GCRA: removing an admission never raises the level at any later time.
     fn refund<'a>(&'a self, key: &'a str, n: u64) -> BoxFuture<'a, Result<(), String>>;
+
+    /// X said to send nothing for `key` before `until` (epoch nanoseconds): no reservation is due earlier.
+    fn hold<'a>(&'a self, key: &'a str, until: Nanos) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// GCRA in this process, state persisted through a `LimiterState`.
@@ -114,6 +122,8 @@ pub struct EmbeddedLimiter {
     /// One gate per budget key: a key's reservations are serialized so that its persisted TAT only moves
     /// forward, while other keys' reservations never wait for its save.
     gates: HashMap<String, tokio::sync::Mutex<()>>,
+    /// X's holds, per key (in memory: a restart learns them again from X's next answer).
+    holds: Mutex<HashMap<String, Nanos>>,
 }
 
 impl EmbeddedLimiter {
@@ -131,6 +141,7 @@ impl EmbeddedLimiter {
             tats: Mutex::new(tats),
             state,
             gates,
+            holds: Mutex::default(),
         }
     }
 }
@@ -173,9 +184,16 @@ impl Limiter for EmbeddedLimiter {
         now: Nanos,
     ) -> BoxFuture<'a, Result<Nanos, String>> {
         async move {
+            let hold = self
+                .holds
+                .lock()
+                .ok()
+                .and_then(|h| h.get(key).copied())
+                .unwrap_or(0);
+            let from = now.max(hold);
             let at = self
                 .update(key, |gcra, tat| {
-                    let (at, new_tat) = gcra.schedule(tat, now, n);
+                    let (at, new_tat) = gcra.schedule(tat, from, n);
                     (new_tat, at)
                 })
                 .await?;
@@ -197,6 +215,16 @@ impl Limiter for EmbeddedLimiter {
                 .map(|_| ())
         }
         .boxed()
+    }
+
+    fn hold<'a>(&'a self, key: &'a str, until: Nanos) -> BoxFuture<'a, Result<(), String>> {
+        if self.rules.contains_key(key) {
+            if let Ok(mut holds) = self.holds.lock() {
+                let h = holds.entry(key.to_owned()).or_insert(0);
+                *h = (*h).max(until);
+            }
+        }
+        async { Ok(()) }.boxed()
     }
 }
 

@@ -32,7 +32,7 @@ impl Default for Limits {
 /// How the suite makes (and, for a durable implementation, reopens) the spool under test.
 pub trait Subject: Send {
     type S: Spool;
-    fn open(&mut self, limits: Limits) -> Arc<Self::S>;
+    fn open(&mut self, limits: Limits) -> impl std::future::Future<Output = Arc<Self::S>> + Send;
     /// The same spool again: after a clean close (`clean`), or after its handle was dropped without one.
     /// `None` for an implementation that keeps nothing across a restart.
     fn reopen(
@@ -45,13 +45,18 @@ pub trait Subject: Send {
     fn room_for(&self, one: u64, records: u64) -> u64 {
         one * records + one / 2
     }
+    /// Whether an id names one record whatever the account (the embedded spools), or only together
+    /// with its account (a shared spool: `super::redis`).
+    fn global_ids(&self) -> bool {
+        true
+    }
 }
 
 pub struct Memory;
 
 impl Subject for Memory {
     type S = MemorySpool;
-    fn open(&mut self, l: Limits) -> Arc<MemorySpool> {
+    async fn open(&mut self, l: Limits) -> Arc<MemorySpool> {
         Arc::new(
             MemorySpool::new(l.dedup_window, l.max_bytes).with_max_dead_letters(l.max_dead_letters),
         )
@@ -97,7 +102,7 @@ impl Subject for Disk {
         super::disk::footprint_of_new(one, records)
             + (super::disk::footprint_of_new(one, 1) - super::disk::footprint_of_new(0, 0)) / 2
     }
-    fn open(&mut self, limits: Limits) -> Arc<DiskSpool> {
+    async fn open(&mut self, limits: Limits) -> Arc<DiskSpool> {
         self.limits = limits;
         self.opened += 1;
         DiskSpool::open(self.options()).expect("the spool opens")
@@ -115,6 +120,64 @@ impl Subject for Disk {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the spool could not be opened again");
+    }
+}
+
+/// `RedisSpool` on a `redis-server` of its own; each `open` uses fresh keys (a prefix of its own), a
+/// reopen the same keys and consumer name (a replica restarted).
+pub struct Redis {
+    server: crate::redis_store::server::RedisServer,
+    opened: usize,
+    limits: Limits,
+}
+
+impl Default for Redis {
+    fn default() -> Self {
+        Redis {
+            server: crate::redis_store::server::RedisServer::start(),
+            opened: 0,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Redis {
+    async fn spool(&self) -> Arc<super::RedisSpool> {
+        let url = crate::config::RedisUrl::for_tests(&self.server.url());
+        let store =
+            crate::redis_store::Store::open(&url, &format!("cg{}", self.opened)).expect("a store");
+        super::RedisSpool::open(
+            store,
+            super::RedisSpoolOptions {
+                accounts: vec!["a".into(), "b".into()],
+                consumer: "replica-1".into(),
+                claim_idle: Duration::from_secs(60),
+                dedup_window: self.limits.dedup_window,
+                max_bytes: self.limits.max_bytes,
+                max_dead_letters: self.limits.max_dead_letters,
+            },
+        )
+        .await
+    }
+}
+
+impl Subject for Redis {
+    type S = super::RedisSpool;
+    fn global_ids(&self) -> bool {
+        false
+    }
+    async fn open(&mut self, limits: Limits) -> Arc<super::RedisSpool> {
+        self.limits = limits;
+        self.opened += 1;
+        self.spool().await
+    }
+    async fn reopen(
+        &mut self,
+        spool: Arc<super::RedisSpool>,
+        _clean: bool,
+    ) -> Option<Arc<super::RedisSpool>> {
+        drop(spool);
+        Some(self.spool().await)
     }
 }
 
@@ -191,7 +254,7 @@ async fn assert_counts(spool: &impl Spool, accounts: &[&str]) {
 }
 
 pub async fn order_per_account_and_peek_after(mut t: impl Subject) {
-    let spool = t.open(Limits::default());
+    let spool = t.open(Limits::default()).await;
     let got = spool
         .append(vec![
             new("a", "a1"),
@@ -207,10 +270,10 @@ pub async fn order_per_account_and_peek_after(mut t: impl Subject) {
     let ids = ids_of(&*spool, "a").await;
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
     assert_peek_after(&*spool, &ids).await;
-    // Ids grow across accounts too.
+    // Ids grow per account, with every append.
     spool.append(vec![new("b", "b2")]).await.unwrap();
     let b = ids_of(&*spool, "b").await;
-    assert!(b[1] > ids[2]);
+    assert!(b[1] > b[0]);
     // The same after another write (a durable implementation may hold new records apart until one).
     spool.ack("b", &b[..1]).await.unwrap();
     assert_peek_after(&*spool, &ids).await;
@@ -248,7 +311,7 @@ async fn assert_peek_after(spool: &impl Spool, ids: &[u64]) {
 }
 
 pub async fn ack_of_a_subset_leaves_the_rest_in_order(mut t: impl Subject) {
-    let spool = t.open(Limits::default());
+    let spool = t.open(Limits::default()).await;
     spool
         .append((0..5).map(|i| new("a", &format!("c{i}"))).collect())
         .await
@@ -257,9 +320,13 @@ pub async fn ack_of_a_subset_leaves_the_rest_in_order(mut t: impl Subject) {
     let ids = ids_of(&*spool, "a").await;
     spool.ack("a", &[ids[1], ids[3]]).await.unwrap();
     assert_eq!(waiting(&*spool, "a").await, ["c0", "c2", "c4"]);
-    // Ids not waiting (unknown, already acked, another account's) are ignored.
+    // Ids not waiting (unknown, already acked, another account's where ids are global) are ignored.
     let b = ids_of(&*spool, "b").await;
-    spool.ack("a", &[ids[1], 999_999, b[0]]).await.unwrap();
+    let mut stale = vec![ids[1], 999_999];
+    if t.global_ids() {
+        stale.push(b[0]);
+    }
+    spool.ack("a", &stale).await.unwrap();
     assert_eq!(waiting(&*spool, "a").await, ["c0", "c2", "c4"]);
     assert_eq!(waiting(&*spool, "b").await, ["x"]);
     assert_counts(&*spool, &["a", "b"]).await;
@@ -270,10 +337,12 @@ pub async fn ack_of_a_subset_leaves_the_rest_in_order(mut t: impl Subject) {
 
 pub async fn dedup_inside_and_after_the_window(mut t: impl Subject) {
     let window = Duration::from_secs(10);
-    let spool = t.open(Limits {
-        dedup_window: window,
-        ..Limits::default()
-    });
+    let spool = t
+        .open(Limits {
+            dedup_window: window,
+            ..Limits::default()
+        })
+        .await;
     let now = now_ms();
     // Seen 5 s ago: a duplicate, whether it is still waiting, delivered or dead-lettered.
     spool
@@ -327,7 +396,7 @@ pub async fn dedup_inside_and_after_the_window(mut t: impl Subject) {
 }
 
 pub async fn a_repeat_within_one_append_is_a_duplicate(mut t: impl Subject) {
-    let spool = t.open(Limits::default());
+    let spool = t.open(Limits::default()).await;
     let got = spool
         .append(vec![
             new("a", "x"),
@@ -350,7 +419,7 @@ pub async fn a_repeat_within_one_append_is_a_duplicate(mut t: impl Subject) {
 }
 
 pub async fn a_full_spool_refuses_a_call_whole(mut t: impl Subject) {
-    let spool = holding(&mut t, 5);
+    let spool = holding(&mut t, 5).await;
     spool
         .append((0..4).map(|i| new("a", &format!("c{i:03}"))).collect())
         .await
@@ -372,7 +441,7 @@ pub async fn a_full_spool_refuses_a_call_whole(mut t: impl Subject) {
 }
 
 pub async fn a_refusal_for_room_is_reported_until_room_is_free(mut t: impl Subject) {
-    let spool = holding(&mut t, 5);
+    let spool = holding(&mut t, 5).await;
     assert!(spool.health().is_ok());
     let mut n = 0;
     let refused = loop {
@@ -404,7 +473,7 @@ pub async fn a_refusal_for_room_is_reported_until_room_is_free(mut t: impl Subje
 }
 
 pub async fn appends_wake_the_account(mut t: impl Subject) {
-    let spool = t.open(Limits::default());
+    let spool = t.open(Limits::default()).await;
     let a = spool.changed("a");
     spool.append(vec![new("a", "x")]).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), a.notified())
@@ -424,10 +493,12 @@ pub async fn appends_wake_the_account(mut t: impl Subject) {
 }
 
 pub async fn dead_letters_are_bounded_and_evictions_counted(mut t: impl Subject) {
-    let spool = t.open(Limits {
-        max_dead_letters: 3,
-        ..Limits::default()
-    });
+    let spool = t
+        .open(Limits {
+            max_dead_letters: 3,
+            ..Limits::default()
+        })
+        .await;
     spool
         .append((0..5).map(|i| new("a", &format!("d{i}"))).collect())
         .await
@@ -474,13 +545,14 @@ fn remapped(letters: &[super::DeadLetter]) -> Vec<(u64, Record)> {
 }
 
 /// A spool with room for `records` records (and half of one more) of the size `new` makes.
-fn holding<T: Subject>(t: &mut T, records: u64) -> Arc<T::S> {
+async fn holding<T: Subject>(t: &mut T, records: u64) -> Arc<T::S> {
     let one = super::codec::encode(&new("a", "c000")).unwrap().len() as u64;
     let max_bytes = t.room_for(one, records);
     t.open(Limits {
         max_bytes,
         ..Limits::default()
     })
+    .await
 }
 
 fn rules() -> Rules {
@@ -502,7 +574,7 @@ fn rules() -> Rules {
 }
 
 pub async fn dead_letters_page_replay_remapped_and_delete(mut t: impl Subject) {
-    let spool = t.open(Limits::default());
+    let spool = t.open(Limits::default()).await;
     let mut batch: Vec<Record> = (0..6).map(|i| new("a", &format!("a{i}"))).collect();
     batch.extend((0..2).map(|i| new("b", &format!("b{i}"))));
     spool.append(batch).await.unwrap();
@@ -547,7 +619,9 @@ pub async fn dead_letters_page_replay_remapped_and_delete(mut t: impl Subject) {
     };
     let b_id = spool.dead_letters(q).await.unwrap()[0].id;
     let mut with_foreign = records.clone();
-    with_foreign.push((b_id, records[0].1.clone()));
+    if t.global_ids() {
+        with_foreign.push((b_id, records[0].1.clone()));
+    }
     assert_eq!(
         spool.replay("a", with_foreign).await.unwrap(),
         3,
@@ -588,7 +662,7 @@ pub async fn dead_letters_page_replay_remapped_and_delete(mut t: impl Subject) {
 }
 
 pub async fn a_replay_that_does_not_fit_moves_nothing(mut t: impl Subject) {
-    let spool = holding(&mut t, 3);
+    let spool = holding(&mut t, 3).await;
     spool
         .append((0..3).map(|i| new("a", &format!("c{i:03}"))).collect())
         .await
@@ -661,10 +735,12 @@ async fn observe(spool: &impl Spool, accounts: &[&str]) -> Observed {
 /// Everything above, again after a restart: clean, and with the handle dropped without a close.
 pub async fn everything_survives_a_restart(mut t: impl Subject) {
     for clean in [true, false] {
-        let spool = t.open(Limits {
-            max_dead_letters: 2,
-            ..Limits::default()
-        });
+        let spool = t
+            .open(Limits {
+                max_dead_letters: 2,
+                ..Limits::default()
+            })
+            .await;
         let base = if clean { "clean" } else { "dropped" };
         spool
             .append((0..6).map(|i| new("a", &format!("{base}{i}"))).collect())
@@ -777,4 +853,5 @@ macro_rules! conformance {
 conformance! {
     memory => Memory,
     disk => Disk::default(),
+    redis => Redis::default(),
 }

@@ -25,16 +25,20 @@
 //!   was queued earlier (in an earlier call or earlier in the same call) with a `received_at_ms` less than
 //!   `dedup_window` before its own — whether that one is still waiting, delivered or dead-lettered. The
 //!   clock is the records' `received_at_ms`, the same for every implementation.
-//! - **Order**: ids grow with every queued record, across accounts. `peek_after(account, after, max)`
-//!   gives up to `max` of the account's waiting records with ids above `after`, oldest first, and
-//!   removes nothing; records that no longer decode are reported apart (`Peek::undecodable`), never as
-//!   an error of the whole peek.
+//! - **Order**: an account's ids grow with every record queued for it (the embedded spools' grow across
+//!   accounts too; a shared one's are unique only together with the account). `peek_after(account,
+//!   after, max)` gives up to `max` of the account's waiting records with ids above `after`, oldest
+//!   first, and removes nothing; records that no longer decode are reported apart
+//!   (`Peek::undecodable`), never as an error of the whole peek. A shared spool hands each replica
+//!   only what it may deliver (`redis`): the records it took, and records another replica left idle,
+//!   which it gives first whatever `after`.
 //! - **Leaving**: a record leaves the queue only through `ack` (X took it) or `dead_letter`. Ids that are
 //!   not waiting are ignored; what is not named stays, in order.
 //! - **Counts**: `backlog`, `bytes` and `account_bytes` are right after every operation that returned.
 //! - **Wake-up**: `changed(account)` is notified after records of `account` are queued (append, replay).
-//! - **Dead letters**: ids grow; at most `max_dead_letters` are kept, the oldest evicted first and counted;
-//!   `dead_letters` pages by id (of one account or all); `replay` moves an account's letters back into its
+//! - **Dead letters**: ids grow (per account, as above); at most `max_dead_letters` are kept (a shared
+//!   spool: per account), the oldest evicted first and counted; `dead_letters` pages by id (of one
+//!   account or all); `replay` moves an account's letters back into its
 //!   queue as the given records in one step (ids not among that account's letters are skipped; dedup is
 //!   bypassed: a replay is a deliberate resend; `Full` moves nothing); `delete_dead_letters` removes the
 //!   account's given letters.
@@ -48,7 +52,9 @@ pub mod codec;
 mod conformance;
 pub mod disk;
 pub mod memory;
+pub mod redis;
 
+pub use self::redis::{RedisSpool, RedisSpoolOptions};
 pub use disk::{DiskLimiterState, DiskSpool, DiskSpoolOptions};
 pub use memory::MemorySpool;
 
@@ -301,6 +307,12 @@ pub trait SpoolStats: Send + Sync + 'static {
 
     /// `Err(why)` while the spool cannot take events (full, disk failing, storage stopped); from memory.
     fn health(&self) -> Result<(), String>;
+
+    /// `Some(cause)` once the spool can no longer keep its promises at all (its storage stopped), from
+    /// memory: unlike `health`, never for a condition that passes (full, Redis unreachable).
+    fn stopped(&self) -> Option<String> {
+        None
+    }
 
     /// Resolves, with the cause, once the spool can no longer keep its promises at all (its storage
     /// stopped): the process should stop taking events and exit, to be restarted on its durable state.

@@ -199,8 +199,13 @@ pub struct Stack {
 
 /// Starts fake-x-api (`fake_config`) with its files in `dir`: the process, its port and its URL.
 pub fn start_fake(dir: &Path) -> (Proc, u16, String) {
+    start_fake_with(dir, |config| config)
+}
+
+/// Like `start_fake`, with `fake_config` as `edit` makes it.
+pub fn start_fake_with(dir: &Path, edit: impl FnOnce(String) -> String) -> (Proc, u16, String) {
     let port = free_port();
-    let cfg = write(dir, "fake.toml", &fake_config(port));
+    let cfg = write(dir, "fake.toml", &edit(fake_config(port)));
     let fake = spawn(
         FAKE,
         &["--config", cfg.to_str().unwrap()],

@@ -107,6 +107,7 @@ pub fn admin_state(app: Arc<AppState>) -> Arc<api::AdminState> {
             Arc::new(VolatileState::default()),
         )),
         ready_requires_spool: true,
+        shared: None,
     })
 }
 

@@ -446,6 +446,10 @@ impl SpoolStats for DiskSpool {
         }
     }
 
+    fn stopped(&self) -> Option<String> {
+        self.fatal.borrow().clone()
+    }
+
     fn fatal(&self) -> BoxFuture<'static, String> {
         let mut rx = self.fatal.clone();
         async move {

@@ -372,6 +372,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
             spool.limiter_state(),
         )),
         ready_requires_spool: true,
+        shared: None,
     });
     let response = crate::api::admin_app(admin)
         .oneshot(

@@ -1,0 +1,776 @@
+//! The fleet's queue: every replica's accepted events in Redis streams, delivered by any replica.
+//!
+//! # Layout
+//! Per gateway account, under one hash tag (`redis_store`): a stream `q` of waiting records (field `r`,
+//! the spool codec's bytes: hashes only, never PII) with one consumer group, `dispatch`, in which each
+//! replica is a consumer (`redis.consumer`); a stream `dead` of dead letters (the record, reason, X's
+//! message, when); counters of their bytes and of evictions; one dedup key per `(SET id,
+//! conversion_id)`, holding when it was queued, expiring after `dedup_window`.
+//!
+//! # How the contract of `super` is kept
+//! - **Append**: one script call per ingest request (`append.lua`) checks every record's dedup key and
+//!   adds the new ones, all or nothing (a script runs alone, and Redis refuses a writing script before
+//!   it starts when out of memory). `Ok` only after Redis answered; with `appendfsync always` that
+//!   answer comes after the fsync (`redis_store::durability`).
+//! - **Ids** are the stream ids (`redis_store::stream_id_to_u64`): they grow per account, with time.
+//!   Across accounts they are unique only together with the account (two accounts' streams may give the
+//!   same id in one millisecond); listing every account's dead letters orders by (id, account).
+//! - **Peek** is a take: `take.lua` hands this replica first what other replicas left idle longer than
+//!   `claim_idle` (a replica that died; these may be older than the cursor), then its own
+//!   unacknowledged entries after the cursor, then new ones; all of them are pending under this
+//!   consumer until acked or dead-lettered. A second peek gives the same entries again: nothing is
+//!   removed. With one replica this is exactly the contract's peek.
+//! - **Claims stay fresh** while a batch is in hand (retried, backed off, waiting for budget): every
+//!   `claim_idle / 4` a task claims this consumer's pending entries again (`refresh.lua`), so only a
+//!   replica that stopped (killed, partitioned) has its entries taken over, after `claim_idle`. A clean
+//!   stop hands them back at once (`release`: queued again at the end, same records).
+//! - **Counts** come from the scripts' answers (each answers the account's length and bytes) and from a
+//!   poll every `POLL` of every account (`stats.lua`), which also wakes an account's dispatcher when
+//!   another replica queued for it. `backlog` is the account's whole shared queue.
+//! - **The byte bound** counts waiting records and dead letters (their encoded bytes) of every account,
+//!   as last read: shared by the fleet, and checked before each write (`bound`). Redis's own
+//!   `maxmemory` (with `noeviction`) is the hard limit behind it: a write it refuses is a 503.
+//! - **Dead letters** are kept per account, at most `max_dead_letters` each, the oldest evicted and
+//!   counted.
+//!
+//! # Failures
+//! Redis unreachable or refusing writes: every call answers `Unavailable` with Redis's reason, `health`
+//! says so (ingest answers 503, never 202), and everything resumes by itself when Redis answers again.
+
+use super::bound::{ByteBound, Refused};
+use super::codec;
+use super::{
+    AccountBacklog, Admission, BoundUsage, DeadLetter, DeadLetterCounts, DeadLetterQuery,
+    DeadLetterStore, Entry, Peek, Queue, Record, SpoolError, SpoolStats, Undecodable,
+};
+use crate::reasons::DeadLetterReason;
+use crate::redis_store::{stream_id_to_u64, u64_to_stream_id, Store};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use redis::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const GROUP: &str = "dispatch";
+/// How often every account's shared state is read (and other replicas' appends noticed).
+const POLL: Duration = Duration::from_millis(250);
+
+struct Scripts {
+    append: redis::Script,
+    take: redis::Script,
+    ack: redis::Script,
+    dead_letter: redis::Script,
+    replay: redis::Script,
+    delete_dead: redis::Script,
+    stats: redis::Script,
+    refresh: redis::Script,
+    release: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            append: redis::Script::new(include_str!("append.lua")),
+            take: redis::Script::new(include_str!("take.lua")),
+            ack: redis::Script::new(include_str!("ack.lua")),
+            dead_letter: redis::Script::new(include_str!("dead_letter.lua")),
+            replay: redis::Script::new(include_str!("replay.lua")),
+            delete_dead: redis::Script::new(include_str!("delete_dead.lua")),
+            stats: redis::Script::new(include_str!("stats.lua")),
+            refresh: redis::Script::new(include_str!("refresh.lua")),
+            release: redis::Script::new(include_str!("release.lua")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSpoolOptions {
+    /// The gateway accounts whose queues this spool serves (listing and polling go over them).
+    pub accounts: Vec<String>,
+    /// This replica's name in the consumer groups.
+    pub consumer: String,
+    pub claim_idle: Duration,
+    pub dedup_window: Duration,
+    pub max_bytes: u64,
+    pub max_dead_letters: u64,
+}
+
+/// What was last read of one account's shared state.
+#[derive(Debug, Clone, Copy, Default)]
+struct Known {
+    events: u64,
+    bytes: u64,
+    dead: u64,
+    dead_bytes: u64,
+    evicted: u64,
+    /// Entries this replica holds unacknowledged.
+    held_here: u64,
+    /// Entries every replica together holds unacknowledged.
+    held: u64,
+}
+
+#[derive(Default)]
+struct State {
+    known: HashMap<String, Known>,
+    refused: Refused,
+    notifiers: HashMap<String, Arc<Notify>>,
+}
+
+pub struct RedisSpool {
+    store: Store,
+    scripts: Scripts,
+    opts: RedisSpoolOptions,
+    bound: ByteBound,
+    state: Mutex<State>,
+}
+
+/// What one account's keys are called.
+struct Keys {
+    q: String,
+    bytes: String,
+    dead: String,
+    dead_bytes: String,
+    evicted: String,
+    tag: String,
+}
+
+fn unavailable(why: String) -> SpoolError {
+    SpoolError::Unavailable(why)
+}
+
+fn int(v: Option<&Value>) -> u64 {
+    match v {
+        Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn blob(v: Option<&Value>) -> &[u8] {
+    match v {
+        Some(Value::BulkString(b)) => b,
+        _ => &[],
+    }
+}
+
+fn array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+impl RedisSpool {
+    /// A spool over `store`; reads every account's state once (Redis may be down: then it says so and
+    /// tries again every `POLL`), then keeps it fresh and the claims of this replica alive.
+    pub async fn open(store: Store, opts: RedisSpoolOptions) -> Arc<RedisSpool> {
+        let spool = Arc::new(RedisSpool {
+            store,
+            scripts: Scripts::new(),
+            bound: ByteBound::new(opts.max_bytes),
+            opts,
+            state: Mutex::default(),
+        });
+        spool.poll().await;
+        let weak = Arc::downgrade(&spool);
+        tokio::spawn(Self::keep_fresh(weak));
+        spool
+    }
+
+    async fn keep_fresh(weak: Weak<RedisSpool>) {
+        let mut since_refresh = Duration::ZERO;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let Some(spool) = weak.upgrade() else { return };
+            spool.poll().await;
+            since_refresh += POLL;
+            if since_refresh >= spool.opts.claim_idle / 4 {
+                since_refresh = Duration::ZERO;
+                spool.refresh_claims().await;
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keys(&self, account: &str) -> Keys {
+        let tag = self.store.queue_tag(account);
+        Keys {
+            q: format!("{tag}:q"),
+            bytes: format!("{tag}:bytes"),
+            dead: format!("{tag}:dead"),
+            dead_bytes: format!("{tag}:dead_bytes"),
+            evicted: format!("{tag}:evicted"),
+            tag,
+        }
+    }
+
+    /// The dedup key of a record: a digest, so that no caller-chosen id appears in a key name.
+    fn dedup_key(&self, tag: &str, r: &Record) -> String {
+        let mut h = Sha256::new();
+        h.update(r.conversion.event_id.as_bytes());
+        h.update([0]);
+        h.update(r.conversion.conversion_id.as_bytes());
+        format!("{tag}:seen:{}", hex::encode(&h.finalize()[..16]))
+    }
+
+    /// Every account's state, read again; wakes an account whose queue grew.
+    async fn poll(&self) {
+        for account in self.opts.accounts.clone() {
+            if let Ok((known, _)) = self.stats(&account).await {
+                let grew = {
+                    let mut st = self.lock();
+                    let before = st.known.insert(account.clone(), known).unwrap_or_default();
+                    known.events > before.events
+                        || (known.events > known.held && before.events <= before.held)
+                };
+                if grew {
+                    self.notifier(&account).notify_one();
+                }
+            }
+        }
+    }
+
+    async fn refresh_claims(&self) {
+        for account in &self.opts.accounts {
+            let keys = self.keys(account);
+            let got: redis::RedisResult<u64> = self
+                .scripts
+                .refresh
+                .key(&keys.q)
+                .arg(GROUP)
+                .arg(&self.opts.consumer)
+                .invoke_async(&mut self.store.conn())
+                .await;
+            let _ = self.store.track("claim refresh", got);
+        }
+    }
+
+    /// One account's state, and its oldest waiting record's acceptance time.
+    async fn stats(&self, account: &str) -> Result<(Known, Option<i64>), SpoolError> {
+        let k = self.keys(account);
+        let got: redis::RedisResult<Value> = self
+            .scripts
+            .stats
+            .key(&k.q)
+            .key(&k.bytes)
+            .key(&k.dead)
+            .key(&k.dead_bytes)
+            .key(&k.evicted)
+            .arg(GROUP)
+            .arg(&self.opts.consumer)
+            .invoke_async(&mut self.store.conn())
+            .await;
+        let v = array(self.store.track("state read", got).map_err(unavailable)?);
+        let known = Known {
+            events: int(v.first()),
+            bytes: int(v.get(1)),
+            dead: int(v.get(2)),
+            dead_bytes: int(v.get(3)),
+            evicted: int(v.get(4)),
+            held_here: int(v.get(5)),
+            held: int(v.get(6)),
+        };
+        let oldest = match blob(v.get(7)) {
+            [] => None,
+            raw => codec::decode(account, raw).ok().map(|r| r.received_at_ms),
+        };
+        Ok((known, oldest))
+    }
+
+    fn notifier(&self, account: &str) -> Arc<Notify> {
+        self.lock()
+            .notifiers
+            .entry(account.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Every account's bytes (waiting and dead letters), as last read.
+    fn total_bytes(st: &State) -> u64 {
+        st.known.values().map(|k| k.bytes + k.dead_bytes).sum()
+    }
+
+    /// Takes a write of `bytes` under the bound, or refuses it (`bound`).
+    fn admit(&self, bytes: u64) -> Result<(), SpoolError> {
+        let mut st = self.lock();
+        let total = Self::total_bytes(&st);
+        self.bound.admit(total, bytes, &mut st.refused)
+    }
+
+    fn update(&self, account: &str, f: impl FnOnce(&mut Known)) {
+        let mut st = self.lock();
+        f(st.known.entry(account.to_owned()).or_default());
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.opts.dedup_window.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// On a clean stop (after the dispatchers finished): hands what this replica holds back to the
+    /// shared queue, so that the other replicas deliver it now rather than after `claim_idle`. Answers
+    /// how many events it handed back; what it could not (Redis down) is taken over after `claim_idle`.
+    pub async fn release(&self) -> u64 {
+        let mut n = 0;
+        for account in &self.opts.accounts {
+            let k = self.keys(account);
+            let got: redis::RedisResult<u64> = self
+                .scripts
+                .release
+                .key(&k.q)
+                .arg(GROUP)
+                .arg(&self.opts.consumer)
+                .invoke_async(&mut self.store.conn())
+                .await;
+            n += self.store.track("release", got).unwrap_or(0);
+        }
+        n
+    }
+
+    /// What this replica holds unacknowledged, per account (the admin API and metrics show it).
+    pub fn held_here(&self, account: &str) -> u64 {
+        self.lock().known.get(account).map_or(0, |k| k.held_here)
+    }
+
+    /// Whether Redis answered the last command.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn parse_id(id: &[u8]) -> Result<u64, SpoolError> {
+    std::str::from_utf8(id)
+        .ok()
+        .and_then(stream_id_to_u64)
+        .ok_or_else(|| {
+            SpoolError::Unavailable(format!(
+                "Redis answered a stream id this gateway cannot use: {}",
+                String::from_utf8_lossy(id)
+            ))
+        })
+}
+
+impl Queue for RedisSpool {
+    fn append(&self, records: Vec<Record>) -> BoxFuture<'_, Result<Vec<Admission>, SpoolError>> {
+        async move {
+            if records.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut accounts: Vec<String> = Vec::new();
+            let mut encoded = Vec::with_capacity(records.len());
+            for r in &records {
+                let i = match accounts.iter().position(|a| *a == r.account) {
+                    Some(i) => i,
+                    None => {
+                        accounts.push(r.account.clone());
+                        accounts.len() - 1
+                    }
+                };
+                let bytes = codec::encode(r).map_err(unavailable)?;
+                encoded.push((i, bytes));
+            }
+            let need: u64 = encoded.iter().map(|(_, b)| b.len() as u64).sum();
+            self.admit(need)?;
+            let mut call = self.scripts.append.prepare_invoke();
+            for a in &accounts {
+                let k = self.keys(a);
+                call.key(k.q).key(k.bytes);
+            }
+            for r in &records {
+                call.key(self.dedup_key(&self.keys(&r.account).tag, r));
+            }
+            call.arg(self.window_ms()).arg(accounts.len());
+            for (r, (i, bytes)) in records.iter().zip(&encoded) {
+                call.arg(i + 1).arg(r.received_at_ms).arg(bytes.as_slice());
+            }
+            let got: redis::RedisResult<Value> = call.invoke_async(&mut self.store.conn()).await;
+            let v = array(self.store.track("queue write", got).map_err(unavailable)?);
+            for (i, a) in accounts.iter().enumerate() {
+                let (events, bytes) = (int(v.get(2 * i)), int(v.get(2 * i + 1)));
+                self.update(a, |k| {
+                    k.events = events;
+                    k.bytes = bytes;
+                });
+            }
+            let ids = v.get(2 * accounts.len()..).unwrap_or_default();
+            let admissions: Vec<Admission> = ids
+                .iter()
+                .map(|id| match id {
+                    Value::BulkString(b) if !b.is_empty() => Admission::Queued,
+                    _ => Admission::Duplicate,
+                })
+                .collect();
+            for a in &accounts {
+                self.notifier(a).notify_one();
+            }
+            Ok(admissions)
+        }
+        .boxed()
+    }
+
+    fn peek_after<'a>(
+        &'a self,
+        account: &'a str,
+        after: u64,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Peek, SpoolError>> {
+        async move {
+            let k = self.keys(account);
+            let idle = u64::try_from(self.opts.claim_idle.as_millis()).unwrap_or(u64::MAX);
+            let got: redis::RedisResult<Value> = self
+                .scripts
+                .take
+                .key(&k.q)
+                .arg(GROUP)
+                .arg(&self.opts.consumer)
+                .arg(u64_to_stream_id(after))
+                .arg(max.max(1))
+                .arg(idle)
+                .invoke_async(&mut self.store.conn())
+                .await;
+            let flat = array(self.store.track("queue read", got).map_err(unavailable)?);
+            let mut taken: Vec<(u64, &[u8])> = Vec::with_capacity(flat.len() / 2);
+            for pair in flat.chunks(2) {
+                taken.push((parse_id(blob(pair.first()))?, blob(pair.get(1))));
+            }
+            taken.sort_by_key(|(id, _)| *id);
+            taken.truncate(max);
+            let mut peek = Peek::default();
+            for (id, raw) in taken {
+                match codec::decode(account, raw) {
+                    Ok(record) => peek.entries.push(Entry { id, record }),
+                    Err(error) => peek.undecodable.push(Undecodable {
+                        id,
+                        raw_bytes: raw.len() as u64,
+                        error,
+                    }),
+                }
+            }
+            Ok(peek)
+        }
+        .boxed()
+    }
+
+    fn ack<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<(), SpoolError>> {
+        async move {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let k = self.keys(account);
+            let mut call = self.scripts.ack.key(&k.q);
+            call.key(&k.bytes).arg(GROUP);
+            for id in ids {
+                call.arg(u64_to_stream_id(*id));
+            }
+            let got: redis::RedisResult<(u64, u64)> =
+                call.invoke_async(&mut self.store.conn()).await;
+            let (events, bytes) = self.store.track("ack", got).map_err(unavailable)?;
+            self.update(account, |k| {
+                k.events = events;
+                k.bytes = bytes;
+            });
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn backlog(&self, account: &str) -> usize {
+        self.lock()
+            .known
+            .get(account)
+            .map_or(0, |k| usize::try_from(k.events).unwrap_or(usize::MAX))
+    }
+
+    fn changed(&self, account: &str) -> Arc<Notify> {
+        self.notifier(account)
+    }
+}
+
+/// A dead letter as `dead_letter.lua` stores it: fields `r`, `reason`, `message`, `at`, `from`.
+fn dead_letter_of(account: &str, id: u64, fields: &[Value]) -> Option<DeadLetter> {
+    let mut field = HashMap::new();
+    for kv in fields.chunks(2) {
+        if let [Value::BulkString(k), Value::BulkString(v)] = kv {
+            field.insert(k.as_slice(), v.as_slice());
+        }
+    }
+    let text = |name: &str| {
+        field
+            .get(name.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let raw = field.get(b"r".as_slice()).copied().unwrap_or_default();
+    let reason = DeadLetterReason::from_label(&text("reason")?)?;
+    let at = text("at").and_then(|t| t.parse().ok()).unwrap_or(0);
+    let decoded = codec::decode(account, raw).ok();
+    Some(DeadLetter {
+        id,
+        account: account.to_owned(),
+        reason,
+        message: text("message").unwrap_or_default(),
+        dead_lettered_at_ms: at,
+        received_at_ms: decoded.as_ref().map_or(0, |r| r.received_at_ms),
+        event_name: decoded.as_ref().and_then(|r| r.event_name.clone()),
+        raw_bytes: decoded.is_none().then_some(raw.len() as u64),
+        conversion: decoded.map(|r| r.conversion),
+    })
+}
+
+impl RedisSpool {
+    /// Up to `limit` dead letters of `account` with ids above `after`, oldest first.
+    async fn dead_letters_of(
+        &self,
+        account: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, SpoolError> {
+        let k = self.keys(account);
+        let got: redis::RedisResult<Value> = redis::cmd("XRANGE")
+            .arg(&k.dead)
+            .arg(format!("({}", u64_to_stream_id(after)))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut self.store.conn())
+            .await;
+        let entries = array(
+            self.store
+                .track("dead letters read", got)
+                .map_err(unavailable)?,
+        );
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let e = array(e);
+            let id = parse_id(blob(e.first()))?;
+            let fields = match e.get(1) {
+                Some(Value::Array(f)) => f.as_slice(),
+                _ => &[],
+            };
+            // A letter this gateway cannot read back (a newer version's reason) is shown as corrupt.
+            out.push(
+                dead_letter_of(account, id, fields).unwrap_or_else(|| DeadLetter {
+                    id,
+                    account: account.to_owned(),
+                    reason: DeadLetterReason::Corrupt,
+                    message: "this dead letter's fields could not be read".into(),
+                    dead_lettered_at_ms: 0,
+                    conversion: None,
+                    received_at_ms: 0,
+                    event_name: None,
+                    raw_bytes: None,
+                }),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl DeadLetterStore for RedisSpool {
+    fn dead_letter<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+        reason: DeadLetterReason,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), SpoolError>> {
+        async move {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let k = self.keys(account);
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let mut call = self.scripts.dead_letter.key(&k.q);
+            call.key(&k.bytes)
+                .key(&k.dead)
+                .key(&k.dead_bytes)
+                .key(&k.evicted)
+                .arg(GROUP)
+                .arg(self.opts.max_dead_letters)
+                .arg(reason.to_string())
+                .arg(message)
+                .arg(now_ms);
+            for id in ids {
+                call.arg(u64_to_stream_id(*id));
+            }
+            let got: redis::RedisResult<(u64, u64, u64, u64, u64)> =
+                call.invoke_async(&mut self.store.conn()).await;
+            let (events, bytes, dead, dead_bytes, evicted) =
+                self.store.track("dead-letter", got).map_err(unavailable)?;
+            self.update(account, |k| {
+                *k = Known {
+                    events,
+                    bytes,
+                    dead,
+                    dead_bytes,
+                    evicted,
+                    ..*k
+                }
+            });
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn dead_letters(
+        &self,
+        q: DeadLetterQuery,
+    ) -> BoxFuture<'_, Result<Vec<DeadLetter>, SpoolError>> {
+        async move {
+            let accounts = match &q.account {
+                Some(a) => vec![a.clone()],
+                None => self.opts.accounts.clone(),
+            };
+            let mut all = Vec::new();
+            for a in &accounts {
+                all.extend(self.dead_letters_of(a, q.after, q.limit).await?);
+            }
+            all.sort_by(|x, y| (x.id, &x.account).cmp(&(y.id, &y.account)));
+            all.truncate(q.limit);
+            Ok(all)
+        }
+        .boxed()
+    }
+
+    fn dead_letter_counts(&self) -> BoxFuture<'_, Result<DeadLetterCounts, SpoolError>> {
+        async move {
+            let mut counts = DeadLetterCounts::default();
+            for a in &self.opts.accounts {
+                let (known, _) = self.stats(a).await?;
+                self.update(a, |k| *k = known);
+                counts.kept += known.dead;
+                counts.evicted += known.evicted;
+            }
+            Ok(counts)
+        }
+        .boxed()
+    }
+
+    fn replay<'a>(
+        &'a self,
+        account: &'a str,
+        letters: Vec<(u64, Record)>,
+    ) -> BoxFuture<'a, Result<usize, SpoolError>> {
+        async move {
+            if letters.is_empty() {
+                return Ok(0);
+            }
+            let mut encoded = Vec::with_capacity(letters.len());
+            for (id, r) in &letters {
+                encoded.push((*id, codec::encode(r).map_err(unavailable)?));
+            }
+            self.admit(encoded.iter().map(|(_, b)| b.len() as u64).sum())?;
+            let k = self.keys(account);
+            let mut call = self.scripts.replay.key(&k.q);
+            call.key(&k.bytes).key(&k.dead).key(&k.dead_bytes);
+            for (id, bytes) in &encoded {
+                call.arg(u64_to_stream_id(*id)).arg(bytes.as_slice());
+            }
+            let got: redis::RedisResult<(usize, u64, u64, u64, u64)> =
+                call.invoke_async(&mut self.store.conn()).await;
+            let (moved, events, bytes, dead, dead_bytes) =
+                self.store.track("replay", got).map_err(unavailable)?;
+            self.update(account, |k| {
+                *k = Known {
+                    events,
+                    bytes,
+                    dead,
+                    dead_bytes,
+                    ..*k
+                }
+            });
+            if moved > 0 {
+                self.notifier(account).notify_one();
+            }
+            Ok(moved)
+        }
+        .boxed()
+    }
+
+    fn delete_dead_letters<'a>(
+        &'a self,
+        account: &'a str,
+        ids: &'a [u64],
+    ) -> BoxFuture<'a, Result<usize, SpoolError>> {
+        async move {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let k = self.keys(account);
+            let mut call = self.scripts.delete_dead.key(&k.dead);
+            call.key(&k.dead_bytes);
+            for id in ids {
+                call.arg(u64_to_stream_id(*id));
+            }
+            let got: redis::RedisResult<(usize, u64, u64)> =
+                call.invoke_async(&mut self.store.conn()).await;
+            let (n, dead, dead_bytes) = self
+                .store
+                .track("dead letters delete", got)
+                .map_err(unavailable)?;
+            self.update(account, |k| {
+                k.dead = dead;
+                k.dead_bytes = dead_bytes;
+            });
+            Ok(n)
+        }
+        .boxed()
+    }
+}
+
+impl SpoolStats for RedisSpool {
+    fn account_backlog<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<AccountBacklog, SpoolError>> {
+        async move {
+            let (known, oldest_ms) = self.stats(account).await?;
+            self.update(account, |k| *k = known);
+            Ok(AccountBacklog {
+                events: known.events,
+                bytes: known.bytes,
+                oldest_ms,
+            })
+        }
+        .boxed()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.lock().known.values().map(|k| k.bytes).sum()
+    }
+
+    fn account_bytes(&self, account: &str) -> u64 {
+        self.lock().known.get(account).map_or(0, |k| k.bytes)
+    }
+
+    fn bound_usage(&self) -> BoundUsage {
+        BoundUsage {
+            used_bytes: Self::total_bytes(&self.lock()),
+            max_bytes: self.bound.max_bytes(),
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if let Some(why) = self.store.down_because() {
+            return Err(format!(
+                "{why} (events are queued in Redis; none is accepted while it cannot be reached)"
+            ));
+        }
+        let mut st = self.lock();
+        let total = Self::total_bytes(&st);
+        match self.bound.refusal(total, &mut st.refused) {
+            Some(e) => Err(e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

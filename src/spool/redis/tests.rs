@@ -1,0 +1,184 @@
+//! What only a shared spool does: replicas taking over a dead one's events, keeping their own claims,
+//! deduplicating each other's events, seeing each other's appends; and Redis going away and back.
+
+use super::*;
+use crate::config::RedisUrl;
+use crate::conversion::Conversion;
+use crate::redis_store::server::RedisServer;
+
+fn replica(
+    server: &RedisServer,
+    consumer: &str,
+    claim_idle: Duration,
+) -> impl std::future::Future<Output = Arc<RedisSpool>> {
+    let store = Store::open(&RedisUrl::for_tests(&server.url()), "cg").unwrap();
+    RedisSpool::open(
+        store,
+        RedisSpoolOptions {
+            accounts: vec!["a".into()],
+            consumer: consumer.into(),
+            claim_idle,
+            dedup_window: Duration::from_secs(3600),
+            max_bytes: 1 << 30,
+            max_dead_letters: 100,
+        },
+    )
+}
+
+fn record(conversion_id: &str) -> Record {
+    Record {
+        account: "a".into(),
+        received_at_ms: chrono::Utc::now().timestamp_millis(),
+        event_name: None,
+        conversion: Conversion::minimal("2026-11-28T00:00:00.000Z", "o9d2g", "t", conversion_id),
+    }
+}
+
+fn names(peek: &Peek) -> Vec<String> {
+    peek.entries
+        .iter()
+        .map(|e| e.record.conversion.conversion_id.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dead_replicas_events_are_taken_over_a_live_ones_are_not() {
+    let server = RedisServer::start();
+    let idle = Duration::from_secs(1);
+    let (one, two, three) = (
+        replica(&server, "one", idle).await,
+        replica(&server, "two", idle).await,
+        replica(&server, "three", idle).await,
+    );
+    one.append((0..4).map(|i| record(&format!("c{i}"))).collect())
+        .await
+        .unwrap();
+    // One takes two, three takes the other two; each has its own.
+    assert_eq!(
+        names(&one.peek_after("a", 0, 2).await.unwrap()),
+        ["c0", "c1"]
+    );
+    assert_eq!(
+        names(&three.peek_after("a", 0, 2).await.unwrap()),
+        ["c2", "c3"]
+    );
+    assert!(two.peek_after("a", 0, 10).await.unwrap().entries.is_empty());
+    // Three dies (its claims are no longer refreshed); one lives on, holding its batch well past
+    // claim_idle (as while X is down).
+    drop(three);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let taken = two.peek_after("a", 0, 10).await.unwrap();
+    assert_eq!(
+        names(&taken),
+        ["c2", "c3"],
+        "the dead replica's, not the live one's"
+    );
+    assert_eq!(
+        names(&one.peek_after("a", 0, 10).await.unwrap()),
+        ["c0", "c1"]
+    );
+    one.append(vec![record("c4")]).await.unwrap();
+    two.ack("a", &taken.entries.iter().map(|e| e.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(two.backlog("a"), 3);
+    tokio::time::sleep(POLL * 3).await;
+    assert_eq!(
+        one.backlog("a"),
+        3,
+        "another replica's ack is seen at the next poll"
+    );
+}
+
+#[tokio::test]
+async fn replicas_deduplicate_and_see_each_others_events() {
+    let server = RedisServer::start();
+    let idle = Duration::from_secs(60);
+    let (one, two) = (
+        replica(&server, "one", idle).await,
+        replica(&server, "two", idle).await,
+    );
+    let woken = two.changed("a");
+    assert_eq!(
+        one.append(vec![record("x")]).await.unwrap(),
+        [Admission::Queued]
+    );
+    assert_eq!(
+        two.append(vec![record("x"), record("y")]).await.unwrap(),
+        [Admission::Duplicate, Admission::Queued],
+        "the same event POSTed to another replica is queued once"
+    );
+    tokio::time::timeout(Duration::from_secs(2), woken.notified())
+        .await
+        .expect("woken for its account");
+    // One sees the shared backlog (two queued "y") once it has polled.
+    tokio::time::sleep(POLL * 3).await;
+    assert_eq!(one.backlog("a"), 2);
+    let backlog = one.account_backlog("a").await.unwrap();
+    assert_eq!(backlog.events, 2);
+    assert!(backlog.oldest_ms.is_some());
+    // Each replica's unacknowledged events are its own.
+    two.peek_after("a", 0, 10).await.unwrap();
+    tokio::time::sleep(POLL * 3).await;
+    assert_eq!((one.held_here("a"), two.held_here("a")), (0, 2));
+}
+
+#[tokio::test]
+async fn nothing_is_accepted_while_redis_is_down_and_it_resumes() {
+    let mut server = RedisServer::start();
+    let spool = replica(&server, "one", Duration::from_secs(60)).await;
+    spool.append(vec![record("before")]).await.unwrap();
+    assert!(spool.health().is_ok());
+    server.kill();
+    let refused = spool.append(vec![record("during")]).await;
+    assert!(
+        matches!(&refused, Err(SpoolError::Unavailable(why)) if why.contains("Redis")),
+        "{refused:?}"
+    );
+    let why = spool.health().unwrap_err();
+    assert!(why.contains("Redis"), "{why}");
+    server.restart();
+    let mut back = false;
+    for _ in 0..50 {
+        if spool.append(vec![record("after")]).await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "appends resume once Redis is back");
+    assert!(spool.health().is_ok());
+    // The write acknowledged before the kill was fsynced and replayed; the refused one is not there.
+    assert_eq!(
+        names(&spool.peek_after("a", 0, 10).await.unwrap()),
+        ["before", "after"]
+    );
+}
+
+/// Redis out of memory (`maxmemory`, `noeviction`) refuses the write whole: no 202, nothing half-kept.
+#[tokio::test]
+async fn a_redis_out_of_memory_refuses_a_request_whole() {
+    let server = RedisServer::start_with(&["--maxmemory", "4mb"]);
+    let spool = replica(&server, "one", Duration::from_secs(60)).await;
+    let mut queued = 0;
+    let refused = loop {
+        let batch: Vec<Record> = (0..100)
+            .map(|i| record(&format!("c{queued}-{i}")))
+            .collect();
+        match spool.append(batch).await {
+            Ok(a) => queued += a.len(),
+            Err(e) => break e,
+        }
+        assert!(queued < 1_000_000, "Redis never refused");
+    };
+    assert!(
+        matches!(&refused, SpoolError::Unavailable(why) if why.contains("OOM")),
+        "{refused}"
+    );
+    assert!(queued > 0);
+    let got = spool.account_backlog("a").await.unwrap();
+    assert_eq!(
+        got.events as usize, queued,
+        "every accepted request whole, the refused one not at all"
+    );
+}
