@@ -8,28 +8,31 @@
 -- (the key's expiry only cleans up). Answers, per account, {length, bytes}, then per record its
 -- stream id, or "" for a duplicate.
 local window = tonumber(ARGV[1])
+local px = window + 1000
 local accounts = tonumber(ARGV[2])
-local ids = {}
-for i = 2 * accounts + 1, #KEYS do
-  local r = i - 2 * accounts
-  local a = tonumber(ARGV[3 * r])
-  local at = tonumber(ARGV[3 * r + 1])
-  local record = ARGV[3 * r + 2]
-  local seen = redis.call('GET', KEYS[i])
-  if seen and at - tonumber(seen) < window then
-    ids[#ids + 1] = ''
+local first = 2 * accounts
+local out, added = {}, {}
+for a = 1, accounts do added[a] = 0 end
+local n = 2 * accounts
+for i = first + 1, #KEYS do
+  local r = 3 * (i - first)
+  local a = tonumber(ARGV[r])
+  local at = ARGV[r + 1]
+  local record = ARGV[r + 2]
+  -- One command for the check and the mark: the key now holds this record's time, and said what it held.
+  local seen = redis.call('SET', KEYS[i], at, 'PX', px, 'GET')
+  n = n + 1
+  if seen and tonumber(at) - tonumber(seen) < window then
+    -- A duplicate: the key keeps the time of the record that was queued.
+    redis.call('SET', KEYS[i], seen, 'PX', px)
+    out[n] = ''
   else
-    ids[#ids + 1] = redis.call('XADD', KEYS[2 * a - 1], '*', 'r', record)
-    redis.call('INCRBY', KEYS[2 * a], #record)
-    redis.call('SET', KEYS[i], string.format('%d', at), 'PX', string.format('%d', window + 1000))
+    out[n] = redis.call('XADD', KEYS[2 * a - 1], '*', 'r', record)
+    added[a] = added[a] + #record
   end
 end
-local out = {}
 for a = 1, accounts do
-  out[#out + 1] = redis.call('XLEN', KEYS[2 * a - 1])
-  out[#out + 1] = tonumber(redis.call('GET', KEYS[2 * a]) or '0')
-end
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
+  out[2 * a - 1] = redis.call('XLEN', KEYS[2 * a - 1])
+  out[2 * a] = redis.call('INCRBY', KEYS[2 * a], added[a])
 end
 return out

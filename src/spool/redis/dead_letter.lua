@@ -7,11 +7,12 @@ local q, bytes, dead, dead_bytes, evicted = KEYS[1], KEYS[2], KEYS[3], KEYS[4], 
 local group, max = ARGV[1], tonumber(ARGV[2])
 for i = 6, #ARGV do
   local e = redis.call('XRANGE', q, ARGV[i], ARGV[i])
-  if e[1] then
+  -- Only an entry still pending in the group (as for an ack: a replica that took it over may have
+  -- moved it already).
+  if e[1] and redis.call('XACK', q, group, ARGV[i]) == 1 then
     local record = e[1][2][2]
     redis.call('XADD', dead, '*', 'r', record, 'reason', ARGV[3], 'message', ARGV[4], 'at', ARGV[5], 'from', ARGV[i])
     redis.call('INCRBY', dead_bytes, #record)
-    redis.call('XACK', q, group, ARGV[i])
     redis.call('XDEL', q, ARGV[i])
     redis.call('DECRBY', bytes, #record)
   end

@@ -16,7 +16,8 @@
 //!   Across accounts they are unique only together with the account (two accounts' streams may give the
 //!   same id in one millisecond); listing every account's dead letters orders by (id, account).
 //! - **Peek** is a take: `take.lua` hands this replica first what other replicas left idle longer than
-//!   `claim_idle` (a replica that died; these may be older than the cursor), then its own
+//!   `claim_idle` (a replica that died; these may be older than the cursor; looked for at most once a
+//!   second per account, the scan being the take's costliest part), then its own
 //!   unacknowledged entries after the cursor, then new ones; all of them are pending under this
 //!   consumer until acked or dead-lettered. A second peek gives the same entries again: nothing is
 //!   removed. With one replica this is exactly the contract's peek.
@@ -24,6 +25,10 @@
 //!   `claim_idle / 4` a task claims this consumer's pending entries again (`refresh.lua`), so only a
 //!   replica that stopped (killed, partitioned) has its entries taken over, after `claim_idle`. A clean
 //!   stop hands them back at once (`release`: queued again at the end, same records).
+//! - **Ack and dead-letter** act on entries still pending in the group (every entry a peek handed out
+//!   is), so that when two replicas act on one entry (one took it over) it leaves once and its bytes are
+//!   subtracted once. An ack passes each entry's size, remembered from the peek, so that Redis does not
+//!   read entries back.
 //! - **Counts** come from the scripts' answers (each answers the account's length and bytes) and from a
 //!   poll every `POLL` of every account (`stats.lua`), which also wakes an account's dispatcher when
 //!   another replica queued for it. `backlog` is the account's whole shared queue.
@@ -117,7 +122,19 @@ struct State {
     known: HashMap<String, Known>,
     refused: Refused,
     notifiers: HashMap<String, Arc<Notify>>,
+    /// Per account, the stored size of each entry this replica took and has not acked: an ack passes
+    /// it, so that Redis need not read every entry back to keep the byte count.
+    sizes: HashMap<String, HashMap<u64, u64>>,
+    /// Per account, when a take last looked for idle entries of other replicas.
+    claim_checked: HashMap<String, std::time::Instant>,
 }
+
+/// How often a take looks for other replicas' idle entries, per account.
+const CLAIM_CHECK: Duration = Duration::from_secs(1);
+
+/// Sizes kept per account at most (entries taken and never acked, e.g. taken over by another replica,
+/// are forgotten past it; an ack of an id without a size has Redis read its size).
+const MAX_SIZES: usize = 100_000;
 
 pub struct RedisSpool {
     store: Store,
@@ -331,6 +348,19 @@ impl RedisSpool {
         n
     }
 
+    /// Whether this take should look for entries other replicas left idle (and note that it did).
+    fn claim_check_due(&self, account: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut st = self.lock();
+        match st.claim_checked.get(account) {
+            Some(at) if now.duration_since(*at) < CLAIM_CHECK => false,
+            _ => {
+                st.claim_checked.insert(account.to_owned(), now);
+                true
+            }
+        }
+    }
+
     /// What this replica holds unacknowledged, per account (the admin API and metrics show it).
     pub fn held_here(&self, account: &str) -> u64 {
         self.lock().known.get(account).map_or(0, |k| k.held_here)
@@ -420,7 +450,13 @@ impl Queue for RedisSpool {
     ) -> BoxFuture<'a, Result<Peek, SpoolError>> {
         async move {
             let k = self.keys(account);
-            let idle = u64::try_from(self.opts.claim_idle.as_millis()).unwrap_or(u64::MAX);
+            // Idle entries are looked for at most once a `CLAIM_CHECK` per account: the scan of the
+            // group's pending entries is the take's costliest part, and a takeover needs no more.
+            let idle = if self.claim_check_due(account) {
+                u64::try_from(self.opts.claim_idle.as_millis()).unwrap_or(u64::MAX)
+            } else {
+                0
+            };
             let got: redis::RedisResult<Value> = self
                 .scripts
                 .take
@@ -439,6 +475,14 @@ impl Queue for RedisSpool {
             }
             taken.sort_by_key(|(id, _)| *id);
             taken.truncate(max);
+            {
+                let mut st = self.lock();
+                let sizes = st.sizes.entry(account.to_owned()).or_default();
+                if sizes.len() + taken.len() > MAX_SIZES {
+                    sizes.clear();
+                }
+                sizes.extend(taken.iter().map(|(id, raw)| (*id, raw.len() as u64)));
+            }
             let mut peek = Peek::default();
             for (id, raw) in taken {
                 match codec::decode(account, raw) {
@@ -467,8 +511,13 @@ impl Queue for RedisSpool {
             let k = self.keys(account);
             let mut call = self.scripts.ack.key(&k.q);
             call.key(&k.bytes).arg(GROUP);
-            for id in ids {
-                call.arg(u64_to_stream_id(*id));
+            {
+                let mut st = self.lock();
+                let sizes = st.sizes.entry(account.to_owned()).or_default();
+                for id in ids {
+                    let size = sizes.remove(id).map_or(-1, |s| s as i64);
+                    call.arg(u64_to_stream_id(*id)).arg(size);
+                }
             }
             let got: redis::RedisResult<(u64, u64)> =
                 call.invoke_async(&mut self.store.conn()).await;

@@ -1,7 +1,8 @@
 #!lua
 -- What this replica may deliver of one account: entries other replicas left idle longer than
 -- claim_idle (taken over), its own unacknowledged entries after a cursor, then new entries.
--- KEYS[1]: the queue stream. ARGV: group, consumer, after (a stream id), max, claim_idle (ms).
+-- KEYS[1]: the queue stream. ARGV: group, consumer, after (a stream id), max, claim_idle (ms; 0: do
+-- not look for idle entries this time).
 -- Answers a flat list {id, record, id, record, ...}; entries deleted meanwhile are acked and skipped.
 local q, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local after, max, idle = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -21,8 +22,11 @@ local function add(entries)
     end
   end
 end
-local claimed = redis.call('XAUTOCLAIM', q, group, consumer, idle, '0-0', 'COUNT', max)
-add(claimed[2])
+-- idle 0: the caller looked for idle entries a moment ago (it does so about once a second).
+if idle > 0 then
+  local claimed = redis.call('XAUTOCLAIM', q, group, consumer, idle, '0-0', 'COUNT', max)
+  add(claimed[2])
+end
 local own = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max, 'STREAMS', q, after)
 if own and own[1] then add(own[1][2]) end
 local room = max - #out / 2
