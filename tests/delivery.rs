@@ -154,14 +154,7 @@ async fn the_budget_is_never_exceeded_and_the_backlog_drains_near_it() {
         sent.len()
     );
     // The waiting shows in the metrics: about span_s seconds of it (the first batch went at once).
-    let metrics = http
-        .get(format!("{}/metrics", stack.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&http, &stack.admin_url).await;
     let delay: f64 = metrics
         .lines()
         .find_map(|l| {

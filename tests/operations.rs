@@ -13,19 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 async fn admin(http: &reqwest::Client, stack: &Stack, method: &str, path: &str) -> Value {
-    let url = format!("{}{path}", stack.admin_url);
-    let req = match method {
-        "POST" => http.post(url),
-        "DELETE" => http.delete(url),
-        _ => http.get(url),
-    };
-    let resp = req.bearer_auth(ADMIN_KEY).send().await.unwrap();
-    assert!(
-        resp.status().is_success(),
-        "{method} {path}: {}",
-        resp.status()
-    );
-    resp.json().await.unwrap()
+    admin_json(http, &stack.admin_url, method, path).await
 }
 
 async fn metrics_text(http: &reqwest::Client, stack: &Stack) -> String {

@@ -493,6 +493,10 @@ async fn the_same_events_posted_to_two_replicas_are_delivered_once() {
             seen.push_str(&resp.text().await.unwrap());
         }
         assert!(seen.contains("[REDACTED]"), "the URL is shown redacted");
+        assert!(
+            seen.contains("conversion_gateway_redis_durable 1"),
+            "appendfsync always is durable"
+        );
         assert!(!seen.contains(PASSWORD), "the Redis password leaked");
     }
 }
@@ -533,4 +537,74 @@ async fn with_the_disk_spool_ingest_rides_out_redis_down_and_sends_within_budget
     let (peak, refused) = window_peak(&f.http, &f.fake_url, Duration::from_secs(10)).await;
     assert_eq!(refused, 0);
     assert!(peak <= 1000, "{peak}");
+}
+
+/// Bisection and dead letters with the Redis queue: the refused event alone ends in the Redis store, any
+/// replica lists, replays and deletes it; and a Redis that does not fsync every write is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_live_in_redis_for_every_replica() {
+    let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let url = redis.url();
+    let f = Fleet::start_on(redis, &url, 2, SHARED, &[UNBUDGETED], None);
+    f.fault(json!({"reject_conversion_id": "dl-00007", "message": "value (abc) is not valid"}))
+        .await;
+    let all = ids("dl", 40);
+    assert_eq!(f.post(0, &all).await, 202);
+    let want: HashSet<String> = all
+        .iter()
+        .filter(|i| i.as_str() != "dl-00007")
+        .cloned()
+        .collect();
+    f.wait_received(&want, Duration::from_secs(20)).await;
+    // Replica 1 sees the letter replica 0's dispatcher (or its own) made.
+    let (zero, one) = (&f.replicas[0].admin_url, &f.replicas[1].admin_url);
+    let page = eventually(Duration::from_secs(10), async || {
+        let page = admin_json(&f.http, one, "GET", "/v1/dead-letters?account=acme").await;
+        (page["dead_letters"].as_array()?.len() == 1).then_some(page)
+    })
+    .await
+    .expect("one dead letter, listed by the other replica");
+    let letter = &page["dead_letters"][0];
+    assert_eq!(letter["conversion"]["conversion_id"], "dl-00007");
+    assert_eq!(letter["reason"], "rejected");
+    // Fixed at X: replayed from one replica, delivered, gone from the store for both.
+    f.clear_faults().await;
+    let replayed = admin_json(
+        &f.http,
+        zero,
+        "POST",
+        "/v1/dead-letters/replay?account=acme",
+    )
+    .await;
+    assert_eq!(replayed["replayed"], 1);
+    let again: HashSet<String> = ["dl-00007".to_string()].into();
+    f.wait_received(&again, Duration::from_secs(20)).await;
+    let page = admin_json(&f.http, one, "GET", "/v1/dead-letters").await;
+    assert_eq!(page["dead_letters"].as_array().unwrap().len(), 0);
+    // Delete works on the shared store too.
+    f.fault(json!({"reject_conversion_id": "dl2-00001", "message": "no"}))
+        .await;
+    assert_eq!(f.post(1, &ids("dl2", 3)).await, 202);
+    let gone = eventually(Duration::from_secs(20), async || {
+        let page = admin_json(&f.http, zero, "GET", "/v1/dead-letters?account=acme").await;
+        (page["dead_letters"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    assert!(gone.is_some());
+    let deleted = admin_json(&f.http, zero, "DELETE", "/v1/dead-letters?account=acme").await;
+    assert_eq!(deleted["deleted"], 1);
+    // everysec: a 202 is not known to be on disk, and every replica says so.
+    for r in &f.replicas {
+        let accounts = admin_json(&f.http, &r.admin_url, "GET", "/v1/accounts").await;
+        assert_eq!(accounts["redis"]["durability"], "not_durable", "{accounts}");
+        let metrics = metrics_of(&f.http, &r.admin_url).await;
+        assert!(
+            metrics.contains("conversion_gateway_redis_durable 0"),
+            "{metrics}"
+        );
+        assert!(r
+            .proc
+            .log_text()
+            .contains("Redis may lose acknowledged writes"));
+    }
 }

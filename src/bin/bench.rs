@@ -1,7 +1,7 @@
 //! `bench`: drives the real gateway over HTTP on this machine and prints what it measured.
 //!
 //! ```sh
-//! cargo build --release --bins && ./target/release/bench            # about three minutes
+//! cargo build --release --bins && ./target/release/bench            # about six minutes (--help for options)
 //! ```
 //!
 //! It starts nginx (answering 202 to the same POSTs, the reference; installed with apt-get when missing),
@@ -12,7 +12,12 @@
 //! 2. 100-event POSTs, closed loop: events/s;
 //! 3. a steady 10,000 single-event POSTs/s (open loop, latency from the scheduled send): p50, p99;
 //! 4. RSS of the gateway with 1,000,000 events waiting in the spool (X down meanwhile);
-//! 5. the forwarding rate to `fake-x-api` once X is back, budget lifted.
+//! 5. the forwarding rate to `fake-x-api` once X is back, budget lifted;
+//! 6. the shared mode: a disk-spool gateway and one on the Redis queue (a `redis-server` of its own, AOF
+//!    with `appendfsync always`) side by side, single-event and 100-event POSTs to each in turn for
+//!    `--rounds` rounds: each round's ratio and their median, both processes' CPU per request; then Redis
+//!    script calls per ingest request (counted by Redis itself, with X down so that delivery is idle, the
+//!    background calls of an idle stretch subtracted).
 //!
 //! For phases 1–3 it also prints each server's own CPU time per request (user + system, every thread,
 //! nginx's workers included, from `/proc`): a rate ratio depends on what the load generator costs on the
@@ -57,6 +62,12 @@ struct Args {
     /// load generator the design's reference numbers were taken with.
     #[arg(long)]
     wrk: bool,
+    /// Skip the shared mode on Redis (phase 6).
+    #[arg(long)]
+    no_redis: bool,
+    /// Only the shared mode on Redis (phase 6), with its own disk-spool reference.
+    #[arg(long, conflicts_with = "no_redis")]
+    redis_only: bool,
 }
 
 const API_KEY: &str = "bench-key";
@@ -688,13 +699,31 @@ fn main() -> Result<(), String> {
 
     let (port, admin_port) = (free_port(), free_port());
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let start_gateway = |spool: &str| -> Result<Proc, String> {
+    // With `redis`, the shared mode on that Redis: its queue and its budget. `other` ports: a second
+    // gateway beside the first.
+    let start_gateway_on = |spool: &str,
+                            redis: Option<&str>,
+                            other: bool|
+     -> Result<(Proc, SocketAddr), String> {
+        let (port, admin_port) = if other {
+            (free_port(), free_port())
+        } else {
+            (port, admin_port)
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let gw_cfg = dir.path().join(format!("{spool}.toml"));
+        let (backend, shared) = match redis {
+            Some(url) => (
+                "redis",
+                format!("[limiter]\nbackend = \"redis\"\n[redis]\nurl = \"{url}\"\nconsumer = \"bench\"\n"),
+            ),
+            None => ("disk", String::new()),
+        };
         std::fs::write(
             &gw_cfg,
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\napi_keys = [\"{API_KEY}\"]\nmax_body_bytes = 2097152\n\
-                 [spool]\ndir = \"{spool}\"\nmax_bytes = \"4GiB\"\n[upstream]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
+                "{shared}[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\napi_keys = [\"{API_KEY}\"]\nmax_body_bytes = 2097152\n\
+                 [spool]\nbackend = \"{backend}\"\ndir = \"{spool}\"\nmax_bytes = \"4GiB\"\n[upstream]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
                  [delivery]\nlinger = \"100ms\"\nretry_cap = \"1s\"\n[log]\nlevel = \"warn\"\n\
                  [accounts.acme]\nad_account_id = \"18ce552mlaq\"\npixel_id = \"o9d7n\"\nevents = {{ purchase = \"o9d2g\" }}\n\
                  rate_limit = {{ events = 1000000000, window = \"15m\" }}\nauth = {{ kind = \"pixel_token\", token = \"bench-token\" }}\n",
@@ -713,9 +742,21 @@ fn main() -> Result<(), String> {
                 .map_err(|e| e.to_string())?,
         );
         wait_port(addr)?;
-        Ok(proc)
+        Ok((proc, addr))
     };
-    let gateway = start_gateway("spool")?;
+    let start_gateway = |spool: &str, redis: Option<&str>| -> Result<Proc, String> {
+        start_gateway_on(spool, redis, false).map(|(proc, _)| proc)
+    };
+    let shared = Shared {
+        rt: &rt,
+        args: &args,
+        fake_addr,
+        counter: &counter,
+    };
+    if args.redis_only {
+        return shared.run(|name, redis| start_gateway_on(name, redis, true));
+    }
+    let gateway = start_gateway("spool", None)?;
     let pid = gateway.0.id();
     let show_rss = |phase: &str| {
         let (rss, hwm) = rss_kib(pid);
@@ -729,20 +770,7 @@ fn main() -> Result<(), String> {
 
     // Each phase starts once what the previous one spooled has been forwarded: a steady state, not a
     // backlog drain competing for the same two cores.
-    let settle = |counter: &Arc<AtomicU64>| {
-        rt.block_on(async {
-            let before = Instant::now();
-            while before.elapsed() < Duration::from_secs(120) {
-                let stats = get_json(fake_addr, "/_fake/stats").await;
-                if stats["accepted_conversions"].as_u64().unwrap_or(0)
-                    >= counter.load(Ordering::Relaxed)
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
+    let settle = |counter: &Arc<AtomicU64>| rt.block_on(settled(fake_addr, counter));
     // Single-event POSTs, nginx and the gateway in turn, so that both see the same machine: the reference
     // moves by a quarter between runs on these shared cores. Each round's ratio, then their median.
     let mut ratios = Vec::new();
@@ -872,7 +900,7 @@ fn main() -> Result<(), String> {
     // waiting" rather than that plus the dedup entries of the phases above. Then X goes down and the spool fills.
     settle(&counter);
     drop(gateway);
-    let gateway = start_gateway("spool-backlog")?;
+    let gateway = start_gateway("spool-backlog", None)?;
     let pid = gateway.0.id();
     rt.block_on(post_json(
         fake_addr,
@@ -931,7 +959,182 @@ fn main() -> Result<(), String> {
         drain.1.as_secs_f64()
     );
     drop(gateway);
+    if !args.no_redis {
+        settle(&counter);
+        shared.run(|name, redis| start_gateway_on(name, redis, true))?;
+    }
     Ok(())
+}
+
+/// Phase 6: the shared mode, against the disk spool's rates measured earlier in the run.
+struct Shared<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    args: &'a Args,
+    fake_addr: SocketAddr,
+    counter: &'a Arc<AtomicU64>,
+}
+
+impl Shared<'_> {
+    /// The disk spool and the Redis queue side by side, measured in turn for `--rounds` rounds (the
+    /// machine moves between runs, as for nginx): single-event and 100-event POSTs, each round's ratio
+    /// and their median; then Redis script calls per ingest request.
+    fn run(
+        &self,
+        start_gateway: impl Fn(&str, Option<&str>) -> Result<(Proc, SocketAddr), String>,
+    ) -> Result<(), String> {
+        let redis = conversion_gateway::redis_store::server::RedisServer::start();
+        let redis_pid = redis.pid().ok_or("redis-server is not running")?;
+        let (disk, disk_addr) = start_gateway("spool-reference", None)?;
+        let (shared, shared_addr) = start_gateway("spool-shared", Some(&redis.url()))?;
+        let (secs, conns) = (self.args.seconds, self.args.connections);
+        let settle = || self.rt.block_on(settled(self.fake_addr, self.counter));
+        // One phase against `addr`: the run, the gateway's CPU and Redis's per request (µs).
+        let measure = |addr, pid, connections: usize, per: u64, body: fn(u64, u64) -> String| {
+            settle();
+            let redis_before = cpu_seconds(redis_pid);
+            let (run, cpu) = with_cpu(pid, || {
+                self.rt.block_on(closed_loop(
+                    addr,
+                    connections,
+                    secs,
+                    self.counter.clone(),
+                    per,
+                    body,
+                ))
+            });
+            let redis_cpu =
+                1e6 * (cpu_seconds(redis_pid) - redis_before) / run.requests.max(1) as f64;
+            (run, cpu, redis_cpu)
+        };
+        let (mut single_ratios, mut hundred_ratios) = (Vec::new(), Vec::new());
+        for round in 1..=self.args.rounds {
+            let (d, dcpu, _) = measure(disk_addr, disk.0.id(), conns, 1, single);
+            let (r, rcpu, redis_cpu) = measure(shared_addr, shared.0.id(), conns, 1, single);
+            let ratio = 100.0 * r.rps() / d.rps().max(1.0);
+            single_ratios.push(ratio);
+            println!("round {round}: single-event POSTs, disk spool {:>7.0} req/s (p99 {:.2} ms, {dcpu:.1} µs CPU/req); Redis queue {:>7.0} req/s (p99 {:.2} ms, {rcpu:.1} µs/req gateway + {redis_cpu:.1} µs/req Redis) = {ratio:.0}%", d.rps(), d.pct(0.99), r.rps(), r.pct(0.99));
+            let c = conns.min(16);
+            let (d, dcpu, _) = measure(disk_addr, disk.0.id(), c, 100, hundred);
+            let (r, rcpu, redis_cpu) = measure(shared_addr, shared.0.id(), c, 100, hundred);
+            let ratio = 100.0 * r.rps() / d.rps().max(1.0);
+            hundred_ratios.push(ratio);
+            println!("round {round}: 100-event POSTs, disk spool {:>7.0} events/s (p99 {:.2} ms, {:.2} µs CPU/event); Redis queue {:>7.0} events/s (p99 {:.2} ms, {:.2} µs/event gateway + {:.2} µs/event Redis) = {ratio:.0}%", d.rps() * 100.0, d.pct(0.99), dcpu / 100.0, r.rps() * 100.0, r.pct(0.99), rcpu / 100.0, redis_cpu / 100.0);
+        }
+        println!(
+            "Redis queue against the disk spool, median of {} rounds: single-event POSTs {:.0}% of its req/s, 100-event POSTs {:.0}% of its events/s",
+            self.args.rounds,
+            median(&mut single_ratios).unwrap_or(0.0),
+            median(&mut hundred_ratios).unwrap_or(0.0)
+        );
+        drop(disk);
+        // Script calls per ingest request, counted by Redis: X down (each batch is retried once a second
+        // at most), the background calls of an idle stretch as long subtracted.
+        settle();
+        self.rt.block_on(post_json(
+            self.fake_addr,
+            "/_fake/faults",
+            serde_json::json!({"status": 503, "for_secs": 3600}),
+            false,
+        ));
+        let calls = || self.rt.block_on(script_calls(&redis.url()));
+        std::thread::sleep(Duration::from_secs(2));
+        let idle_from = calls()?;
+        std::thread::sleep(Duration::from_secs(3));
+        let background = calls()?.saturating_sub(idle_from);
+        let before = calls()?;
+        let run = self.rt.block_on(closed_loop(
+            shared_addr,
+            conns,
+            3,
+            self.counter.clone(),
+            1,
+            single,
+        ));
+        let during = calls()?.saturating_sub(before);
+        println!(
+            "Redis script calls per ingest request: {:.3} ({during} calls for {} requests in 3 s, less {background} in an idle 3 s: polls, claim refreshes, budget reads, delivery retries)",
+            during.saturating_sub(background) as f64 / run.requests.max(1) as f64,
+            run.requests,
+        );
+        self.rt.block_on(post_json(
+            self.fake_addr,
+            "/_fake/faults",
+            serde_json::Value::Null,
+            true,
+        ));
+        let busiest = self.rt.block_on(command_times(&redis.url()))?;
+        let total: u64 = busiest.iter().map(|(_, _, us)| us).sum();
+        let top: Vec<String> = busiest
+            .iter()
+            .take(6)
+            .map(|(name, calls, us)| {
+                format!(
+                    "{name} {:.0}% ({calls} calls)",
+                    100.0 * *us as f64 / total.max(1) as f64
+                )
+            })
+            .collect();
+        println!(
+            "Redis's time in commands, by command (scripts include the commands they run): {}",
+            top.join(", ")
+        );
+        drop(shared);
+        Ok(())
+    }
+}
+
+/// Waits (at most two minutes) until the fake has accepted every event `counter` says was sent: each
+/// phase starts from a steady state, not a backlog drain competing for the same two cores.
+async fn settled(fake_addr: SocketAddr, counter: &AtomicU64) {
+    let before = Instant::now();
+    while before.elapsed() < Duration::from_secs(120) {
+        let stats = get_json(fake_addr, "/_fake/stats").await;
+        if stats["accepted_conversions"].as_u64().unwrap_or(0) >= counter.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every command Redis ran, from `INFO commandstats`: (name, calls, microseconds), busiest first.
+async fn command_times(url: &str) -> Result<Vec<(String, u64, u64)>, String> {
+    let info = commandstats(url).await?;
+    let mut out: Vec<(String, u64, u64)> = info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| -> Option<u64> {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.parse().ok())
+            };
+            Some((name.to_owned(), field("calls=")?, field("usec=")?))
+        })
+        .collect();
+    out.sort_by_key(|e| std::cmp::Reverse(e.2));
+    Ok(out)
+}
+
+async fn commandstats(url: &str) -> Result<String, String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Lua script calls (EVALSHA, EVAL) Redis has run, from `INFO commandstats`.
+async fn script_calls(url: &str) -> Result<u64, String> {
+    Ok(command_times(url)
+        .await?
+        .iter()
+        .filter(|(name, _, _)| name == "evalsha" || name == "eval")
+        .map(|(_, calls, _)| calls)
+        .sum())
 }
 
 #[cfg(test)]

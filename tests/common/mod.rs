@@ -377,6 +377,28 @@ pub async fn wait_received(
     .unwrap_or_else(|| panic!("not every accepted event reached X within {limit:?}"))
 }
 
+/// `method path` on the admin listener at `admin_url` with the admin key; the JSON of a 2xx answer.
+pub async fn admin_json(
+    http: &reqwest::Client,
+    admin_url: &str,
+    method: &str,
+    path: &str,
+) -> Value {
+    let url = format!("{admin_url}{path}");
+    let req = match method {
+        "POST" => http.post(url),
+        "DELETE" => http.delete(url),
+        _ => http.get(url),
+    };
+    let resp = req.bearer_auth(ADMIN_KEY).send().await.unwrap();
+    assert!(
+        resp.status().is_success(),
+        "{method} {path}: {}",
+        resp.status()
+    );
+    resp.json().await.unwrap()
+}
+
 /// promtool from Debian's prometheus package, installed with apt-get when missing.
 pub fn promtool() -> &'static str {
     const PROMTOOL: &str = "/usr/bin/promtool";
@@ -476,6 +498,17 @@ pub fn sized_record(
 }
 
 /// The value of the sample `series` (name and labels as printed) in a text exposition.
+/// `GET /metrics` of the admin listener at `admin_url`.
+pub async fn metrics_of(http: &reqwest::Client, admin_url: &str) -> String {
+    http.get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
