@@ -136,6 +136,8 @@ pub fn describe(e: &redis::RedisError) -> String {
     match (e.code(), e.detail()) {
         (Some(code), Some(detail)) => format!("{code} {detail}"),
         (Some(code), None) => code.to_owned(),
+        // A pipeline's errors: the server's own words (codes and messages, never the URL).
+        _ if e.clone().into_server_errors().is_some() => e.to_string(),
         _ => e.category().to_owned(),
     }
 }

@@ -15,7 +15,7 @@
 //! - **Ids** are the stream ids (`redis_store::stream_id_to_u64`): they grow per account, with time.
 //!   Across accounts they are unique only together with the account (two accounts' streams may give the
 //!   same id in one millisecond); listing every account's dead letters orders by (id, account).
-//! - **Peek** is a take: `take.lua` hands this replica first what other replicas left idle longer than
+//! - **Peek** is a take (`take`: one pipelined round trip of stream reads, no script) that hands this replica first what other replicas left idle longer than
 //!   `claim_idle` (a replica that died; these may be older than the cursor; looked for at most once a
 //!   second per account, the scan being the take's costliest part), then its own
 //!   unacknowledged entries after the cursor, then new ones; all of them are pending under this
@@ -65,7 +65,6 @@ const POLL: Duration = Duration::from_millis(250);
 
 struct Scripts {
     append: redis::Script,
-    take: redis::Script,
     ack: redis::Script,
     dead_letter: redis::Script,
     replay: redis::Script,
@@ -79,7 +78,6 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             append: redis::Script::new(include_str!("append.lua")),
-            take: redis::Script::new(include_str!("take.lua")),
             ack: redis::Script::new(include_str!("ack.lua")),
             dead_letter: redis::Script::new(include_str!("dead_letter.lua")),
             replay: redis::Script::new(include_str!("replay.lua")),
@@ -348,6 +346,59 @@ impl RedisSpool {
         n
     }
 
+    /// One round trip, no script (reads need no atomicity, and a script would pass every record through
+    /// Lua twice): idle entries of other replicas claimed (when `idle` > 0), this consumer's own pending
+    /// entries after `after`, and up to `max` new ones, which join its pending entries (those beyond
+    /// what one peek gives are found among them by the next).
+    async fn take(
+        &self,
+        q: &str,
+        after: u64,
+        max: usize,
+        idle: u64,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let consumer = &self.opts.consumer;
+        let mut pipe = redis::pipe();
+        if idle > 0 {
+            pipe.cmd("XAUTOCLAIM")
+                .arg(q)
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(idle)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(max);
+        }
+        for from in [u64_to_stream_id(after), ">".to_owned()] {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(max)
+                .arg("STREAMS")
+                .arg(q)
+                .arg(from);
+        }
+        pipe.query_async(&mut self.store.conn()).await
+    }
+
+    /// The consumer group of a queue (Redis lost it, or the queue is new).
+    async fn create_group(&self, q: &str) -> Result<(), SpoolError> {
+        let got: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(q)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.store.conn())
+            .await;
+        match got {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => self.store.track("group create", other).map_err(unavailable),
+        }
+    }
+
     /// Whether this take should look for entries other replicas left idle (and note that it did).
     fn claim_check_due(&self, account: &str) -> bool {
         let now = std::time::Instant::now();
@@ -370,6 +421,50 @@ impl RedisSpool {
     pub fn store(&self) -> &Store {
         &self.store
     }
+}
+
+/// The entries of an XREADGROUP or XAUTOCLAIM answer: each id, and its record (`None` for an entry
+/// deleted while pending).
+fn stream_entries(reply: &Value) -> Vec<(&[u8], Option<&[u8]>)> {
+    let entries: &[Value] = match reply {
+        // XREADGROUP: [[stream, entries]] (or nil when there is nothing).
+        Value::Array(streams) if matches!(streams.first(), Some(Value::Array(_))) => {
+            match streams.first() {
+                Some(Value::Array(stream)) => match stream.get(1) {
+                    Some(Value::Array(e)) => e,
+                    _ => &[],
+                },
+                _ => &[],
+            }
+        }
+        // XAUTOCLAIM: [cursor, entries, deleted ids].
+        Value::Array(parts) => match parts.get(1) {
+            Some(Value::Array(e)) => e,
+            _ => &[],
+        },
+        _ => &[],
+    };
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            Value::Array(kv) => {
+                let id = match kv.first() {
+                    Some(Value::BulkString(id)) => id.as_slice(),
+                    _ => return None,
+                };
+                let record = match kv.get(1) {
+                    // Fields `r`, the record.
+                    Some(Value::Array(fields)) => match fields.get(1) {
+                        Some(Value::BulkString(r)) => Some(r.as_slice()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                Some((id, record))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 fn parse_id(id: &[u8]) -> Result<u64, SpoolError> {
@@ -457,21 +552,40 @@ impl Queue for RedisSpool {
             } else {
                 0
             };
-            let got: redis::RedisResult<Value> = self
-                .scripts
-                .take
-                .key(&k.q)
-                .arg(GROUP)
-                .arg(&self.opts.consumer)
-                .arg(u64_to_stream_id(after))
-                .arg(max.max(1))
-                .arg(idle)
-                .invoke_async(&mut self.store.conn())
-                .await;
-            let flat = array(self.store.track("queue read", got).map_err(unavailable)?);
-            let mut taken: Vec<(u64, &[u8])> = Vec::with_capacity(flat.len() / 2);
-            for pair in flat.chunks(2) {
-                taken.push((parse_id(blob(pair.first()))?, blob(pair.get(1))));
+            let replies = match self.take(&k.q, after, max.max(1), idle).await {
+                // A pipeline's error carries the failing command's code in its text.
+                Err(e) if e.to_string().contains("NOGROUP") => {
+                    self.create_group(&k.q).await?;
+                    self.take(&k.q, after, max.max(1), idle).await
+                }
+                other => other,
+            };
+            let replies = self
+                .store
+                .track("queue read", replies)
+                .map_err(unavailable)?;
+            // In order: taken over (if looked for), own after the cursor, new; each id once.
+            let mut seen = std::collections::HashSet::new();
+            let (mut taken, mut deleted): (Vec<(u64, &[u8])>, Vec<u64>) = (Vec::new(), Vec::new());
+            for (id, record) in replies.iter().flat_map(stream_entries) {
+                let id = parse_id(id)?;
+                if !seen.insert(id) {
+                    continue;
+                }
+                match record {
+                    Some(raw) => taken.push((id, raw)),
+                    None => deleted.push(id),
+                }
+            }
+            if !deleted.is_empty() {
+                // Entries deleted while pending (a race with another replica's ack): let them go.
+                let mut cmd = redis::cmd("XACK");
+                cmd.arg(&k.q).arg(GROUP);
+                for id in deleted {
+                    cmd.arg(u64_to_stream_id(id));
+                }
+                let acked: redis::RedisResult<u64> = cmd.query_async(&mut self.store.conn()).await;
+                let _ = self.store.track("ack of deleted entries", acked);
             }
             taken.sort_by_key(|(id, _)| *id);
             taken.truncate(max);
