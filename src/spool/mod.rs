@@ -36,9 +36,9 @@
 //!   not waiting are ignored; what is not named stays, in order.
 //! - **Counts**: `backlog`, `bytes` and `account_bytes` are right after every operation that returned.
 //! - **Wake-up**: `changed(account)` is notified after records of `account` are queued (append, replay).
-//! - **Dead letters**: ids grow (per account, as above); at most `max_dead_letters` are kept (a shared
-//!   spool: per account), the oldest evicted first and counted; `dead_letters` pages by id (of one
-//!   account or all); `replay` moves an account's letters back into its
+//! - **Dead letters**: ids grow (per account) and are unique across accounts (every implementation's,
+//!   the shared one's too); at most `max_dead_letters` are kept (a shared spool: per account), the
+//!   oldest evicted first and counted; `dead_letters` pages by id (of one account or all); `replay` moves an account's letters back into its
 //!   queue as the given records in one step (ids not among that account's letters are skipped; dedup is
 //!   bypassed: a replay is a deliberate resend; `Full` moves nothing); `delete_dead_letters` removes the
 //!   account's given letters.

@@ -13,8 +13,10 @@
 //!   it starts when out of memory). `Ok` only after Redis answered; with `appendfsync always` that
 //!   answer comes after the fsync (`redis_store::durability`).
 //! - **Ids** are the stream ids (`redis_store::stream_id_to_u64`): they grow per account, with time.
-//!   Across accounts they are unique only together with the account (two accounts' streams may give the
-//!   same id in one millisecond); listing every account's dead letters orders by (id, account).
+//!   Queued records' ids are unique only together with the account (two accounts' streams may give the
+//!   same id in one millisecond). Dead letters' ids are chosen by the script so that their sequence
+//!   number ends in the account's slot (its place among the configured accounts): unique across
+//!   accounts, so the list of every account's letters pages by id without skipping one.
 //! - **Peek** is a take (`take`: one pipelined round trip of stream reads, no script) that hands this replica first what other replicas left idle longer than
 //!   `claim_idle` (a replica that died; these may be older than the cursor; looked for at most once a
 //!   second per account, the scan being the take's costliest part), then its own
@@ -126,6 +128,9 @@ struct State {
     /// Per account, when a take last looked for idle entries of other replicas.
     claim_checked: HashMap<String, std::time::Instant>,
 }
+
+/// Ids acked per script call at most.
+const ACK_CHUNK: usize = 1000;
 
 /// How often a take looks for other replicas' idle entries, per account.
 const CLAIM_CHECK: Duration = Duration::from_secs(1);
@@ -399,6 +404,17 @@ impl RedisSpool {
         }
     }
 
+    /// The account's place among the configured accounts (sorted, so the same on every replica of one
+    /// configuration): the low bits of its dead letters' ids, which keeps them apart from other accounts'.
+    fn slot(&self, account: &str) -> u64 {
+        let mut names: Vec<&String> = self.opts.accounts.iter().collect();
+        names.sort();
+        names
+            .iter()
+            .position(|a| *a == account)
+            .map_or(1023, |i| (i % 1024) as u64)
+    }
+
     /// Whether this take should look for entries other replicas left idle (and note that it did).
     fn claim_check_due(&self, account: &str) -> bool {
         let now = std::time::Instant::now();
@@ -623,23 +639,26 @@ impl Queue for RedisSpool {
                 return Ok(());
             }
             let k = self.keys(account);
-            let mut call = self.scripts.ack.key(&k.q);
-            call.key(&k.bytes).arg(GROUP);
-            {
-                let mut st = self.lock();
-                let sizes = st.sizes.entry(account.to_owned()).or_default();
-                for id in ids {
-                    let size = sizes.remove(id).map_or(-1, |s| s as i64);
-                    call.arg(u64_to_stream_id(*id)).arg(size);
+            // Lua passes at most a few thousand values to one command.
+            for chunk in ids.chunks(ACK_CHUNK) {
+                let mut call = self.scripts.ack.key(&k.q);
+                call.key(&k.bytes).arg(GROUP).arg(&self.opts.consumer);
+                {
+                    let mut st = self.lock();
+                    let sizes = st.sizes.entry(account.to_owned()).or_default();
+                    for id in chunk {
+                        let size = sizes.remove(id).map_or(-1, |s| s as i64);
+                        call.arg(u64_to_stream_id(*id)).arg(size);
+                    }
                 }
+                let got: redis::RedisResult<(u64, u64)> =
+                    call.invoke_async(&mut self.store.conn()).await;
+                let (events, bytes) = self.store.track("ack", got).map_err(unavailable)?;
+                self.update(account, |k| {
+                    k.events = events;
+                    k.bytes = bytes;
+                });
             }
-            let got: redis::RedisResult<(u64, u64)> =
-                call.invoke_async(&mut self.store.conn()).await;
-            let (events, bytes) = self.store.track("ack", got).map_err(unavailable)?;
-            self.update(account, |k| {
-                k.events = events;
-                k.bytes = bytes;
-            });
             Ok(())
         }
         .boxed()
@@ -759,7 +778,8 @@ impl DeadLetterStore for RedisSpool {
                 .arg(self.opts.max_dead_letters)
                 .arg(reason.to_string())
                 .arg(message)
-                .arg(now_ms);
+                .arg(now_ms)
+                .arg(self.slot(account));
             for id in ids {
                 call.arg(u64_to_stream_id(*id));
             }

@@ -182,3 +182,121 @@ async fn a_redis_out_of_memory_refuses_a_request_whole() {
         "every accepted request whole, the refused one not at all"
     );
 }
+
+/// A replica that took over entries and the one that held them both ack them: they leave once, and
+/// their bytes are subtracted once.
+#[tokio::test]
+async fn an_entry_acked_by_two_replicas_leaves_once() {
+    let server = RedisServer::start();
+    let idle = Duration::from_secs(1);
+    let (one, two) = (
+        replica(&server, "one", idle).await,
+        replica(&server, "two", idle).await,
+    );
+    one.append((0..3).map(|i| record(&format!("c{i}"))).collect())
+        .await
+        .unwrap();
+    let held = one.peek_after("a", 0, 10).await.unwrap();
+    let ids: Vec<u64> = held.entries.iter().map(|e| e.id).collect();
+    // One stalls past claim_idle (its refresh stopped: dropped below); two takes the entries over.
+    drop(one);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        names(&two.peek_after("a", 0, 10).await.unwrap()),
+        ["c0", "c1", "c2"]
+    );
+    two.ack("a", &ids).await.unwrap();
+    // The first holder comes back and acks what it had sent (a late answer from X).
+    let one = replica(&server, "one", idle).await;
+    one.ack("a", &ids).await.unwrap();
+    assert_eq!(one.backlog("a"), 0);
+    let new = record("after");
+    let size = codec::encode(&new).unwrap().len() as u64;
+    one.append(vec![new]).await.unwrap();
+    assert_eq!(
+        one.account_bytes("a"),
+        size,
+        "the bytes were subtracted once"
+    );
+}
+
+/// Dead letters of different accounts never share an id (their sequence numbers end in the account's
+/// slot), so the list of every account's letters pages through all of them.
+#[tokio::test]
+async fn dead_letter_ids_are_unique_across_accounts() {
+    let server = RedisServer::start();
+    let store = Store::open(&RedisUrl::for_tests(&server.url()), "cg").unwrap();
+    let spool = RedisSpool::open(
+        store,
+        RedisSpoolOptions {
+            accounts: vec!["b".into(), "a".into()],
+            consumer: "one".into(),
+            claim_idle: Duration::from_secs(60),
+            dedup_window: Duration::from_secs(3600),
+            max_bytes: 1 << 30,
+            max_dead_letters: 100,
+        },
+    )
+    .await;
+    let mut b = record("b0");
+    b.account = "b".into();
+    spool
+        .append(vec![record("a0"), record("a1"), b])
+        .await
+        .unwrap();
+    let a_ids: Vec<u64> = spool
+        .peek("a", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let b_ids: Vec<u64> = spool
+        .peek("b", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let (x, y) = tokio::join!(
+        spool.dead_letter("a", &a_ids, DeadLetterReason::Rejected, "no"),
+        spool.dead_letter("b", &b_ids, DeadLetterReason::Rejected, "no"),
+    );
+    x.unwrap();
+    y.unwrap();
+    let all = spool
+        .dead_letters(DeadLetterQuery {
+            account: None,
+            after: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let slots: Vec<(String, u64)> = all
+        .iter()
+        .map(|d| (d.account.clone(), d.id & 1023))
+        .collect();
+    assert!(
+        slots
+            .iter()
+            .all(|(a, s)| (a == "a" && *s == 0) || (a == "b" && *s == 1)),
+        "{slots:?}"
+    );
+    // Paged one at a time, every letter comes once.
+    let (mut after, mut seen) = (0, Vec::new());
+    loop {
+        let page = spool
+            .dead_letters(DeadLetterQuery {
+                account: None,
+                after,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        let Some(d) = page.first() else { break };
+        after = d.id;
+        seen.push(d.conversion.clone().unwrap().conversion_id);
+    }
+    seen.sort();
+    assert_eq!(seen, ["a0", "a1", "b0"]);
+}
