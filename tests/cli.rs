@@ -43,10 +43,22 @@ auth = {{ kind = "oauth1", consumer_key = "SECRET-CK", consumer_secret_file = "{
     );
     let (code, out, err) = check_config(
         &["--config", cfg.to_str().unwrap()],
-        &[("GATEWAY_UPSTREAM__TIMEOUT", "3s")],
+        &[
+            ("GATEWAY_UPSTREAM__TIMEOUT", "3s"),
+            // The shared mode's Redis URL holds a password: shown redacted, like every secret.
+            (
+                "GATEWAY_REDIS__URL",
+                "redis://:SECRET-REDIS-PASSWORD@redis:6379/0",
+            ),
+            ("GATEWAY_LIMITER__BACKEND", "redis"),
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("timeout = \"3s\""), "{out}");
+    assert!(
+        out.contains("url = \"redis://:[REDACTED]@redis:6379/0\""),
+        "{out}"
+    );
     assert!(out.contains("[REDACTED]"));
     assert!(
         !out.contains("SECRET") && !err.contains("SECRET"),
