@@ -400,16 +400,7 @@ async fn a_replica_scaled_down_leaves_its_events_to_the_others() {
     }
     // Replica 0 takes part of the backlog and retries it against X's 503s.
     let taken = eventually(Duration::from_secs(10), async || {
-        let v: Value = f
-            .http
-            .get(format!("{}/v1/accounts", f.replicas[0].admin_url))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = admin_json(&f.http, &f.replicas[0].admin_url, "GET", "/v1/accounts").await;
         (v["accounts"][0]["held_here"].as_u64()? > 0).then_some(())
     })
     .await;
@@ -518,16 +509,7 @@ async fn with_the_disk_spool_ingest_rides_out_redis_down_and_sends_within_budget
         fake_requests(&f.http, &f.fake_url).await.is_empty(),
         "nothing sent while the budget cannot be checked"
     );
-    let v: Value = f
-        .http
-        .get(format!("{}/v1/accounts", f.replicas[0].admin_url))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = admin_json(&f.http, &f.replicas[0].admin_url, "GET", "/v1/accounts").await;
     let why = v["accounts"][0]["last_error"].as_str().unwrap_or_default();
     assert!(why.contains("rate budget"), "the account shows why: {v}");
     assert_eq!(v["redis"]["up"], false, "{v}");

@@ -256,18 +256,24 @@ impl RedisSpool {
     }
 
     async fn refresh_claims(&self) {
+        self.for_this_consumer(&self.scripts.refresh, "claim refresh")
+            .await;
+    }
+
+    /// Runs `script` (KEYS: the queue; ARGV: group, consumer) on every account's queue; the sum of
+    /// what it answered where it succeeded.
+    async fn for_this_consumer(&self, script: &redis::Script, what: &str) -> u64 {
+        let mut n = 0;
         for account in &self.opts.accounts {
-            let keys = self.keys(account);
-            let got: redis::RedisResult<u64> = self
-                .scripts
-                .refresh
-                .key(&keys.q)
+            let got: redis::RedisResult<u64> = script
+                .key(self.keys(account).q)
                 .arg(GROUP)
                 .arg(&self.opts.consumer)
                 .invoke_async(&mut self.store.conn())
                 .await;
-            let _ = self.store.track("claim refresh", got);
+            n += self.store.track(what, got).unwrap_or(0);
         }
+        n
     }
 
     /// One account's state, and its oldest waiting record's acceptance time.
@@ -335,20 +341,8 @@ impl RedisSpool {
     /// shared queue, so that the other replicas deliver it now rather than after `claim_idle`. Answers
     /// how many events it handed back; what it could not (Redis down) is taken over after `claim_idle`.
     pub async fn release(&self) -> u64 {
-        let mut n = 0;
-        for account in &self.opts.accounts {
-            let k = self.keys(account);
-            let got: redis::RedisResult<u64> = self
-                .scripts
-                .release
-                .key(&k.q)
-                .arg(GROUP)
-                .arg(&self.opts.consumer)
-                .invoke_async(&mut self.store.conn())
-                .await;
-            n += self.store.track("release", got).unwrap_or(0);
-        }
-        n
+        self.for_this_consumer(&self.scripts.release, "release")
+            .await
     }
 
     /// One round trip, no script (reads need no atomicity, and a script would pass every record through
