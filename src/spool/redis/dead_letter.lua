@@ -1,12 +1,13 @@
 #!lua
--- Moves entries of one account to its dead letters, keeping at most max of them (oldest evicted).
--- KEYS: queue, waiting bytes, dead-letter stream, dead bytes, evicted counter.
--- ARGV: group, max, reason, message, dead_lettered_at_ms, the account's slot (0-1023), then the stream ids.
+-- Moves records of one account to its dead letters, keeping at most max of them (oldest evicted).
+-- KEYS: queue, waiting bytes, surplus counter, done hash, dead-letter stream, dead bytes, evicted counter.
+-- ARGV: group, consumer, max, reason, message, dead_lettered_at_ms, the account's slot (0-1023), then
+-- per pack: its stream id and the indices ("*" or "0,3").
 -- A letter's id is chosen here, not by Redis: its sequence number ends in the account's slot, so that
 -- letters of different accounts never share an id (the list of every account's letters pages by id).
--- Answers {length, bytes, dead letters, dead bytes, evicted}.
-local q, bytes, dead, dead_bytes, evicted = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, max, slot = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[6])
+-- Answers {records, bytes, dead letters, dead bytes, evicted, entries}.
+local q, bytes, surplus, done, dead, dead_bytes, evicted = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local group, consumer, max, slot = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[7])
 local last_ms, last_seq = 0, -1
 local ok, info = pcall(redis.call, 'XINFO', 'STREAM', dead)
 if ok then
@@ -33,16 +34,41 @@ local function next_id()
   end
   return string.format('%d-%d', last_ms, last_seq)
 end
-for i = 7, #ARGV do
-  local e = redis.call('XRANGE', q, ARGV[i], ARGV[i])
-  -- Only an entry still pending in the group (as for an ack: a replica that took it over may have
-  -- moved it already).
-  if e[1] and redis.call('XACK', q, group, ARGV[i]) == 1 then
-    local record = e[1][2][2]
-    redis.call('XADD', dead, next_id(), 'r', record, 'reason', ARGV[3], 'message', ARGV[4], 'at', ARGV[5], 'from', ARGV[i])
-    redis.call('INCRBY', dead_bytes, #record)
-    redis.call('XDEL', q, ARGV[i])
-    redis.call('DECRBY', bytes, #record)
+local freed, freed_bytes, left = 0, 0, 0
+for i = 8, #ARGV, 2 do
+  local id = ARGV[i]
+  -- Only a pack still pending in the group (as for an ack: a replica that took it over may have
+  -- moved its records already).
+  local e = redis.call('XRANGE', q, id, id)
+  local pending = #redis.call('XCLAIM', q, group, consumer, 0, id, 'JUSTID') > 0
+  if e[1] and pending then
+    local records = records_of(e[1][2])
+    local prior = redis.call('HGET', done, id)
+    local set, n = set_of(prior)
+    local given = set_of(ARGV[i + 1])
+    if ARGV[i + 1] == '*' then
+      given = {}
+      for k = 0, #records - 1 do given[k] = true end
+    end
+    for k = 0, #records - 1 do
+      if given[k] and not set[k] then
+        local record = records[k + 1]
+        redis.call('XADD', dead, next_id(), 'r', record, 'reason', ARGV[4], 'message', ARGV[5], 'at', ARGV[6], 'from', id .. '/' .. k)
+        redis.call('INCRBY', dead_bytes, #record)
+        set[k], n = true, n + 1
+        freed, freed_bytes = freed + 1, freed_bytes + #record
+      end
+    end
+    if n >= #records then
+      redis.call('XACK', q, group, id)
+      redis.call('XDEL', q, id)
+      left = left + 1
+      if prior then redis.call('HDEL', done, id) end
+    else
+      redis.call('HSET', done, id, list_of(set))
+    end
+  elseif pending then
+    redis.call('XACK', q, group, id)
   end
 end
 local over = redis.call('XLEN', dead) - max
@@ -53,5 +79,6 @@ if over > 0 then
     redis.call('INCR', evicted)
   end
 end
-return {redis.call('XLEN', q), tonumber(redis.call('GET', bytes) or '0'), redis.call('XLEN', dead),
-        tonumber(redis.call('GET', dead_bytes) or '0'), tonumber(redis.call('GET', evicted) or '0')}
+add_surplus(surplus, left - freed)
+return {records_waiting(q, surplus), redis.call('DECRBY', bytes, freed_bytes), redis.call('XLEN', dead),
+        tonumber(redis.call('GET', dead_bytes) or '0'), tonumber(redis.call('GET', evicted) or '0'), redis.call('XLEN', q)}
