@@ -6,7 +6,7 @@
 //! readiness fails, the servers finish their requests, each dispatcher lets its request in flight finish
 //! and its ack commit, and the spool is closed last (what was not sent stays in it).
 
-use crate::api::{self, AccountView, AdminState, ApiKeys, AppState, ServeOptions};
+use crate::api::{self, AccountView, AdminState, AppState, ServeOptions};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{LimiterBackend, Settings, SpoolBackend};
 use crate::dispatch::{AccountStatus, DispatchSettings, Dispatcher};
@@ -148,10 +148,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     let state = Arc::new(AppState {
         rules: settings.mapping_rules(),
         spool: spool.clone(),
-        keys: ApiKeys::new(
-            &settings.server.api_keys,
-            settings.server.allow_unauthenticated,
-        ),
+        keys: api::ingest_keys(&settings.server),
         max_body_bytes: settings.server.max_body_bytes,
         max_events_per_request: settings.server.max_events_per_request,
         body_budget: api::body_budget::BodyBudget::new(settings.server.max_inflight_body_bytes),
@@ -177,7 +174,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     let redis_queue = shared.as_ref().and_then(|s| s.spool.clone());
     let admin_state = Arc::new(AdminState {
         app: state.clone(),
-        keys: ApiKeys::new(&settings.server.admin_api_keys, false),
+        keys: api::admin_keys(&settings.server),
         accounts: views,
         limiter,
         ready_requires_spool: settings.server.ready_requires_spool,

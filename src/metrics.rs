@@ -42,6 +42,7 @@ pub struct Metrics {
     resident_memory: IntGauge,
     open_fds: IntGauge,
     requests_shed: IntCounter,
+    auth_failures: IntCounterVec,
     inflight_body_bytes: IntGauge,
     /// Only in the shared mode.
     redis: Option<RedisMetrics>,
@@ -256,6 +257,19 @@ impl Metrics {
                 "Ingest requests answered 503 because server.max_inflight_body_bytes was taken by other bodies (nothing of them was kept).",
             ),
         );
+        let auth_failures = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    name("auth_failures_total"),
+                    "Requests refused for a missing or unknown key, per listener (ingest, admin); the key is never recorded.",
+                ),
+                &["listener"],
+            ),
+        );
+        for listener in ["ingest", "admin"] {
+            auth_failures.with_label_values(&[listener]);
+        }
         let inflight_body_bytes = register(
             &registry,
             IntGauge::new(
@@ -332,6 +346,7 @@ impl Metrics {
             resident_memory,
             open_fds,
             requests_shed,
+            auth_failures,
             inflight_body_bytes,
             redis,
         }
@@ -392,10 +407,14 @@ impl Metrics {
             .inc_by(seconds);
     }
 
-    /// One HTTP request answered; `route` is the matched route template (or `unmatched`).
     /// An ingest request shed for lack of in-flight body room.
     pub fn shed(&self) {
         self.requests_shed.inc();
+    }
+
+    /// A request refused on `listener` (`ingest`, `admin`) for a missing or unknown key.
+    pub fn auth_failed(&self, listener: &'static str) {
+        self.auth_failures.with_label_values(&[listener]).inc();
     }
 
     /// What the in-flight body budget holds now (set before a scrape is rendered).
@@ -403,6 +422,7 @@ impl Metrics {
         self.inflight_body_bytes.set(bytes as i64);
     }
 
+    /// One HTTP request answered; `route` is the matched route template (or `unmatched`).
     pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
         self.http_duration
             .with_label_values(&[route, status_label(status)])

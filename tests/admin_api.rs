@@ -140,7 +140,7 @@ async fn without_admin_keys_the_v1_api_is_off() {
     let base = admin_state(state_with(spool, &["acme"]));
     let state = Arc::new(AdminState {
         app: base.app.clone(),
-        keys: api::ApiKeys::new(&[], false),
+        keys: api::ApiKeys::new([], None),
         accounts: Vec::new(),
         limiter: base.limiter.clone(),
         ready_requires_spool: true,
@@ -536,7 +536,7 @@ async fn readiness_can_be_kept_while_the_spool_refuses() {
     let base = setup_with(spool, &["acme"]);
     let state = Arc::new(AdminState {
         app: base.state.app.clone(),
-        keys: api::ApiKeys::new(&[], false),
+        keys: api::ApiKeys::new([], None),
         accounts: Vec::new(),
         limiter: base.state.limiter.clone(),
         ready_requires_spool: false,
@@ -569,4 +569,79 @@ async fn readiness_can_be_kept_while_the_spool_refuses() {
     )
     .await;
     assert_eq!(sample(&m, "conversion_gateway_spool_writable"), Some(0.0));
+}
+
+/// A `read` admin key reads; replaying and deleting need a `write` key. Unknown keys are counted.
+#[tokio::test]
+async fn a_read_key_reads_and_only_a_write_key_changes_dead_letters() {
+    use conversion_gateway::config::{AdminRole, Secret};
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
+    let mut state = Arc::try_unwrap(admin_state(state_with(spool.clone(), &["acme"])))
+        .ok()
+        .unwrap();
+    state.keys = api::ApiKeys::new(
+        [
+            (&Secret::new("reader"), AdminRole::Read),
+            (&Secret::new("writer"), AdminRole::Write),
+        ],
+        None,
+    );
+    let ingest = api::app(state.app.clone());
+    let admin = api::admin_app(Arc::new(state));
+    post_events(
+        &ingest,
+        json!([{"event": "purchase", "twclid": "t", "conversion_id": "c1"}]),
+    )
+    .await;
+    dead_letter_all(&spool, "acme", DeadLetterReason::Rejected).await;
+    let with = |method: &str, uri: &str, key: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    for uri in ["/v1/accounts", "/v1/dead-letters"] {
+        assert_eq!(
+            text(&admin, with("GET", uri, "reader")).await.0,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
+    for (method, uri) in [
+        ("POST", "/v1/dead-letters/replay?account=acme"),
+        ("DELETE", "/v1/dead-letters?account=acme"),
+    ] {
+        let (s, b, h) = send(&admin, with(method, uri, "reader")).await;
+        assert_problem(s, &b, &h, StatusCode::FORBIDDEN, "role = \"write\"");
+    }
+    assert_eq!(
+        spool.dead_letter_counts().await.unwrap().kept,
+        1,
+        "a read key changed nothing"
+    );
+    let (s, _) = text(
+        &admin,
+        with("DELETE", "/v1/dead-letters?account=acme", "writer"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(spool.dead_letter_counts().await.unwrap().kept, 0);
+    let (s, _) = text(&admin, with("GET", "/v1/accounts", "wrong-key")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (_, metrics) = text(
+        &admin,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "conversion_gateway_auth_failures_total{listener=\"admin\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(!metrics.contains("wrong-key"));
 }

@@ -10,6 +10,7 @@ use oneshot::*;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use tower::ServiceExt;
 
 #[tokio::test]
 async fn single_event_is_accepted_and_spooled_hashed() {
@@ -131,7 +132,7 @@ async fn authentication() {
 async fn unauthenticated_mode_accepts_without_key() {
     let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
     let mut st = Arc::try_unwrap(state_with(spool, &["acme"])).ok().unwrap();
-    st.keys = ApiKeys::new(&[], true);
+    st.keys = ApiKeys::new([], Some(api::Scope::Every));
     let app = api::app(Arc::new(st));
     let req = Request::post("/v1/events")
         .header(header::CONTENT_TYPE, "application/json")
@@ -381,4 +382,79 @@ async fn a_chunked_body_is_read_whole_and_bounded() {
     let (status, body, _) = send(&app, req).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(spool.backlog("acme"), 2);
+}
+
+/// A key scoped to some accounts gets other accounts' events rejected, naming the account; they are
+/// counted and never queued; the request's other events are accepted. Unknown keys are counted.
+#[tokio::test]
+async fn a_scoped_key_sends_only_its_accounts_events() {
+    use conversion_gateway::config::Secret;
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
+    let mut st = Arc::try_unwrap(state_with(spool.clone(), &["shop", "blog"]))
+        .ok()
+        .unwrap();
+    st.keys = ApiKeys::new(
+        [
+            (
+                &Secret::new("shop-key"),
+                api::Scope::Only(vec!["shop".into()]),
+            ),
+            (&Secret::new("any-key"), api::Scope::Every),
+        ],
+        None,
+    );
+    let st = Arc::new(st);
+    let app = api::app(st.clone());
+    let post_as = |key: &str, body: Value| {
+        Request::post("/v1/events")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let events = json!({"events": [
+        {"account": "shop", "event": "purchase", "twclid": "t", "conversion_id": "s1"},
+        {"account": "blog", "event": "purchase", "twclid": "t", "conversion_id": "b1"},
+    ]});
+    let (s, b, _) = send(&app, post_as("shop-key", events.clone())).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(b["accepted"], 1);
+    assert_eq!(b["rejected"][0]["index"], 1);
+    assert_eq!(b["rejected"][0]["errors"][0]["field"], "account");
+    let message = b["rejected"][0]["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("may not send events for account \"blog\""),
+        "{message}"
+    );
+    assert_eq!((spool.backlog("shop"), spool.backlog("blog")), (1, 0));
+    // Only another account's events: nothing accepted.
+    let only_blog =
+        json!({"account": "blog", "event": "purchase", "twclid": "t", "conversion_id": "b2"});
+    let (s, _, _) = send(&app, post_as("shop-key", only_blog.clone())).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(spool.backlog("blog"), 0);
+    // An unscoped key sends for both.
+    let (s, b, _) = send(&app, post_as("any-key", events)).await;
+    assert_eq!((s, b["accepted"].clone()), (StatusCode::ACCEPTED, json!(1)));
+    assert_eq!(b["duplicates"], 1, "shop's event was queued before");
+    assert_eq!(spool.backlog("blog"), 1);
+    let (s, _, _) = send(&app, post_as("no-such-key", only_blog)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let admin = api::admin_app(admin_state(st.clone()));
+    let resp = admin
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let metrics = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(
+        metrics.contains("conversion_gateway_auth_failures_total{listener=\"ingest\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "conversion_gateway_events_received_total{account=\"blog\",outcome=\"rejected\"} 2"
+    ));
 }

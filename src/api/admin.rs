@@ -7,11 +7,13 @@
 //! sidecar's readiness is its pod's and would take the whole site out of service; such conditions are
 //! answered with 503 to the callers and shown in metrics and `/v1/accounts`. `server.ready_requires_spool
 //! = true` (a standalone gateway behind a load balancer) also fails it while the spool refuses events.
-//! Every `/v1` route needs one of
-//! `server.admin_api_keys` (none configured: the `/v1` API is off and answers 403); nothing here shows a raw
+//! Every `/v1` route needs an admin key — `server.admin_api_keys` or `[[server.admin_keys]]` (none
+//! configured: the `/v1` API is off and answers 403); a key with role `read` may only read (GET), a
+//! `write` key may also replay and delete (401s are counted per listener); nothing here shows a raw
 //! email, phone number, secret or token — spooled events hold hashes only.
 
 use super::{ApiKeys, AppState, Problem};
+use crate::config::AdminRole;
 use crate::dispatch::AccountStatus;
 use crate::limiter::Limiter;
 use crate::metrics::{RedisSnapshot, SpoolSnapshot};
@@ -41,8 +43,9 @@ pub struct AccountView {
 
 pub struct AdminState {
     pub app: Arc<AppState>,
-    /// `server.admin_api_keys`; with none the `/v1` API is off.
-    pub keys: ApiKeys,
+    /// `server.admin_api_keys` and `[[server.admin_keys]]`, with their roles; with none the `/v1` API
+    /// is off.
+    pub keys: ApiKeys<AdminRole>,
     pub accounts: Vec<AccountView>,
     pub limiter: Arc<dyn Limiter>,
     /// `server.ready_requires_spool`: whether `/readyz` fails while the spool refuses events.
@@ -136,10 +139,24 @@ async fn require_admin_key(
         )
         .into_response();
     }
-    match st.keys.check(request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(why) => Problem::unauthorized(why).into_response(),
+    let role = match st.keys.check(request.headers()) {
+        Ok(role) => *role,
+        Err(why) => {
+            st.app.metrics.auth_failed("admin");
+            return Problem::unauthorized(why).into_response();
+        }
+    };
+    let reads = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if role == AdminRole::Read && !reads {
+        return Problem::forbidden(
+            "this admin key has role \"read\": replaying and deleting dead letters need a key with role = \"write\" (server.admin_keys) or one of server.admin_api_keys",
+        )
+        .into_response();
     }
+    next.run(request).await
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> Result<String, Problem> {

@@ -5,7 +5,7 @@
 //! after the spool took the accepted events; one bad event never affects the others of the request.
 
 use super::body_budget::Lease;
-use super::{AppState, Problem};
+use super::{AppState, Problem, Scope};
 use crate::conversion::{events_of, map_event, FieldError, Judgement};
 use crate::reasons::IngestOutcome;
 use crate::spool::{Admission, Record};
@@ -214,7 +214,7 @@ async fn read_body(
 async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
     // Held until the answer is made: the body, its events and their records live that long.
     let mut lease = st.body_budget.lease();
-    let events = read_events(st, request, &mut lease).await?;
+    let (events, scope) = read_events(st, request, &mut lease).await?;
     let now = (st.now)();
     let mut out = IngestResponse {
         accepted: 0,
@@ -222,7 +222,7 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
         suppressed: 0,
         rejected: Vec::new(),
     };
-    let records = judge(st, &events, now, &mut out);
+    let records = judge(st, &events, scope, now, &mut out);
     drop(events);
     if !records.is_empty() {
         spool(st, records, &mut out).await?;
@@ -245,11 +245,11 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
 
 /// The request's events, once it is allowed in (not shutting down, authenticated, JSON, within the
 /// size and count limits).
-async fn read_events(
-    st: &AppState,
+async fn read_events<'a>(
+    st: &'a AppState,
     request: Request,
     lease: &mut Lease,
-) -> Result<Vec<Value>, Problem> {
+) -> Result<(Vec<Value>, &'a Scope), Problem> {
     if st.is_shutting_down() {
         return Err(Problem::unavailable(
             "the gateway is shutting down; retry against another instance or in a moment",
@@ -257,9 +257,10 @@ async fn read_events(
         ));
     }
     let (parts, body) = request.into_parts();
-    st.keys
-        .check(&parts.headers)
-        .map_err(Problem::unauthorized)?;
+    let scope = st.keys.check(&parts.headers).map_err(|why| {
+        st.metrics.auth_failed("ingest");
+        Problem::unauthorized(why)
+    })?;
     check_content_type(&parts.headers)?;
     let encoding = content_encoding(&parts.headers)?;
     let bytes = read_body(body, st.max_body_bytes, &parts.headers, lease, st).await?;
@@ -287,19 +288,35 @@ async fn read_events(
             ),
         ));
     }
-    Ok(events)
+    Ok((events, scope))
 }
 
 /// Maps every event on its own; the accepted ones become records, the others are counted in `out`.
+/// An event for an account the request's key may not send for is rejected before it is mapped.
 fn judge(
     st: &AppState,
     events: &[Value],
+    scope: &Scope,
     now: chrono::DateTime<chrono::Utc>,
     out: &mut IngestResponse,
 ) -> Vec<Record> {
     let received_at_ms = now.timestamp_millis();
     let mut records = Vec::new();
     for (index, raw) in events.iter().enumerate() {
+        if let Some(account) = st.rules.account_of(raw).filter(|a| !scope.allows(a)) {
+            st.metrics
+                .received(Some(account), IngestOutcome::Rejected, 1);
+            out.rejected.push(RejectedEvent {
+                index,
+                errors: vec![FieldError {
+                    field: "account".into(),
+                    message: format!(
+                        "this key may not send events for account {account:?}; use a key whose server.keys entry lists it"
+                    ),
+                }],
+            });
+            continue;
+        }
         match map_event(raw, &st.rules, now) {
             Judgement::Accepted {
                 account,

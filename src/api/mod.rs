@@ -11,7 +11,7 @@ pub mod problem;
 mod server;
 
 pub use admin::{admin_app, AccountView, AdminState, SharedState};
-pub use auth::ApiKeys;
+pub use auth::{admin_keys, ingest_keys, ApiKeys, Scope};
 pub use problem::Problem;
 pub use server::{serve, ServeOptions};
 
@@ -33,7 +33,8 @@ use std::time::Instant;
 pub struct AppState {
     pub rules: Rules,
     pub spool: Arc<dyn Spool>,
-    pub keys: ApiKeys,
+    /// Ingest keys and the accounts each may send events for.
+    pub keys: ApiKeys<Scope>,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
     /// Bytes of request bodies in flight (`server.max_inflight_body_bytes`).

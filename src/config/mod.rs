@@ -92,9 +92,15 @@ pub struct Settings {
 pub struct Server {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Ingest keys for every account.
     pub api_keys: Vec<Secret>,
+    /// Ingest keys, each for the accounts it names (`[[server.keys]]`).
+    pub keys: Vec<IngestKey>,
     pub allow_unauthenticated: bool,
+    /// Admin keys with role `write`.
     pub admin_api_keys: Vec<Secret>,
+    /// Admin keys with their role (`[[server.admin_keys]]`).
+    pub admin_keys: Vec<AdminKey>,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
     /// One event's size in X's JSON at most; a larger one is rejected at ingest, naming the field.
@@ -108,6 +114,31 @@ pub struct Server {
     pub ready_requires_spool: bool,
     #[serde(serialize_with = "serialize_duration")]
     pub shutdown_timeout: Duration,
+}
+
+/// An ingest key and the accounts it may send events for (`None`: every account).
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestKey {
+    pub key: Secret,
+    pub accounts: Option<Vec<String>>,
+    /// Which `[[server.keys]]` entry it came from (errors name it).
+    #[serde(skip)]
+    pub entry: usize,
+}
+
+/// An admin key and what it may do.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminKey {
+    pub key: Secret,
+    pub role: AdminRole,
+}
+
+/// `read`: accounts, dead letters, activity; `write`: also replay and delete dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    Read,
+    Write,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -620,6 +651,58 @@ auth = { kind = "oauth1", consumer_key = "ck", consumer_secret = "cs-secret", ac
             };
             let e = load_str(&text, &[]).expect_err(key);
             assert!(e.to_string().contains(key), "expected {key} in {e}");
+        }
+    }
+
+    #[test]
+    fn scoped_ingest_keys_and_admin_roles() {
+        let keys = file("shop-1\n# a comment\nshop-2\n");
+        let text = format!(
+            "{GOOD}\n[[server.keys]]\nkey_file = \"{}\"\naccounts = [\"acme\"]\n[[server.keys]]\nkey = \"all-k\"\n[[server.admin_keys]]\nkey = \"reader-k\"\nrole = \"read\"\n",
+            keys.path().display()
+        );
+        let s = load_str(&text, &[]).unwrap();
+        let scoped: Vec<(&str, Option<Vec<String>>)> = s
+            .server
+            .keys
+            .iter()
+            .map(|k| (k.key.expose(), k.accounts.clone()))
+            .collect();
+        let acme = Some(vec!["acme".to_string()]);
+        assert_eq!(
+            scoped,
+            [("shop-1", acme.clone()), ("shop-2", acme), ("all-k", None)]
+        );
+        assert_eq!(s.server.admin_keys[0].role, AdminRole::Read);
+        let dump = s.to_redacted_toml();
+        for secret in ["shop-1", "all-k", "reader-k"] {
+            assert!(!dump.contains(secret), "{secret} in {dump}");
+        }
+        // Scoped keys alone are enough keys.
+        let only_scoped = GOOD.replace("api_keys = [\"k1\"]", "")
+            + "\n[[server.keys]]\nkey = \"k\"\naccounts = [\"acme\"]\n";
+        assert!(load_str(&only_scoped, &[]).is_ok());
+    }
+
+    #[test]
+    fn bad_key_entries_are_named() {
+        let cases = [
+            ("[[server.keys]]\nkey = \"x\"\naccounts = [\"nope\"]\n", "server.keys[0].accounts", "\"nope\""),
+            ("[[server.keys]]\nkey = \"x\"\naccounts = []\n", "server.keys[0].accounts", "is empty"),
+            ("[[server.keys]]\naccounts = [\"acme\"]\n", "server.keys[0].key", "key_file"),
+            ("[[server.keys]]\nkey = \"x\"\nkey_file = \"/k\"\n", "server.keys[0].key", "both"),
+            ("[[server.keys]]\nkey = \"y\"\n[[server.keys]]\nkey = \"k1\"\n", "server.keys[1]", "server.api_keys"),
+            ("[[server.admin_keys]]\nkey = \"a\"\nrole = \"owner\"\n", "server.admin_keys[0].role", ""),
+            ("[[server.admin_keys]]\nkey = \"a\"\nrole = \"read\"\n[[server.admin_keys]]\nkey = \"a\"\nrole = \"write\"\n", "server.admin_keys[1]", "server.admin_keys[0]"),
+        ];
+        for (extra, key, says) in cases {
+            let e = load_str(&format!("{GOOD}\n{extra}"), &[]).expect_err(key);
+            assert!(e.key.starts_with(key), "expected {key}, got {e}");
+            assert!(e.to_string().contains(says), "expected {says:?} in {e}");
+            assert!(
+                !e.to_string().contains("\"k1\"") && !e.to_string().contains(" x "),
+                "{e}"
+            );
         }
     }
 

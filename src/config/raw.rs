@@ -31,9 +31,13 @@ struct RawServer {
     api_keys_file: Option<PathBuf>,
     #[serde(deserialize_with = "flag")]
     allow_unauthenticated: bool,
+    #[serde(default)]
+    keys: Vec<RawKey>,
     #[serde(deserialize_with = "text_list")]
     admin_api_keys: Vec<String>,
     admin_api_keys_file: Option<PathBuf>,
+    #[serde(default)]
+    admin_keys: Vec<RawAdminKey>,
     #[serde(deserialize_with = "count")]
     max_body_bytes: u64,
     #[serde(deserialize_with = "count")]
@@ -48,6 +52,27 @@ struct RawServer {
     ready_requires_spool: bool,
     #[serde(deserialize_with = "text")]
     shutdown_timeout: String,
+}
+
+/// `[[server.keys]]`: an ingest key (inline or in a file of keys, one per line) and its accounts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    #[serde(default, deserialize_with = "opt_text")]
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_text_list")]
+    accounts: Option<Vec<String>>,
+}
+
+/// `[[server.admin_keys]]`: an admin key and its role.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminKey {
+    #[serde(default, deserialize_with = "opt_text")]
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+    role: AdminRole,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +238,18 @@ fn text_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     }
 }
 
+fn opt_text_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|v| scalar_text(v).ok_or_else(|| de::Error::custom("expected a list of strings")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        _ => Err(de::Error::custom("expected a list of strings")),
+    }
+}
+
 fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     match serde_json::Value::deserialize(d)? {
         serde_json::Value::Bool(b) => Ok(b),
@@ -374,6 +411,21 @@ impl RawSettings {
         }
         let log = self.log.validate()?;
         let accounts = validate_accounts(self.accounts, &delivery, upstream.sandbox)?;
+        for k in &server.keys {
+            let i = k.entry;
+            for a in k.accounts.iter().flatten() {
+                if !accounts.contains_key(a) {
+                    let known: Vec<&str> = accounts.keys().map(String::as_str).collect();
+                    return err(
+                        format!("server.keys[{i}].accounts"),
+                        format!(
+                            "names {a:?}, which is not a configured account; the accounts are: {}",
+                            known.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         let spool = self.spool.validate()?;
         let limiter = Limiter {
             backend: self.limiter.backend,
@@ -408,23 +460,104 @@ impl RawSettings {
     }
 }
 
+/// The keys of one `[[server.keys]]` / `[[server.admin_keys]]` entry: `key` or `key_file`, not both.
+fn entry_keys(
+    at: &str,
+    key: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Vec<Secret>, ConfigError> {
+    if key.is_some() && file.is_some() {
+        return err(format!("{at}.key"), "and key_file are both set; keep one");
+    }
+    let found = keys(&format!("{at}.key"), key.into_iter().collect(), file)?;
+    if found.is_empty() {
+        return err(
+            format!("{at}.key"),
+            "is missing; set key, or key_file (a file of keys, one per line)",
+        );
+    }
+    Ok(found)
+}
+
+/// Every key once, across the lists that grant it: a key granted twice would have two meanings.
+fn no_key_twice<'a>(
+    list: &str,
+    places: impl IntoIterator<Item = (String, &'a Secret)>,
+) -> Result<(), ConfigError> {
+    let mut seen: Vec<(String, &Secret)> = Vec::new();
+    for (place, key) in places {
+        if let Some((first, _)) = seen.iter().find(|(_, k)| *k == key) {
+            return err(
+                place,
+                format!("holds a key already given in {first}; each {list} key may appear once"),
+            );
+        }
+        seen.push((place, key));
+    }
+    Ok(())
+}
+
 impl RawServer {
     fn validate(self) -> Result<Server, ConfigError> {
         let s = self;
         let api_keys = keys("server.api_keys", s.api_keys, s.api_keys_file)?;
-        if api_keys.is_empty() && !s.allow_unauthenticated {
-            return err("server.api_keys", "is empty; add at least one key, or set server.allow_unauthenticated = true to accept anyone");
+        let mut scoped = Vec::new();
+        for (i, k) in s.keys.into_iter().enumerate() {
+            let at = format!("server.keys[{i}]");
+            if k.accounts.as_ref().is_some_and(Vec::is_empty) {
+                return err(
+                    format!("{at}.accounts"),
+                    "is empty; name the accounts this key may send events for, or omit it for every account",
+                );
+            }
+            for key in entry_keys(&at, k.key, k.key_file)? {
+                scoped.push((
+                    at.clone(),
+                    IngestKey {
+                        key,
+                        accounts: k.accounts.clone(),
+                        entry: i,
+                    },
+                ));
+            }
         }
+        if api_keys.is_empty() && scoped.is_empty() && !s.allow_unauthenticated {
+            return err("server.api_keys", "is empty; add at least one key (here or in [[server.keys]]), or set server.allow_unauthenticated = true to accept anyone");
+        }
+        no_key_twice(
+            "ingest",
+            api_keys
+                .iter()
+                .map(|k| ("server.api_keys".to_owned(), k))
+                .chain(scoped.iter().map(|(at, k)| (at.clone(), &k.key))),
+        )?;
+        let admin_api_keys = keys(
+            "server.admin_api_keys",
+            s.admin_api_keys,
+            s.admin_api_keys_file,
+        )?;
+        let mut admin_keys = Vec::new();
+        for (i, k) in s.admin_keys.into_iter().enumerate() {
+            let at = format!("server.admin_keys[{i}]");
+            for key in entry_keys(&at, k.key, k.key_file)? {
+                admin_keys.push((at.clone(), AdminKey { key, role: k.role }));
+            }
+        }
+        no_key_twice(
+            "admin",
+            admin_api_keys
+                .iter()
+                .map(|k| ("server.admin_api_keys".to_owned(), k))
+                .chain(admin_keys.iter().map(|(at, k)| (at.clone(), &k.key))),
+        )?;
         Ok(Server {
             listen: socket("server.listen", &s.listen)?,
             admin_listen: socket("server.admin_listen", &s.admin_listen)?,
             api_keys,
+            keys: scoped.into_iter().map(|(_, k)| k).collect(),
             allow_unauthenticated: s.allow_unauthenticated,
-            admin_api_keys: keys(
-                "server.admin_api_keys",
-                s.admin_api_keys,
-                s.admin_api_keys_file,
-            )?,
+            admin_api_keys,
+            admin_keys: admin_keys.into_iter().map(|(_, k)| k).collect(),
             max_body_bytes: positive_usize("server.max_body_bytes", s.max_body_bytes)?,
             max_events_per_request: positive_usize(
                 "server.max_events_per_request",

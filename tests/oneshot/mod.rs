@@ -4,8 +4,8 @@
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use conversion_gateway::api::{self, ApiKeys, AppState};
-use conversion_gateway::config::Secret;
+use conversion_gateway::api::{self, ApiKeys, AppState, Scope};
+use conversion_gateway::config::{AdminRole, Secret};
 use conversion_gateway::conversion::{AccountRules, Rules};
 use conversion_gateway::limiter::{EmbeddedLimiter, Gcra, VolatileState};
 use conversion_gateway::metrics::Metrics;
@@ -70,7 +70,13 @@ fn state_stopped_by(
             max_event_bytes: 64 << 10,
         },
         spool,
-        keys: ApiKeys::new(&[Secret::new(KEY), Secret::new("other-key")], false),
+        keys: ApiKeys::new(
+            [
+                (&Secret::new(KEY), Scope::Every),
+                (&Secret::new("other-key"), Scope::Every),
+            ],
+            None,
+        ),
         max_body_bytes: 4096,
         max_events_per_request: 5,
         body_budget: conversion_gateway::api::body_budget::BodyBudget::new(64 << 20),
@@ -96,7 +102,7 @@ pub fn admin_state(app: Arc<AppState>) -> Arc<api::AdminState> {
         .collect();
     Arc::new(api::AdminState {
         app,
-        keys: ApiKeys::new(&[Secret::new(ADMIN_KEY)], false),
+        keys: ApiKeys::new([(&Secret::new(ADMIN_KEY), AdminRole::Write)], None),
         accounts,
         limiter: Arc::new(EmbeddedLimiter::new(
             [(

@@ -348,7 +348,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
             max_event_bytes: 64 << 10,
         },
         spool: spool.clone(),
-        keys: crate::api::ApiKeys::new(&[], true),
+        keys: crate::api::ApiKeys::new([], Some(crate::api::Scope::Every)),
         max_body_bytes: 1024,
         max_events_per_request: 10,
         body_budget: crate::api::body_budget::BodyBudget::new(64 << 20),
@@ -358,7 +358,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
     });
     let admin = Arc::new(crate::api::AdminState {
         app,
-        keys: crate::api::ApiKeys::new(&[], false),
+        keys: crate::api::ApiKeys::new([], None),
         accounts: vec![crate::api::AccountView {
             name: "a".into(),
             ad_account_id: "18ce552mlaq".into(),
