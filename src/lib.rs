@@ -14,6 +14,7 @@ pub mod fake_x;
 pub mod healthcheck;
 pub mod limiter;
 pub mod metrics;
+pub mod ports;
 pub mod preview;
 pub mod reasons;
 pub mod redis_store;

@@ -183,12 +183,7 @@ fn median(values: &mut [f64]) -> Option<f64> {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+use conversion_gateway::ports::free_port;
 
 fn wait_port(addr: SocketAddr) -> Result<(), String> {
     let start = Instant::now();

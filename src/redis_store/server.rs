@@ -2,7 +2,6 @@
 //! directory, with an append-only file fsynced on every write (`appendfsync always`) and no eviction,
 //! stopped when dropped. Debian's `redis-server` is installed with apt-get when missing.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,12 +121,7 @@ fn answers(port: u16) -> bool {
         })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use crate::ports::free_port;
 
 fn on_path(name: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| {

@@ -14,13 +14,7 @@ pub const API_KEY: &str = "e2e-api-key";
 /// The admin key: a canary too, it must never show anywhere.
 pub const ADMIN_KEY: &str = "CANARY-admin-key";
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use conversion_gateway::ports::free_port;
 
 /// A child process killed when dropped.
 pub struct Proc {
