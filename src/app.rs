@@ -18,8 +18,8 @@ use crate::shutdown::{Shutdown, Trigger};
 use crate::spool::{
     DiskSpool, DiskSpoolOptions, Queue, RedisSpool, RedisSpoolOptions, Spool, SpoolStats,
 };
-use crate::upstream::{self, Target, Transport};
-use std::collections::HashMap;
+use crate::upstream::{self, Credentials, Target, Transport};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinSet;
@@ -44,6 +44,41 @@ pub struct Running {
     /// The Redis queue, when events wait there (what this replica holds is handed back on the way out).
     redis: Option<Arc<RedisSpool>>,
     accounts: Vec<String>,
+    reloader: Arc<Reloader>,
+}
+
+/// What a configuration reload (`SIGHUP`) replaces in place: the ingest and admin keys, and every
+/// account's X credentials. Everything else needs a restart.
+pub struct Reloader {
+    ingest: Arc<AppState>,
+    admin: Arc<AdminState>,
+    credentials: BTreeMap<String, Credentials>,
+}
+
+impl Reloader {
+    /// Applies `settings` (already validated whole); answers what changed, for the log.
+    pub fn apply(&self, settings: &Settings) -> Vec<String> {
+        let mut changed = Vec::new();
+        self.ingest.keys.replace(api::ingest_keys(&settings.server));
+        self.admin.keys.replace(api::admin_keys(&settings.server));
+        for (name, credentials) in &self.credentials {
+            match settings.accounts.get(name) {
+                Some(a) if credentials.replace(a.auth.clone()) => {
+                    changed.push(format!("accounts.{name}.auth"))
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(account = %name, "the reloaded configuration has no such account: it keeps its credentials; removing an account needs a restart")
+                }
+            }
+        }
+        for name in settings.accounts.keys() {
+            if !self.credentials.contains_key(name) {
+                tracing::warn!(account = %name, "a new account needs a restart to be served");
+            }
+        }
+        changed
+    }
 }
 
 /// The spool and limiter the configuration asks for, and the Redis they share, if any.
@@ -170,7 +205,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         clock: Arc::new(SystemClock),
         metrics,
     };
-    let (dispatchers, views) = start_dispatchers(&settings, &parts, &shutdown);
+    let (dispatchers, views, credentials) = start_dispatchers(&settings, &parts, &shutdown);
     let redis_queue = shared.as_ref().and_then(|s| s.spool.clone());
     let admin_state = Arc::new(AdminState {
         app: state.clone(),
@@ -187,10 +222,15 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     };
     servers.spawn(api::serve(
         ingest,
-        api::app(state),
+        api::app(state.clone()),
         shutdown.clone(),
         serve(true),
     ));
+    let reloader = Arc::new(Reloader {
+        ingest: state.clone(),
+        admin: admin_state.clone(),
+        credentials,
+    });
     servers.spawn(api::serve(
         admin,
         api::admin_app(admin_state),
@@ -208,6 +248,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         disk,
         redis: redis_queue,
         accounts: settings.accounts.keys().cloned().collect(),
+        reloader,
     })
 }
 
@@ -234,6 +275,44 @@ impl Running {
                 Err(cause)
             }
         }
+    }
+
+    /// What a reload replaces (keys, credentials), to apply a configuration loaded again.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// On every `SIGHUP`, loads the configuration again with `load` and applies its keys and
+    /// credentials; a configuration that does not load or validate changes nothing (the error is logged).
+    #[cfg(unix)]
+    pub fn reload_on_sighup<F>(&self, load: F)
+    where
+        F: Fn() -> Result<Settings, crate::config::ConfigError> + Send + 'static,
+    {
+        let reloader = self.reloader();
+        let mut stop = self.trigger.subscribe();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP: reloading keys and credentials is off");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    got = hangups.recv() => if got.is_none() { return },
+                    _ = stop.wait_ref() => return,
+                }
+                match load() {
+                    Ok(settings) => {
+                        let changed = reloader.apply(&settings);
+                        tracing::info!(credentials_replaced = ?changed, "SIGHUP: configuration reloaded; keys and credentials replaced (other settings need a restart)");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: the configuration does not load; keeping the current keys and credentials")
+                    }
+                }
+            }
+        });
     }
 
     /// Begins the shutdown: no new events accepted, requests in flight finish.
@@ -332,7 +411,7 @@ fn start_dispatchers(
     settings: &Settings,
     parts: &Parts,
     shutdown: &Shutdown,
-) -> (JoinSet<()>, Vec<AccountView>) {
+) -> (JoinSet<()>, Vec<AccountView>, BTreeMap<String, Credentials>) {
     let delivery = &settings.delivery;
     let dispatch_settings = DispatchSettings {
         max_batch: delivery.max_batch,
@@ -345,6 +424,7 @@ fn start_dispatchers(
     };
     let mut tasks = JoinSet::new();
     let mut views = Vec::new();
+    let mut credentials = BTreeMap::new();
     for (name, account) in &settings.accounts {
         let status: Arc<Mutex<AccountStatus>> = Default::default();
         views.push(AccountView {
@@ -359,7 +439,10 @@ fn start_dispatchers(
             target: Target {
                 account: name.clone(),
                 pixel_id: account.pixel_id.clone(),
-                auth: account.auth.clone(),
+                auth: credentials
+                    .entry(name.clone())
+                    .or_insert_with(|| Credentials::new(account.auth.clone()))
+                    .clone(),
             },
             budget_key: account.ad_account_id.clone(),
             spool: parts.spool.clone(),
@@ -372,7 +455,7 @@ fn start_dispatchers(
         };
         tasks.spawn(dispatcher.run(shutdown.clone()));
     }
-    (tasks, views)
+    (tasks, views, credentials)
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match runtime.block_on(run(settings)) {
+            match runtime.block_on(run(settings, cli.config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "gateway stopped");
@@ -137,13 +137,13 @@ fn preview(settings: &Settings) -> ExitCode {
     }
 }
 
-async fn run(settings: Settings) -> Result<(), String> {
+async fn run(settings: Settings, config_file: Option<PathBuf>) -> Result<(), String> {
     telemetry::init(&settings.log);
     tracing::info!(config = ?settings, "starting");
-    app::start(settings)
-        .await?
-        .serve_until(shutdown_signal())
-        .await
+    let running = app::start(settings).await?;
+    #[cfg(unix)]
+    running.reload_on_sighup(move || config::load(config_file.as_deref(), std::env::vars()));
+    running.serve_until(shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

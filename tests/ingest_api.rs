@@ -397,7 +397,7 @@ async fn a_scoped_key_sends_only_its_accounts_events() {
         [
             (
                 &Secret::new("shop-key"),
-                api::Scope::Only(vec!["shop".into()]),
+                api::Scope::Only(vec!["shop".to_string()].into()),
             ),
             (&Secret::new("any-key"), api::Scope::Every),
         ],

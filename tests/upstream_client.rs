@@ -20,9 +20,9 @@ fn target() -> Target {
     Target {
         account: "acme".into(),
         pixel_id: "o9d7n".into(),
-        auth: Some(Auth::PixelToken {
+        auth: conversion_gateway::upstream::Credentials::new(Some(Auth::PixelToken {
             token: Secret::new("tok"),
-        }),
+        })),
     }
 }
 

@@ -140,7 +140,7 @@ async fn require_admin_key(
         .into_response();
     }
     let role = match st.keys.check(request.headers()) {
-        Ok(role) => *role,
+        Ok(role) => role,
         Err(why) => {
             st.app.metrics.auth_failed("admin");
             return Problem::unauthorized(why).into_response();

@@ -3,18 +3,20 @@
 //! Keys are compared as SHA-256 digests in constant time, and every configured key is compared, so
 //! neither the position of a match nor the length of a key shows in the timing. A key is granted one
 //! thing: on the ingest listener the accounts it may send events for (`Scope`), on the admin listener
-//! its role (`AdminRole`).
+//! its role (`AdminRole`). The set is replaced whole on a reload (`replace`): a request is checked
+//! against the old set or the new one, never a mix.
 
 use crate::config::{AdminRole, Secret, Server};
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
+use std::sync::{Arc, RwLock};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 /// The accounts an ingest key may send events for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     Every,
-    Only(Vec<String>),
+    Only(Arc<[String]>),
 }
 
 impl Scope {
@@ -27,31 +29,52 @@ impl Scope {
 }
 
 pub struct ApiKeys<G> {
+    current: RwLock<Arc<KeySet<G>>>,
+}
+
+struct KeySet<G> {
     keys: Vec<([u8; 32], G)>,
     /// What a request without a key is granted (only when no key is configured and the
     /// configuration allows unauthenticated access).
     open: Option<G>,
 }
 
-impl<G> ApiKeys<G> {
+impl<G: Clone> ApiKeys<G> {
     pub fn new<'a>(keys: impl IntoIterator<Item = (&'a Secret, G)>, open: Option<G>) -> Self {
         let keys: Vec<([u8; 32], G)> = keys
             .into_iter()
             .map(|(k, g)| (Sha256::digest(k.expose().as_bytes()).into(), g))
             .collect();
         let open = if keys.is_empty() { open } else { None };
-        ApiKeys { keys, open }
+        ApiKeys {
+            current: RwLock::new(Arc::new(KeySet { keys, open })),
+        }
+    }
+
+    fn set(&self) -> Arc<KeySet<G>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes `other`'s keys in place of these, at once.
+    pub fn replace(&self, other: ApiKeys<G>) {
+        let new = other.set();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
     }
 
     /// Whether no request can pass: no key configured and unauthenticated access not allowed.
     pub fn accepts_none(&self) -> bool {
-        self.keys.is_empty() && self.open.is_none()
+        let set = self.set();
+        set.keys.is_empty() && set.open.is_none()
     }
 
     /// What the request's key is granted, or `Err(detail)` when it carries no accepted key.
-    pub fn check(&self, headers: &HeaderMap) -> Result<&G, &'static str> {
-        if let Some(open) = &self.open {
-            return Ok(open);
+    pub fn check(&self, headers: &HeaderMap) -> Result<G, &'static str> {
+        let set = self.set();
+        if let Some(open) = &set.open {
+            return Ok(open.clone());
         }
         let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
             return Err("missing Authorization header; send Authorization: Bearer <api key>");
@@ -64,14 +87,14 @@ impl<G> ApiKeys<G> {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // The place of the match plus one (0: none), chosen without a branch on any comparison.
         let mut found = 0u64;
-        for (i, (digest, _)) in self.keys.iter().enumerate() {
+        for (i, (digest, _)) in set.keys.iter().enumerate() {
             found.conditional_assign(&(i as u64 + 1), digest.ct_eq(&presented));
         }
         match usize::try_from(found).ok().and_then(|f| f.checked_sub(1)) {
-            Some(i) => self
+            Some(i) => set
                 .keys
                 .get(i)
-                .map(|(_, g)| g)
+                .map(|(_, g)| g.clone())
                 .ok_or("the API key is not valid"),
             None => Err("the API key is not valid"),
         }
@@ -84,7 +107,7 @@ pub fn ingest_keys(server: &Server) -> ApiKeys<Scope> {
     let scoped = server.keys.iter().map(|k| {
         let scope = match &k.accounts {
             None => Scope::Every,
-            Some(a) => Scope::Only(a.clone()),
+            Some(a) => Scope::Only(a.clone().into()),
         };
         (&k.key, scope)
     });
@@ -120,18 +143,23 @@ mod tests {
     fn each_key_gets_what_it_was_granted() {
         let (a, b, c) = (Secret::new("k-a"), Secret::new("k-b"), Secret::new("k-c"));
         let keys = ApiKeys::new([(&a, 1), (&b, 2), (&c, 3)], None);
-        assert_eq!(keys.check(&bearer("k-a")), Ok(&1));
-        assert_eq!(keys.check(&bearer("k-c")), Ok(&3));
-        assert_eq!(keys.check(&bearer("k-b")), Ok(&2));
+        assert_eq!(keys.check(&bearer("k-a")), Ok(1));
+        assert_eq!(keys.check(&bearer("k-c")), Ok(3));
+        assert_eq!(keys.check(&bearer("k-b")), Ok(2));
         assert!(keys.check(&bearer("k-d")).is_err());
         assert!(keys.check(&HeaderMap::new()).is_err());
         assert!(!keys.accepts_none());
+        // A reload takes the new set whole.
+        let d = Secret::new("k-d");
+        keys.replace(ApiKeys::new([(&d, 4)], None));
+        assert_eq!(keys.check(&bearer("k-d")), Ok(4));
+        assert!(keys.check(&bearer("k-a")).is_err());
     }
 
     #[test]
     fn unauthenticated_access_only_without_keys() {
         let open: ApiKeys<u8> = ApiKeys::new([], Some(7));
-        assert_eq!(open.check(&HeaderMap::new()), Ok(&7));
+        assert_eq!(open.check(&HeaderMap::new()), Ok(7));
         let k = Secret::new("k");
         let keyed = ApiKeys::new([(&k, 1)], Some(7));
         assert!(keyed.check(&HeaderMap::new()).is_err());
@@ -141,7 +169,7 @@ mod tests {
 
     #[test]
     fn a_scope_allows_its_accounts_only() {
-        let s = Scope::Only(vec!["shop".into()]);
+        let s = Scope::Only(vec!["shop".to_string()].into());
         assert!(s.allows("shop") && !s.allows("blog"));
         assert!(Scope::Every.allows("blog"));
     }

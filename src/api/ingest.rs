@@ -222,7 +222,7 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
         suppressed: 0,
         rejected: Vec::new(),
     };
-    let records = judge(st, &events, scope, now, &mut out);
+    let records = judge(st, &events, &scope, now, &mut out);
     drop(events);
     if !records.is_empty() {
         spool(st, records, &mut out).await?;
@@ -245,11 +245,11 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
 
 /// The request's events, once it is allowed in (not shutting down, authenticated, JSON, within the
 /// size and count limits).
-async fn read_events<'a>(
-    st: &'a AppState,
+async fn read_events(
+    st: &AppState,
     request: Request,
     lease: &mut Lease,
-) -> Result<(Vec<Value>, &'a Scope), Problem> {
+) -> Result<(Vec<Value>, Scope), Problem> {
     if st.is_shutting_down() {
         return Err(Problem::unavailable(
             "the gateway is shutting down; retry against another instance or in a moment",

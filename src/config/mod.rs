@@ -290,7 +290,7 @@ pub struct RateLimit {
     pub window: Duration,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Auth {
     Oauth1 {

@@ -102,6 +102,9 @@ pub fn backoff_ceiling(base: Duration, cap: Duration, attempt: u32) -> Duration 
 struct Attempts {
     failures: u32,
     pauses: u32,
+    /// The credentials' generation the last attempt was signed with: a pause ends early once they
+    /// are replaced (a reload that fixes them).
+    credentials: u64,
 }
 
 impl Attempts {
@@ -238,6 +241,7 @@ impl Dispatcher {
             if !self.wait_for_budget(batch.len(), stop).await {
                 return false;
             }
+            attempts.credentials = self.target.auth.generation();
             let action = self.attempt(&batch, attempts.number()).await;
             let flow = self
                 .act(action, batch, &mut work, &mut attempts, stop, acker)
@@ -366,7 +370,16 @@ impl Dispatcher {
                 self.paused(reason, message);
                 work.push(batch);
                 let s = &self.settings;
-                Some(backoff(s.retry_base, s.pause_cap, attempts.pauses).max(s.retry_base))
+                let pause = backoff(s.retry_base, s.pause_cap, attempts.pauses).max(s.retry_base);
+                let replaced = self.target.auth.changed_since(attempts.credentials);
+                tokio::select! {
+                    stopped = sleep_or_stop(pause, stop) => if stopped { return Flow::Stopped },
+                    _ = replaced => {
+                        tracing::info!(account = %self.account(), "credentials replaced: sending again now");
+                        attempts.pauses = 0;
+                    }
+                }
+                None
             }
             Action::WaitUntil { until, message } => {
                 self.failed_with(message);

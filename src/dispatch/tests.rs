@@ -152,7 +152,7 @@ fn start(
         target: Target {
             account: "acme".into(),
             pixel_id: "o9d7n".into(),
-            auth: None,
+            auth: crate::upstream::Credentials::new(None),
         },
         budget_key: "ad".into(),
         spool: spool.clone(),

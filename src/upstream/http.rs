@@ -34,7 +34,7 @@ impl HttpTransport {
             Ok(b) => b,
             Err(outcome) => return *outcome,
         };
-        let Some(auth) = &target.auth else {
+        let Some(auth) = &target.auth.get() else {
             return Outcome::Transport {
                 message: "account has no credentials (only sandbox mode runs without)".into(),
             };

@@ -35,7 +35,58 @@ use std::sync::Arc;
 pub struct Target {
     pub account: String,
     pub pixel_id: String,
-    pub auth: Option<Auth>,
+    pub auth: Credentials,
+}
+
+/// An account's credentials, replaced in place when the configuration is reloaded (`SIGHUP`): the next
+/// request is signed with the new ones, and a dispatcher paused for refused credentials retries at once.
+#[derive(Clone)]
+pub struct Credentials(Arc<tokio::sync::watch::Sender<(u64, Option<Auth>)>>);
+
+impl Credentials {
+    pub fn new(auth: Option<Auth>) -> Self {
+        Credentials(Arc::new(tokio::sync::watch::Sender::new((0, auth))))
+    }
+
+    /// The credentials to sign with now.
+    pub fn get(&self) -> Option<Auth> {
+        self.0.borrow().1.clone()
+    }
+
+    /// How many times they were replaced.
+    pub fn generation(&self) -> u64 {
+        self.0.borrow().0
+    }
+
+    /// Replaces them; `false` (and nothing done) when they are the same.
+    pub fn replace(&self, auth: Option<Auth>) -> bool {
+        self.0.send_if_modified(|(generation, current)| {
+            if *current == auth {
+                return false;
+            }
+            *generation += 1;
+            *current = auth;
+            true
+        })
+    }
+
+    /// Resolves once they were replaced after `generation`.
+    pub async fn changed_since(&self, generation: u64) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`: `changed` only fails after it is gone.
+        while rx.borrow_and_update().0 == generation {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `Auth`'s own Debug shows its secrets as [REDACTED].
+        f.debug_tuple("Credentials").field(&self.get()).finish()
+    }
 }
 
 /// Sends one batch to X (or what stands in for it) and says what came of it.
@@ -72,4 +123,44 @@ pub fn from_settings(settings: &Upstream) -> Result<Arc<dyn Transport>, String> 
     HttpTransport::new(settings.clone())
         .map(|t| Arc::new(t) as Arc<dyn Transport>)
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+#[cfg(test)]
+mod credentials_tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn token(t: &str) -> Option<Auth> {
+        Some(Auth::PixelToken {
+            token: Secret::new(t),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_replacement_is_seen_at_once_and_wakes_who_waits_for_it() {
+        let c = Credentials::new(token("a"));
+        assert_eq!(c.generation(), 0);
+        assert!(
+            !c.replace(token("a")),
+            "the same credentials change nothing"
+        );
+        let seen = c.generation();
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.changed_since(seen).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        assert!(c.replace(token("CANARY-b")));
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(c.get(), token("CANARY-b"));
+        // A replacement made before the wait began still ends it.
+        tokio::time::timeout(std::time::Duration::from_secs(1), c.changed_since(seen))
+            .await
+            .expect("already replaced");
+        assert!(!format!("{c:?}").contains("CANARY"), "{c:?}");
+    }
 }

@@ -121,7 +121,7 @@ mod tests {
         Target {
             account: "acme".into(),
             pixel_id: "o9d7n".into(),
-            auth: None,
+            auth: crate::upstream::Credentials::new(None),
         }
     }
 
