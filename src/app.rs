@@ -47,8 +47,12 @@ pub struct Running {
     reloader: Arc<Reloader>,
 }
 
-/// What a configuration reload (`SIGHUP`) replaces in place: the ingest and admin keys, and every
-/// account's X credentials. Everything else needs a restart.
+/// How often the suppression list's file is looked at for changes.
+const PRIVACY_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a configuration reload (`SIGHUP`) replaces in place: the ingest and admin keys, every
+/// account's X credentials, the suppression list (read again) and `privacy.honor_gpc`. Everything else
+/// needs a restart.
 pub struct Reloader {
     ingest: Arc<AppState>,
     admin: Arc<AdminState>,
@@ -61,6 +65,13 @@ impl Reloader {
         let mut changed = Vec::new();
         self.ingest.keys.replace(api::ingest_keys(&settings.server));
         self.admin.keys.replace(api::admin_keys(&settings.server));
+        match self.ingest.privacy.reload(true, Some(&settings.privacy)) {
+            Ok(Some(n)) => changed.push(format!("privacy.suppression_list_file ({n} entries)")),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the suppression list does not load: keeping the current one")
+            }
+        }
         for (name, credentials) in &self.credentials {
             match settings.accounts.get(name) {
                 Some(a) if credentials.replace(a.auth.clone()) => {
@@ -180,10 +191,12 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         None => Metrics::new(accounts),
     });
     let (trigger, shutdown) = Shutdown::new();
+    let privacy = Arc::new(crate::privacy::Privacy::load(&settings.privacy)?);
     let state = Arc::new(AppState {
         rules: settings.mapping_rules(),
         spool: spool.clone(),
         keys: api::ingest_keys(&settings.server),
+        privacy: privacy.clone(),
         max_body_bytes: settings.server.max_body_bytes,
         max_events_per_request: settings.server.max_events_per_request,
         body_budget: api::body_budget::BodyBudget::new(settings.server.max_inflight_body_bytes),
@@ -226,6 +239,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         shutdown.clone(),
         serve(true),
     ));
+    tokio::spawn(privacy.clone().watch(PRIVACY_WATCH, shutdown.clone()));
     let reloader = Arc::new(Reloader {
         ingest: state.clone(),
         admin: admin_state.clone(),

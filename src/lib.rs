@@ -16,6 +16,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod ports;
 pub mod preview;
+pub mod privacy;
 pub mod reasons;
 pub mod redis_store;
 pub mod shutdown;

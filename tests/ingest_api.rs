@@ -458,3 +458,63 @@ async fn a_scoped_key_sends_only_its_accounts_events() {
         "conversion_gateway_events_received_total{account=\"blog\",outcome=\"rejected\"} 2"
     ));
 }
+
+/// Events of users on the suppression list, and every event of a request with `Sec-GPC: 1` (when
+/// honoured), are suppressed: answered and counted as such, never queued.
+#[tokio::test]
+async fn opted_out_users_are_suppressed_by_list_and_by_gpc() {
+    use conversion_gateway::privacy::Privacy;
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("opted-out");
+    std::fs::write(&list, "# users who opted out\nOpted.Out@Example.com\n").unwrap();
+    let spool = Arc::new(MemorySpool::new(Duration::from_secs(3600), 1 << 20));
+    let with = |honor_gpc: bool| {
+        let mut st = Arc::try_unwrap(state_with(spool.clone(), &["acme"]))
+            .ok()
+            .unwrap();
+        st.privacy = Arc::new(
+            Privacy::load(&conversion_gateway::config::Privacy {
+                suppression_list_file: Some(list.clone()),
+                honor_gpc,
+            })
+            .unwrap(),
+        );
+        api::app(Arc::new(st))
+    };
+    let event =
+        |email: &str, id: &str| json!({"event": "purchase", "email": email, "conversion_id": id});
+    let app = with(true);
+    let (s, b, _) = post_json(
+        &app,
+        json!({"events": [event("opted.out@example.com", "o1"), event("someone@example.com", "s1")]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(
+        (b["accepted"].clone(), b["suppressed"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(
+        spool.backlog("acme"),
+        1,
+        "the opted-out user's event is not queued"
+    );
+    let gpc = |app: &axum::Router, id: &str| {
+        let req = post()
+            .header("sec-gpc", "1")
+            .body(Body::from(event("someone@example.com", id).to_string()))
+            .unwrap();
+        let app = app.clone();
+        async move { send(&app, req).await }
+    };
+    let (s, b, _) = gpc(&app, "g1").await;
+    assert_eq!(
+        (s, b["suppressed"].clone(), b["accepted"].clone()),
+        (StatusCode::ACCEPTED, json!(1), json!(0))
+    );
+    assert_eq!(spool.backlog("acme"), 1);
+    // Not honoured: the header changes nothing.
+    let (_, b, _) = gpc(&with(false), "g2").await;
+    assert_eq!(b["accepted"], 1);
+    assert_eq!(spool.backlog("acme"), 2);
+}

@@ -214,7 +214,7 @@ async fn read_body(
 async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
     // Held until the answer is made: the body, its events and their records live that long.
     let mut lease = st.body_budget.lease();
-    let (events, scope) = read_events(st, request, &mut lease).await?;
+    let (events, scope, gpc) = read_events(st, request, &mut lease).await?;
     let now = (st.now)();
     let mut out = IngestResponse {
         accepted: 0,
@@ -222,7 +222,8 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
         suppressed: 0,
         rejected: Vec::new(),
     };
-    let records = judge(st, &events, &scope, now, &mut out);
+    let opted_out = gpc && st.privacy.honors_gpc();
+    let records = judge(st, &events, &scope, opted_out, now, &mut out);
     drop(events);
     if !records.is_empty() {
         spool(st, records, &mut out).await?;
@@ -249,7 +250,7 @@ async fn read_events(
     st: &AppState,
     request: Request,
     lease: &mut Lease,
-) -> Result<(Vec<Value>, Scope), Problem> {
+) -> Result<(Vec<Value>, Scope, bool), Problem> {
     if st.is_shutting_down() {
         return Err(Problem::unavailable(
             "the gateway is shutting down; retry against another instance or in a moment",
@@ -288,20 +289,29 @@ async fn read_events(
             ),
         ));
     }
-    Ok((events, scope))
+    // Global Privacy Control, as the browser sent it and the backend forwarded it.
+    let gpc = parts
+        .headers
+        .get("sec-gpc")
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
+    Ok((events, scope, gpc))
 }
 
 /// Maps every event on its own; the accepted ones become records, the others are counted in `out`.
-/// An event for an account the request's key may not send for is rejected before it is mapped.
+/// An event for an account the request's key may not send for is rejected before it is mapped; one
+/// whose user opted out (`opted_out`: the request's GPC signal, honoured; or on the suppression list)
+/// is suppressed.
 fn judge(
     st: &AppState,
     events: &[Value],
     scope: &Scope,
+    opted_out: bool,
     now: chrono::DateTime<chrono::Utc>,
     out: &mut IngestResponse,
 ) -> Vec<Record> {
     let received_at_ms = now.timestamp_millis();
     let mut records = Vec::new();
+    let list = st.privacy.list();
     for (index, raw) in events.iter().enumerate() {
         if let Some(account) = st.rules.account_of(raw).filter(|a| !scope.allows(a)) {
             st.metrics
@@ -318,6 +328,15 @@ fn judge(
             continue;
         }
         match map_event(raw, &st.rules, now) {
+            Judgement::Accepted {
+                account,
+                conversion,
+                ..
+            } if opted_out || list.matches(&conversion) => {
+                out.suppressed += 1;
+                st.metrics
+                    .received(Some(&account), IngestOutcome::Suppressed, 1);
+            }
             Judgement::Accepted {
                 account,
                 conversion,

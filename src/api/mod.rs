@@ -35,6 +35,8 @@ pub struct AppState {
     pub spool: Arc<dyn Spool>,
     /// Ingest keys and the accounts each may send events for.
     pub keys: ApiKeys<Scope>,
+    /// The suppression list and Global Privacy Control (`privacy`).
+    pub privacy: Arc<crate::privacy::Privacy>,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
     /// Bytes of request bodies in flight (`server.max_inflight_body_bytes`).

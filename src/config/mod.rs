@@ -85,7 +85,17 @@ pub struct Settings {
     pub upstream: Upstream,
     pub delivery: Delivery,
     pub log: Log,
+    pub privacy: Privacy,
     pub accounts: BTreeMap<String, Account>,
+}
+
+/// The opt-outs the gateway enforces itself (the last line when a backend forgets a flag).
+#[derive(Debug, Clone, Serialize)]
+pub struct Privacy {
+    /// Hashed (or raw, hashed on load) emails and phone numbers of users who opted out, one per line.
+    pub suppression_list_file: Option<PathBuf>,
+    /// Suppress every event of a request sent with `Sec-GPC: 1`.
+    pub honor_gpc: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -389,6 +399,9 @@ pause_cap = "5m"
 [log]
 format = "json"
 level = "info"
+
+[privacy]
+honor_gpc = false
 "#;
 
 /// Loads defaults, then `file` (when given), then the `GATEWAY_*` variables of `env`.

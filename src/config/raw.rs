@@ -15,8 +15,17 @@ pub(super) struct RawSettings {
     upstream: RawUpstream,
     delivery: RawDelivery,
     log: RawLog,
+    privacy: RawPrivacy,
     #[serde(default)]
     accounts: BTreeMap<String, RawAccount>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    suppression_list_file: Option<PathBuf>,
+    #[serde(deserialize_with = "flag")]
+    honor_gpc: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,6 +464,10 @@ impl RawSettings {
             upstream,
             delivery,
             log,
+            privacy: Privacy {
+                suppression_list_file: self.privacy.suppression_list_file,
+                honor_gpc: self.privacy.honor_gpc,
+            },
             accounts,
         })
     }

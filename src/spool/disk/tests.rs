@@ -349,6 +349,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
         },
         spool: spool.clone(),
         keys: crate::api::ApiKeys::new([], Some(crate::api::Scope::Every)),
+        privacy: Arc::new(crate::privacy::Privacy::off()),
         max_body_bytes: 1024,
         max_events_per_request: 10,
         body_budget: crate::api::body_budget::BodyBudget::new(64 << 20),
