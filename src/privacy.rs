@@ -253,24 +253,21 @@ mod tests {
         let p = Privacy::load(&settings).unwrap();
         assert!(p.list().matches(&conversion("a@example.com")));
         assert_eq!(p.reload(false, None), Ok(None), "unchanged");
-        let later = |secs| SystemTime::now() + std::time::Duration::from_secs(secs);
-        std::fs::write(&path, "b@example.com\n").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later(10))
-            .unwrap();
+        // Rewritten, with a modification time that differs whatever the file system's resolution.
+        let rewrite = |text: &str, secs| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(SystemTime::now() + std::time::Duration::from_secs(secs))
+                .unwrap();
+        };
+        rewrite("b@example.com\n", 10);
         assert_eq!(p.reload(false, None), Ok(Some(1)));
         assert!(p.list().matches(&conversion("b@example.com")));
         assert!(!p.list().matches(&conversion("a@example.com")));
-        std::fs::write(&path, "garbage\n").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later(20))
-            .unwrap();
+        rewrite("garbage\n", 20);
         let e = p.reload(false, None).unwrap_err();
         assert!(e.contains("line 1") && !e.contains("garbage"), "{e}");
         assert!(
