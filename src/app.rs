@@ -198,6 +198,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         keys: api::ingest_keys(&settings.server),
         privacy: privacy.clone(),
         max_body_bytes: settings.server.max_body_bytes,
+        body_timeout: settings.server.body_timeout,
         max_events_per_request: settings.server.max_events_per_request,
         body_budget: api::body_budget::BodyBudget::new(settings.server.max_inflight_body_bytes),
         shutdown: shutdown.clone(),
@@ -231,6 +232,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
     let mut servers = JoinSet::new();
     let serve = |nodelay| ServeOptions {
         header_timeout: settings.server.header_timeout,
+        idle_timeout: settings.server.idle_timeout,
         nodelay,
     };
     servers.spawn(api::serve(

@@ -1,6 +1,7 @@
 //! The gateway as a raw TCP client sees it: hyper's parse-error answers carry problem bodies, headers
-//! must arrive within `server.header_timeout`, and a stop refuses new connections and is never held
-//! up by a client trickling headers.
+//! must arrive within `server.header_timeout` and a body within `server.body_timeout`, idle keep-alive
+//! connections are closed after `server.idle_timeout`, and a stop refuses new connections and is never
+//! held up by a client trickling headers.
 
 mod common;
 
@@ -155,4 +156,99 @@ fn a_stop_refuses_new_connections_and_is_not_held_by_trickling_headers() {
         "the trickler held on for {held:?}"
     );
     drop(idle);
+}
+
+/// A body sent a byte at a time is cut off at `server.body_timeout` with a 408 that says so; nothing
+/// of it is kept.
+#[test]
+fn a_body_sent_a_byte_at_a_time_is_cut_off_at_the_body_timeout() {
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[("GATEWAY_SERVER__BODY_TIMEOUT", "2s")],
+    );
+    let body = br#"{"event": "purchase", "twclid": "t", "conversion_id": "slow-1"}"#;
+    let mut tcp = TcpStream::connect(ingest_addr(&stack)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    for byte in body {
+        if tcp.write_all(&[*byte]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match tcp.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {} // nothing yet
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let cut = start.elapsed();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let _ = tcp.read_to_end(&mut rest);
+    answer.extend_from_slice(&rest);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (code, _, json) = problem(&answer);
+    assert_eq!(code, 408, "{answer}");
+    assert!(
+        json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("server.body_timeout"),
+        "{json}"
+    );
+    assert!(
+        cut >= Duration::from_secs(2) && cut < Duration::from_secs(15),
+        "{cut:?}"
+    );
+    assert!(
+        (cut.as_millis() as usize) < body.len() * 400,
+        "cut off before the body was whole"
+    );
+}
+
+/// A keep-alive connection with nothing to do is closed after `server.idle_timeout`; one in use is not.
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_SERVER__IDLE_TIMEOUT", "1s"),
+            ("GATEWAY_SERVER__HEADER_TIMEOUT", "30s"),
+        ],
+    );
+    let mut tcp = TcpStream::connect(ingest_addr(&stack)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    // Busy for longer than the idle timeout: a request every 300 ms keeps it open.
+    let mut buf = [0u8; 4096];
+    for _ in 0..6 {
+        tcp.write_all(request.as_bytes()).unwrap();
+        let n = tcp.read(&mut buf).unwrap();
+        assert!(
+            n > 0 && buf.starts_with(b"HTTP/1.1 "),
+            "closed while in use"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let idle_from = Instant::now();
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    let closed_after = idle_from.elapsed();
+    assert_eq!(n, 0, "the server closes the idle connection");
+    assert!(
+        closed_after >= Duration::from_millis(500) && closed_after < Duration::from_secs(10),
+        "{closed_after:?}"
+    );
 }

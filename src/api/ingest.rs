@@ -184,7 +184,20 @@ async fn read_body(
     let mut only: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut len = 0;
-    while let Some(frame) = body.frame().await {
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            return Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Request body too slow",
+                format!(
+                    "the body did not arrive within server.body_timeout ({}); nothing of this request was kept: send it again, faster or smaller",
+                    humantime::format_duration(st.body_timeout)
+                ),
+            ));
+        };
+        let Some(frame) = next else { break };
         let frame =
             frame.map_err(|_| Problem::bad_request("the request body could not be read"))?;
         let Ok(data) = frame.into_data() else {

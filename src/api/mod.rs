@@ -38,6 +38,8 @@ pub struct AppState {
     /// The suppression list and Global Privacy Control (`privacy`).
     pub privacy: Arc<crate::privacy::Privacy>,
     pub max_body_bytes: usize,
+    /// A request's body must arrive whole within this (`server.body_timeout`).
+    pub body_timeout: std::time::Duration,
     pub max_events_per_request: usize,
     /// Bytes of request bodies in flight (`server.max_inflight_body_bytes`).
     pub body_budget: Arc<body_budget::BodyBudget>,

@@ -4,7 +4,8 @@
 //! Every accepted connection gets its own task. Its request headers must arrive within
 //! `server.header_timeout` (hyper's header read timeout, on tokio's timer): a client that trickles
 //! headers is cut off then, whatever else happens. hyper's own parse-error answers carry problem bodies
-//! (`explained`).
+//! (`explained`). A connection with no request in progress and no answer for `server.idle_timeout` is
+//! closed (a request's body has its own limit, `server.body_timeout`, kept by ingest).
 //!
 //! # Stopping
 //! When the shutdown fires, the listener is closed at once: new connections are refused (a Kubernetes
@@ -34,6 +35,8 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
     pub header_timeout: Duration,
+    /// A connection with no request in progress and no answer for this long is closed.
+    pub idle_timeout: Duration,
     /// Answers are small and go out whole: no Nagle delay on them.
     pub nodelay: bool,
 }
@@ -127,9 +130,22 @@ async fn connection(
         .header_read_timeout(opts.header_timeout);
     let conn = builder.serve_connection(TokioIo::new(Explained::new(tcp)), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => return log_end(result),
-        _ = shutdown.wait_ref() => conn.as_mut().graceful_shutdown(),
+    // Looked at this often for idleness (a finer clock than the timeout itself).
+    let tick = (opts.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return log_end(result),
+            _ = shutdown.wait_ref() => {
+                conn.as_mut().graceful_shutdown();
+                break;
+            }
+            _ = tokio::time::sleep(tick) => {
+                // Idle keep-alive: closing it costs the client a reconnect, keeping it a descriptor.
+                if activity.quiet_for(opts.idle_timeout) {
+                    return;
+                }
+            }
+        }
     }
     loop {
         tokio::select! {

@@ -120,6 +120,12 @@ pub struct Server {
     /// A request's headers must arrive within this.
     #[serde(serialize_with = "serialize_duration")]
     pub header_timeout: Duration,
+    /// A request's body must arrive whole within this (from its headers).
+    #[serde(serialize_with = "serialize_duration")]
+    pub body_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(serialize_with = "serialize_duration")]
+    pub idle_timeout: Duration,
     /// Whether `/readyz` fails while the spool refuses events (a sidecar's readiness is its pod's).
     pub ready_requires_spool: bool,
     #[serde(serialize_with = "serialize_duration")]
@@ -362,6 +368,8 @@ max_events_per_request = 1000
 max_event_bytes = "64KiB"
 max_inflight_body_bytes = "64MiB"
 header_timeout = "10s"
+body_timeout = "30s"
+idle_timeout = "60s"
 ready_requires_spool = false
 shutdown_timeout = "20s"
 

@@ -57,6 +57,10 @@ struct RawServer {
     max_inflight_body_bytes: String,
     #[serde(deserialize_with = "text")]
     header_timeout: String,
+    #[serde(deserialize_with = "text")]
+    body_timeout: String,
+    #[serde(deserialize_with = "text")]
+    idle_timeout: String,
     #[serde(deserialize_with = "flag")]
     ready_requires_spool: bool,
     #[serde(deserialize_with = "text")]
@@ -386,6 +390,14 @@ fn keys(key: &str, inline: Vec<String>, file: Option<PathBuf>) -> Result<Vec<Sec
     Ok(out)
 }
 
+/// A duration that must be above 0.
+fn positive_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    match duration(key, text)? {
+        d if d.is_zero() => err(key, "must be greater than 0"),
+        d => Ok(d),
+    }
+}
+
 /// A count or size that must be above 0 and fit this machine's `usize`.
 fn positive_usize(key: &str, n: u64) -> Result<usize, ConfigError> {
     match n {
@@ -588,6 +600,8 @@ impl RawServer {
                 d if d.is_zero() => return err("server.header_timeout", "must be greater than 0"),
                 d => d,
             },
+            body_timeout: positive_duration("server.body_timeout", &s.body_timeout)?,
+            idle_timeout: positive_duration("server.idle_timeout", &s.idle_timeout)?,
             ready_requires_spool: s.ready_requires_spool,
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         })

@@ -79,6 +79,7 @@ fn state_stopped_by(
         ),
         privacy: Arc::new(conversion_gateway::privacy::Privacy::off()),
         max_body_bytes: 4096,
+        body_timeout: Duration::from_secs(30),
         max_events_per_request: 5,
         body_budget: conversion_gateway::api::body_budget::BodyBudget::new(64 << 20),
         shutdown,

@@ -351,6 +351,7 @@ async fn metrics_of(spool: Arc<DiskSpool>) -> String {
         keys: crate::api::ApiKeys::new([], Some(crate::api::Scope::Every)),
         privacy: Arc::new(crate::privacy::Privacy::off()),
         max_body_bytes: 1024,
+        body_timeout: Duration::from_secs(30),
         max_events_per_request: 10,
         body_budget: crate::api::body_budget::BodyBudget::new(64 << 20),
         shutdown: crate::shutdown::Shutdown::never(),
