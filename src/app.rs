@@ -47,6 +47,9 @@ pub struct Running {
     reloader: Arc<Reloader>,
 }
 
+/// Connections the admin listener keeps open at most (probes, scrapes, operators).
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// How often the suppression list's file is looked at for changes.
 const PRIVACY_WATCH: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -217,7 +220,7 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         limiter: limiter.clone(),
         transport,
         clock: Arc::new(SystemClock),
-        metrics,
+        metrics: metrics.clone(),
     };
     let (dispatchers, views, credentials) = start_dispatchers(&settings, &parts, &shutdown);
     let redis_queue = shared.as_ref().and_then(|s| s.spool.clone());
@@ -230,16 +233,23 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         shared,
     });
     let mut servers = JoinSet::new();
-    let serve = |nodelay| ServeOptions {
+    let serve = |listener, nodelay, max_connections| ServeOptions {
         header_timeout: settings.server.header_timeout,
         idle_timeout: settings.server.idle_timeout,
+        max_connections,
+        listener,
         nodelay,
+    };
+    let refused = |listener: &'static str| {
+        let metrics = metrics.clone();
+        move || metrics.connection_refused(listener)
     };
     servers.spawn(api::serve(
         ingest,
         api::app(state.clone()),
         shutdown.clone(),
-        serve(true),
+        serve("ingest", true, settings.server.max_connections),
+        refused("ingest"),
     ));
     tokio::spawn(privacy.clone().watch(PRIVACY_WATCH, shutdown.clone()));
     let reloader = Arc::new(Reloader {
@@ -251,7 +261,9 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         admin,
         api::admin_app(admin_state),
         shutdown.clone(),
-        serve(false),
+        // Its own small room: probes and scrapes answer however many clients flood the ingest side.
+        serve("admin", false, ADMIN_MAX_CONNECTIONS),
+        refused("admin"),
     ));
     Ok(Running {
         ingest_addr,

@@ -43,6 +43,7 @@ pub struct Metrics {
     open_fds: IntGauge,
     requests_shed: IntCounter,
     auth_failures: IntCounterVec,
+    connections_refused: IntCounterVec,
     inflight_body_bytes: IntGauge,
     /// Only in the shared mode.
     redis: Option<RedisMetrics>,
@@ -267,8 +268,19 @@ impl Metrics {
                 &["listener"],
             ),
         );
+        let connections_refused = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    name("connections_refused_total"),
+                    "Connections closed as soon as accepted because the listener had server.max_connections open (admin: its own 256), per listener.",
+                ),
+                &["listener"],
+            ),
+        );
         for listener in ["ingest", "admin"] {
             auth_failures.with_label_values(&[listener]);
+            connections_refused.with_label_values(&[listener]);
         }
         let inflight_body_bytes = register(
             &registry,
@@ -347,6 +359,7 @@ impl Metrics {
             open_fds,
             requests_shed,
             auth_failures,
+            connections_refused,
             inflight_body_bytes,
             redis,
         }
@@ -410,6 +423,13 @@ impl Metrics {
     /// An ingest request shed for lack of in-flight body room.
     pub fn shed(&self) {
         self.requests_shed.inc();
+    }
+
+    /// A connection closed as soon as accepted: `listener` had as many open as it may.
+    pub fn connection_refused(&self, listener: &'static str) {
+        self.connections_refused
+            .with_label_values(&[listener])
+            .inc();
     }
 
     /// A request refused on `listener` (`ingest`, `admin`) for a missing or unknown key.

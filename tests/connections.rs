@@ -252,3 +252,58 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
         "{closed_after:?}"
     );
 }
+
+/// Beyond `server.max_connections` a new ingest connection is closed at once (counted), not queued;
+/// the admin listener has its own room and keeps answering; closing some makes room again.
+#[test]
+fn beyond_max_connections_new_ones_are_closed_at_once_and_the_admin_side_answers() {
+    let stack = start_stack_with(
+        "CANARY-consumer-secret",
+        &[
+            ("GATEWAY_SERVER__MAX_CONNECTIONS", "20"),
+            ("GATEWAY_SERVER__HEADER_TIMEOUT", "60s"),
+        ],
+    );
+    let addr = ingest_addr(&stack);
+    let mut held: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let closed_at_once = |addr| {
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let start = Instant::now();
+        let mut one = [0u8; 1];
+        let n = extra.read(&mut one).unwrap_or(1);
+        (n == 0, start.elapsed())
+    };
+    let (closed, after) = closed_at_once(addr);
+    assert!(
+        closed && after < Duration::from_secs(2),
+        "{closed} after {after:?}"
+    );
+    assert!(get_ok(&format!("{}/livez", stack.admin_url)));
+    let admin: SocketAddr = stack
+        .admin_url
+        .strip_prefix("http://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let metrics = exchange(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+    );
+    let refused = metric_sample(
+        &metrics,
+        "conversion_gateway_connections_refused_total{listener=\"ingest\"}",
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    // Room again once some close.
+    held.truncate(10);
+    std::thread::sleep(Duration::from_millis(500));
+    let answer = exchange(
+        addr,
+        b"GET /v1/events HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+}

@@ -5,7 +5,9 @@
 //! `server.header_timeout` (hyper's header read timeout, on tokio's timer): a client that trickles
 //! headers is cut off then, whatever else happens. hyper's own parse-error answers carry problem bodies
 //! (`explained`). A connection with no request in progress and no answer for `server.idle_timeout` is
-//! closed (a request's body has its own limit, `server.body_timeout`, kept by ingest).
+//! closed (a request's body has its own limit, `server.body_timeout`, kept by ingest). At most
+//! `max_connections` are open at once: one more is closed as soon as it is accepted and counted, never
+//! queued, so that a flood of one listener leaves descriptors to the spool and to the other listener.
 //!
 //! # Stopping
 //! When the shutdown fires, the listener is closed at once: new connections are refused (a Kubernetes
@@ -37,24 +39,51 @@ pub struct ServeOptions {
     pub header_timeout: Duration,
     /// A connection with no request in progress and no answer for this long is closed.
     pub idle_timeout: Duration,
+    /// Connections open at once at most; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// The listener's name in metrics and logs (`ingest`, `admin`).
+    pub listener: &'static str,
     /// Answers are small and go out whole: no Nagle delay on them.
     pub nodelay: bool,
 }
 
 /// Serves `router` on `listener` until `shutdown` fires and the connections have finished.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: Shutdown, opts: ServeOptions) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+    opts: ServeOptions,
+    refused: impl Fn() + Send + 'static,
+) {
     let mut connections = JoinSet::new();
     let mut stop = shutdown.clone();
+    let room = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let mut warned = None::<Instant>;
     loop {
         tokio::select! {
             _ = stop.wait_ref() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
+                    // Full: closed at once (the client sees the connection end, not a queue), so that
+                    // the descriptors left serve the spool and the other listener.
+                    let Ok(permit) = room.clone().try_acquire_owned() else {
+                        drop(tcp);
+                        refused();
+                        if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            warned = Some(Instant::now());
+                            tracing::warn!(listener = opts.listener, max = opts.max_connections, "connection limit reached: new connections are closed at once");
+                        }
+                        continue;
+                    };
                     if opts.nodelay {
                         let _ = tcp.set_nodelay(true);
                     }
-                    connections.spawn(connection(tcp, router.clone(), shutdown.clone(), opts));
+                    let (router, shutdown) = (router.clone(), shutdown.clone());
+                    connections.spawn(async move {
+                        connection(tcp, router, shutdown, opts).await;
+                        drop(permit);
+                    });
                 }
                 // Out of file descriptors and the like: wait a little instead of spinning.
                 Err(e) => {

@@ -126,6 +126,8 @@ pub struct Server {
     /// A keep-alive connection with no request for this long is closed.
     #[serde(serialize_with = "serialize_duration")]
     pub idle_timeout: Duration,
+    /// Open connections on the ingest listener at most; beyond, new ones are closed at once.
+    pub max_connections: usize,
     /// Whether `/readyz` fails while the spool refuses events (a sidecar's readiness is its pod's).
     pub ready_requires_spool: bool,
     #[serde(serialize_with = "serialize_duration")]
@@ -370,6 +372,7 @@ max_inflight_body_bytes = "64MiB"
 header_timeout = "10s"
 body_timeout = "30s"
 idle_timeout = "60s"
+max_connections = 4096
 ready_requires_spool = false
 shutdown_timeout = "20s"
 

@@ -61,6 +61,8 @@ struct RawServer {
     body_timeout: String,
     #[serde(deserialize_with = "text")]
     idle_timeout: String,
+    #[serde(deserialize_with = "count")]
+    max_connections: u64,
     #[serde(deserialize_with = "flag")]
     ready_requires_spool: bool,
     #[serde(deserialize_with = "text")]
@@ -602,6 +604,7 @@ impl RawServer {
             },
             body_timeout: positive_duration("server.body_timeout", &s.body_timeout)?,
             idle_timeout: positive_duration("server.idle_timeout", &s.idle_timeout)?,
+            max_connections: positive_usize("server.max_connections", s.max_connections)?,
             ready_requires_spool: s.ready_requires_spool,
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         })
