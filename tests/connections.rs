@@ -307,3 +307,37 @@ fn beyond_max_connections_new_ones_are_closed_at_once_and_the_admin_side_answers
     );
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
 }
+
+/// A body with a bad chunk gets 400 and is not taken: nothing of it reaches X.
+#[test]
+fn a_bad_chunk_gets_400_and_nothing_is_taken() {
+    let stack = start_stack();
+    let addr = ingest_addr(&stack);
+    let event = r#"{"account": "acme", "event": "purchase", "twclid": "t", "conversion_id": "sent-once"}"#;
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+    );
+    let bad_chunk = format!("{head}Transfer-Encoding: chunked\r\n\r\nzz\r\n{event}\r\n0\r\n\r\n");
+    let (code, _, _) = problem(&exchange(addr, bad_chunk.as_bytes()));
+    assert_eq!(code, 400);
+    // The same event sent properly goes through: the one above was refused, not lost in transit.
+    let proper = format!(
+        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{event}",
+        event.len()
+    );
+    assert!(exchange(addr, proper.as_bytes()).starts_with("HTTP/1.1 202"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let got = rt.block_on(async {
+        eventually(Duration::from_secs(10), async || {
+            let ids = received_ids(&http, &stack.fake_url).await;
+            (!ids.is_empty()).then_some(ids)
+        })
+        .await
+    });
+    assert_eq!(
+        got.unwrap(),
+        ["sent-once"],
+        "delivered once, from the proper request only"
+    );
+}
