@@ -232,6 +232,10 @@ pub async fn start(settings: Settings) -> Result<Running, String> {
         ready_requires_spool: settings.server.ready_requires_spool,
         shared,
     });
+    let connections = (settings.server.max_connections + ADMIN_MAX_CONNECTIONS) as u64;
+    if let Some(warning) = crate::fd_limit::check(connections) {
+        tracing::warn!("{warning}");
+    }
     let mut servers = JoinSet::new();
     let serve = |listener, nodelay, max_connections| ServeOptions {
         header_timeout: settings.server.header_timeout,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conversion;
 pub mod dispatch;
 pub mod fake_x;
+pub mod fd_limit;
 pub mod healthcheck;
 pub mod limiter;
 pub mod metrics;

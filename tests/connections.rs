@@ -313,7 +313,8 @@ fn beyond_max_connections_new_ones_are_closed_at_once_and_the_admin_side_answers
 fn a_bad_chunk_gets_400_and_nothing_is_taken() {
     let stack = start_stack();
     let addr = ingest_addr(&stack);
-    let event = r#"{"account": "acme", "event": "purchase", "twclid": "t", "conversion_id": "sent-once"}"#;
+    let event =
+        r#"{"account": "acme", "event": "purchase", "twclid": "t", "conversion_id": "sent-once"}"#;
     let head = format!(
         "POST /v1/events HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
     );
