@@ -326,7 +326,12 @@ fn judge(
     let mut records = Vec::new();
     let list = st.privacy.list();
     for (index, raw) in events.iter().enumerate() {
-        if let Some(account) = st.rules.account_of(raw).filter(|a| !scope.allows(a)) {
+        // Only a scoped key needs the account before mapping (it costs a lookup per event).
+        let forbidden = match scope {
+            Scope::Every => None,
+            Scope::Only(_) => st.rules.account_of(raw).filter(|a| !scope.allows(a)),
+        };
+        if let Some(account) = forbidden {
             st.metrics
                 .received(Some(account), IngestOutcome::Rejected, 1);
             out.rejected.push(RejectedEvent {

@@ -32,17 +32,9 @@ for k, id in ipairs(pending) do
     local e = redis.call('XRANGE', q, id, id)
     if e[1] then
       local records = records_of(e[1][2])
-      local set, n = set_of(prior)
-      local now = set_of(g[2])
-      if g[2] == '*' then
-        now = {}
-        for i = 0, #records - 1 do now[i] = true end
-      end
-      for i in pairs(now) do
-        if records[i + 1] and not set[i] then
-          set[i], n = true, n + 1
-          freed, freed_bytes = freed + 1, freed_bytes + #records[i + 1]
-        end
+      local new, set, n = newly_done(records, prior, g[2])
+      for _, i in ipairs(new) do
+        freed, freed_bytes = freed + 1, freed_bytes + #records[i + 1]
       end
       if n >= #records then
         leaving[#leaving + 1] = id

@@ -44,20 +44,12 @@ for i = 8, #ARGV, 2 do
   if e[1] and pending then
     local records = records_of(e[1][2])
     local prior = redis.call('HGET', done, id)
-    local set, n = set_of(prior)
-    local given = set_of(ARGV[i + 1])
-    if ARGV[i + 1] == '*' then
-      given = {}
-      for k = 0, #records - 1 do given[k] = true end
-    end
-    for k = 0, #records - 1 do
-      if given[k] and not set[k] then
-        local record = records[k + 1]
-        redis.call('XADD', dead, next_id(), 'r', record, 'reason', ARGV[4], 'message', ARGV[5], 'at', ARGV[6], 'from', id .. '/' .. k)
-        redis.call('INCRBY', dead_bytes, #record)
-        set[k], n = true, n + 1
-        freed, freed_bytes = freed + 1, freed_bytes + #record
-      end
+    local new, set, n = newly_done(records, prior, ARGV[i + 1])
+    for _, k in ipairs(new) do
+      local record = records[k + 1]
+      redis.call('XADD', dead, next_id(), 'r', record, 'reason', ARGV[4], 'message', ARGV[5], 'at', ARGV[6], 'from', id .. '/' .. k)
+      redis.call('INCRBY', dead_bytes, #record)
+      freed, freed_bytes = freed + 1, freed_bytes + #record
     end
     if n >= #records then
       redis.call('XACK', q, group, id)

@@ -599,7 +599,7 @@ fn done_of(reply: Option<&Value>) -> HashMap<PackId, Vec<usize>> {
     if let Some(Value::Array(kv)) = reply {
         for pair in kv.chunks(2) {
             if let [Value::BulkString(id), Value::BulkString(list)] = pair {
-                if let Some(id) = std::str::from_utf8(id).ok().and_then(PackId::parse) {
+                if let Ok(id) = parse_pack(id) {
                     done.insert(id, pack::done_indices(list));
                 }
             }
@@ -609,13 +609,13 @@ fn done_of(reply: Option<&Value>) -> HashMap<PackId, Vec<usize>> {
 }
 
 /// Record ids grouped by pack, in order.
-fn by_pack(ids: &[u64]) -> std::collections::BTreeMap<PackId, Vec<usize>> {
+fn by_pack(ids: &[u64]) -> Vec<(PackId, Vec<usize>)> {
     let mut packs = std::collections::BTreeMap::<PackId, Vec<usize>>::new();
     for id in ids {
         let (pack, index) = PackId::of(*id);
         packs.entry(pack).or_default().push(index);
     }
-    packs
+    packs.into_iter().collect()
 }
 
 impl RedisSpool {
@@ -882,7 +882,7 @@ impl Queue for RedisSpool {
                 return Ok(());
             }
             let k = self.keys(account);
-            let packs: Vec<(PackId, Vec<usize>)> = by_pack(ids).into_iter().collect();
+            let packs = by_pack(ids);
             // Lua passes at most a few thousand values to one command.
             for chunk in packs.chunks(ACK_CHUNK) {
                 let mut call = self.scripts.ack.key(&k.q);
@@ -1026,7 +1026,7 @@ impl DeadLetterStore for RedisSpool {
             }
             let k = self.keys(account);
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let packs: Vec<(PackId, Vec<usize>)> = by_pack(ids).into_iter().collect();
+            let packs = by_pack(ids);
             let mut call = self.scripts.dead_letter.key(&k.q);
             call.key(&k.bytes)
                 .key(&k.surplus)

@@ -40,6 +40,22 @@ local function list_of(set)
   return table.concat(out, ',')
 end
 
+-- The records of a pack that `given` ("*" or "0,3") names and `prior` (its done hash value, or nil)
+-- does not, in index order; and the done set with them added, and its size.
+local function newly_done(records, prior, given)
+  local set, n = set_of(prior)
+  local named = nil
+  if given ~= '*' then named = set_of(given) end
+  local new = {}
+  for k = 0, #records - 1 do
+    if (named == nil or named[k]) and not set[k] then
+      set[k], n = true, n + 1
+      new[#new + 1] = k
+    end
+  end
+  return new, set, n
+end
+
 -- Adds a pack; its sequence number stays below 4096 (record ids hold 12 bits of it).
 local function add_pack(q, bytes, lengths)
   local id = redis.call('XADD', q, '*', 'r', bytes, 'l', lengths)
