@@ -16,7 +16,8 @@ use crate::redis_store::durability::{self, Durability};
 use crate::redis_store::Store;
 use crate::shutdown::{Shutdown, Trigger};
 use crate::spool::{
-    DiskSpool, DiskSpoolOptions, Queue, RedisSpool, RedisSpoolOptions, Spool, SpoolStats,
+    DiskSpool, DiskSpoolOptions, Queue, RedisSpool, RedisSpoolOptions, Spool, SpoolError,
+    SpoolStats,
 };
 use crate::upstream::{self, Credentials, Target, Transport};
 use std::collections::{BTreeMap, HashMap};
@@ -412,11 +413,14 @@ fn open_spool(settings: &Settings) -> Result<Arc<DiskSpool>, String> {
         cache_bytes: SPOOL_CACHE_BYTES,
         min_free_bytes: settings.spool.min_free_bytes,
     })
-    .map_err(|e| {
-        format!(
+    .map_err(|e| match e {
+        SpoolError::Unusable { .. } => format!(
+            "{e}. Nothing was changed. `conversion-gateway spool check` (with the same --config) reports what is readable; `conversion-gateway spool salvage` moves the damaged files aside, never deleting them, and rebuilds the spool from every readable record"
+        ),
+        e => format!(
             "cannot open the spool in spool.dir {}: {e}",
             settings.spool.dir.display()
-        )
+        ),
     })?;
     let waiting: usize = settings.accounts.keys().map(|a| disk.backlog(a)).sum();
     tracing::info!(dir = %settings.spool.dir.display(), waiting, bytes = disk.bytes(), "spool open");

@@ -38,6 +38,11 @@ enum Command {
     /// the X conversion it becomes (hashes only) or the errors it gets. Nothing is stored or sent.
     /// Exit 0 when no event is rejected, 1 when some are, 2 when the input or configuration is unusable.
     Preview,
+    /// Inspect or repair the disk spool under spool.dir (the gateway refuses to start on a damaged one).
+    Spool {
+        #[command(subcommand)]
+        action: SpoolAction,
+    },
     /// Exit 0 when the running gateway (at server.admin_listen) is ready to take events, 1 otherwise:
     /// for container health checks (the image has no curl).
     Healthcheck {
@@ -48,6 +53,21 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum SpoolAction {
+    /// Report what the spool's files hold (events per account, dead letters, dedup entries) and what is
+    /// damaged, writing nothing. Exit 0 when everything reads, 1 when something is damaged, 2 when the
+    /// spool cannot be examined.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the spool's files aside into spool.dir/damaged-<time>/ (never deleting them) and rebuild the
+    /// spool from every readable record. Stop the gateway first. Exit 0 when rebuilt, 2 when not.
+    Salvage,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +90,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Preview => preview(&settings),
+        Command::Spool { action } => spool(&settings, action),
         Command::Healthcheck { live, timeout } => {
             let addr = healthcheck::local_address(settings.server.admin_listen);
             let path = if live { "/livez" } else { "/readyz" };
@@ -134,6 +155,59 @@ fn preview(settings: &Settings) -> ExitCode {
             eprintln!("conversion-gateway: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn spool(settings: &Settings, action: SpoolAction) -> ExitCode {
+    use conversion_gateway::spool::disk::salvage;
+    if settings.spool.backend != config::SpoolBackend::Disk {
+        eprintln!("conversion-gateway: spool.backend is not \"disk\": the events wait in Redis, which keeps its own files (see redis-check-aof)");
+        return ExitCode::from(2);
+    }
+    let dir = &settings.spool.dir;
+    match action {
+        SpoolAction::Check { json } => match salvage::check(dir) {
+            Ok(report) => {
+                if json {
+                    match serde_json::to_string_pretty(&report) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => {
+                            eprintln!("conversion-gateway: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                } else {
+                    print!("{}", report.text());
+                }
+                if report.damaged() {
+                    eprintln!("conversion-gateway: the spool is damaged; `conversion-gateway spool salvage` (the gateway stopped) moves its files aside and rebuilds it from what is readable");
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("conversion-gateway: cannot check the spool: {e}");
+                ExitCode::from(2)
+            }
+        },
+        SpoolAction::Salvage => match salvage::salvage(dir) {
+            Ok(done) => {
+                print!("{}", done.before.text());
+                println!(
+                    "rebuilt the spool with {} events, {} dead letters and {} dedup entries; the old files are in {}",
+                    done.events,
+                    done.dead_letters,
+                    done.dedup_entries,
+                    done.moved_to.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("conversion-gateway: cannot salvage the spool: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

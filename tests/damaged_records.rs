@@ -1,7 +1,8 @@
 //! One record that no longer decodes stops nothing: the gateway moves it to the dead letters as
 //! `corrupt` (with what could be read: its id, account and length) and delivers the account's others.
 
-use conversion_gateway::conversion::Conversion;
+mod common;
+
 use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Queue, Record};
 use conversion_gateway::{app, config};
 use std::time::Duration;
@@ -20,18 +21,7 @@ fn options(dir: &std::path::Path) -> DiskSpoolOptions {
 }
 
 fn record(id: &str) -> Record {
-    let now = chrono::Utc::now();
-    Record {
-        account: "acme".into(),
-        conversion: Conversion::minimal(
-            &now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-            "o9d2g",
-            "t",
-            id,
-        ),
-        received_at_ms: now.timestamp_millis(),
-        event_name: Some("purchase".into()),
-    }
+    common::spool_record("acme", id)
 }
 
 async fn get(admin: std::net::SocketAddr, path: &str) -> serde_json::Value {

@@ -7,19 +7,12 @@ mod common;
 use common::*;
 use conversion_gateway::spool::{DeadLetter, DeadLetterQuery, DeadLetterStore, DiskSpool, Queue};
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The budget lifted, for tests about something else (60,000 per 15 minutes is about 66 events/s).
 const UNBUDGETED: (&str, &str) = ("GATEWAY_ACCOUNTS__ACME__RATE_LIMIT__EVENTS", "100000000");
-
-fn events(prefix: &str, range: std::ops::Range<usize>) -> Value {
-    let list: Vec<Value> = range
-        .map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("{prefix}-click-{i}"), "conversion_id": format!("{prefix}-{i}")}))
-        .collect();
-    json!({ "events": list })
-}
 
 async fn fault(http: &reqwest::Client, fake_url: &str, spec: Value) -> Value {
     http.post(format!("{fake_url}/_fake/faults"))
@@ -44,41 +37,6 @@ async fn dead_letters_after_stop(stack: &mut Stack) -> (Arc<DiskSpool>, Vec<Dead
         .await
         .unwrap();
     (spool, dead)
-}
-
-/// (arrival ms, conversions) of every request the fake accepted, in arrival order.
-async fn accepted_batches(http: &reqwest::Client, fake_url: &str) -> Vec<(u64, u64)> {
-    let mut sent: Vec<(u64, u64)> = fake_requests(http, fake_url)
-        .await
-        .iter()
-        .filter(|r| r["status"] == 200)
-        .map(|r| {
-            (
-                r["received_at_ms"].as_u64().unwrap(),
-                r["conversions"].as_array().unwrap().len() as u64,
-            )
-        })
-        .collect();
-    sent.sort();
-    sent
-}
-
-/// The most conversions in any closed window of `window_ms`, and where that window starts.
-fn busiest_window(sent: &[(u64, u64)], window_ms: u64) -> (u64, u64) {
-    sent.iter()
-        .enumerate()
-        .map(|(i, (start, _))| {
-            (
-                sent[i..]
-                    .iter()
-                    .take_while(|(t, _)| *t <= start + window_ms)
-                    .map(|(_, n)| n)
-                    .sum(),
-                *start,
-            )
-        })
-        .max()
-        .unwrap_or((0, 0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,113 +342,6 @@ async fn a_full_disk_answers_503_loses_nothing_and_intake_resumes() {
         200
     );
     drop(stack);
-}
-
-/// Posts `total` events in batches of `per_post` from `workers` concurrent clients, each pausing `pace`
-/// between posts, retrying a batch until it gets a 202; returns the ids that got one.
-async fn load(
-    ingest_url: String,
-    prefix: &'static str,
-    total: usize,
-    per_post: usize,
-    workers: usize,
-    pace: Duration,
-    deadline: Duration,
-) -> HashSet<String> {
-    let accepted = Arc::new(Mutex::new(HashSet::new()));
-    let next = Arc::new(Mutex::new(0usize));
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (accepted, next, url) = (accepted.clone(), next.clone(), ingest_url.clone());
-        tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap();
-            let started = Instant::now();
-            loop {
-                let start = {
-                    let mut n = next.lock().unwrap();
-                    let s = *n;
-                    *n += per_post;
-                    s
-                };
-                if start >= total {
-                    return;
-                }
-                tokio::time::sleep(pace).await;
-                let body = events(prefix, start..(start + per_post).min(total));
-                while started.elapsed() < deadline {
-                    match http
-                        .post(&url)
-                        .bearer_auth(API_KEY)
-                        .json(&body)
-                        .send()
-                        .await
-                    {
-                        Ok(r) if r.status() == 202 => {
-                            let ids = body["events"]
-                                .as_array()
-                                .unwrap()
-                                .iter()
-                                .map(|e| e["conversion_id"].as_str().unwrap().to_owned());
-                            accepted.lock().unwrap().extend(ids);
-                            break;
-                        }
-                        // Refused, reset or down: a backend retries the same events.
-                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let set = accepted.lock().unwrap().clone();
-    set
-}
-
-/// A load of `total` events in posts of 10 from 4 clients pausing 10 ms between posts, so that it lasts
-/// long enough for signals to land in it; answers the accepted ids and when the load finished.
-fn spawn_paced_load(
-    url: String,
-    prefix: &'static str,
-    total: usize,
-    deadline: Duration,
-) -> tokio::task::JoinHandle<(HashSet<String>, Instant)> {
-    tokio::spawn(async move {
-        let accepted = load(
-            url,
-            prefix,
-            total,
-            10,
-            4,
-            Duration::from_millis(10),
-            deadline,
-        )
-        .await;
-        (accepted, Instant::now())
-    })
-}
-
-fn assert_twins_identical(conversions: &[Value]) {
-    let mut seen: HashMap<String, &Value> = HashMap::new();
-    for c in conversions {
-        let id = c["conversion"]["conversion_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        if let Some(twin) = seen.get(&id) {
-            assert_eq!(twin["conversion"]["event_id"], c["conversion"]["event_id"]);
-            assert_eq!(
-                twin["conversion"], c["conversion"],
-                "a resend carries the same conversion"
-            );
-        } else {
-            seen.insert(id, c);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -204,6 +204,12 @@ pub enum SpoolError {
     Full,
     /// The store failed (disk error); nothing of this call was kept.
     Unavailable(String),
+    /// A file of the spool cannot be used as it is (damaged, of a newer format, not readable): found at
+    /// start-up, with nothing written to it.
+    Unusable {
+        file: std::path::PathBuf,
+        why: String,
+    },
 }
 
 impl std::fmt::Display for SpoolError {
@@ -213,6 +219,9 @@ impl std::fmt::Display for SpoolError {
                 "the spool is full (spool.max_bytes: waiting events, dead letters and the dedup window's entries fill it)",
             ),
             SpoolError::Unavailable(why) => write!(f, "the spool is unavailable: {why}"),
+            SpoolError::Unusable { file, why } => {
+                write!(f, "spool file {} cannot be used: {why}", file.display())
+            }
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Helpers for tests that run the real binaries on free ports.
 #![allow(dead_code)]
 
-use serde_json::Value;
-use std::collections::HashSet;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const GATEWAY: &str = env!("CARGO_BIN_EXE_conversion-gateway");
@@ -218,7 +219,15 @@ pub fn start_stack() -> Stack {
 
 /// Like `start_stack`, with the gateway's consumer secret and extra `GATEWAY_*` variables.
 pub fn start_stack_with(consumer_secret: &str, envs: &[(&str, &str)]) -> Stack {
-    let dir = tempfile::tempdir().unwrap();
+    start_stack_in(tempfile::tempdir().unwrap(), consumer_secret, envs)
+}
+
+/// Like `start_stack_with`, in `dir` (whose `spool` the caller may have prepared: a mount, say).
+pub fn start_stack_in(
+    dir: tempfile::TempDir,
+    consumer_secret: &str,
+    envs: &[(&str, &str)],
+) -> Stack {
     let (port, admin_port) = (free_port(), free_port());
     let (fake, fake_port, fake_url) = start_fake(dir.path());
     let gateway = launch_gateway(
@@ -362,13 +371,23 @@ pub async fn wait_received(
     want: &HashSet<String>,
     limit: Duration,
 ) -> Vec<String> {
-    eventually(limit, async || {
+    let got = eventually(limit, async || {
         let got = received_ids(http, fake_url).await;
         let set: HashSet<&String> = got.iter().collect();
         want.iter().all(|id| set.contains(id)).then_some(got)
     })
-    .await
-    .unwrap_or_else(|| panic!("not every accepted event reached X within {limit:?}"))
+    .await;
+    match got {
+        Some(got) => got,
+        None => {
+            let got: HashSet<String> = received_ids(http, fake_url).await.into_iter().collect();
+            let missing = want.iter().filter(|id| !got.contains(*id)).count();
+            panic!(
+                "{missing} of {} accepted events did not reach X within {limit:?}",
+                want.len()
+            )
+        }
+    }
 }
 
 /// `method path` on the admin listener at `admin_url` with the admin key; the JSON of a 2xx answer.
@@ -507,4 +526,171 @@ pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+// The load and the measures the delivery and power-cut tests share.
+
+pub fn events(prefix: &str, range: std::ops::Range<usize>) -> Value {
+    let list: Vec<Value> = range
+        .map(|i| json!({"account": "acme", "event": "purchase", "twclid": format!("{prefix}-click-{i}"), "conversion_id": format!("{prefix}-{i}")}))
+        .collect();
+    json!({ "events": list })
+}
+
+/// (arrival ms, conversions) of every request the fake accepted, in arrival order.
+pub async fn accepted_batches(http: &reqwest::Client, fake_url: &str) -> Vec<(u64, u64)> {
+    let mut sent: Vec<(u64, u64)> = fake_requests(http, fake_url)
+        .await
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| {
+            (
+                r["received_at_ms"].as_u64().unwrap(),
+                r["conversions"].as_array().unwrap().len() as u64,
+            )
+        })
+        .collect();
+    sent.sort();
+    sent
+}
+
+/// The most conversions in any closed window of `window_ms`, and where that window starts.
+pub fn busiest_window(sent: &[(u64, u64)], window_ms: u64) -> (u64, u64) {
+    sent.iter()
+        .enumerate()
+        .map(|(i, (start, _))| {
+            (
+                sent[i..]
+                    .iter()
+                    .take_while(|(t, _)| *t <= start + window_ms)
+                    .map(|(_, n)| n)
+                    .sum(),
+                *start,
+            )
+        })
+        .max()
+        .unwrap_or((0, 0))
+}
+
+/// Posts `total` events in batches of `per_post` from `workers` concurrent clients, each pausing `pace`
+/// between posts, retrying a batch until it gets a 202; returns the ids that got one.
+pub async fn load(
+    ingest_url: String,
+    prefix: &'static str,
+    total: usize,
+    per_post: usize,
+    workers: usize,
+    pace: Duration,
+    deadline: Duration,
+) -> HashSet<String> {
+    let accepted = Arc::new(Mutex::new(HashSet::new()));
+    let next = Arc::new(Mutex::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (accepted, next, url) = (accepted.clone(), next.clone(), ingest_url.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let started = Instant::now();
+            loop {
+                let start = {
+                    let mut n = next.lock().unwrap();
+                    let s = *n;
+                    *n += per_post;
+                    s
+                };
+                if start >= total {
+                    return;
+                }
+                tokio::time::sleep(pace).await;
+                let body = events(prefix, start..(start + per_post).min(total));
+                while started.elapsed() < deadline {
+                    match http
+                        .post(&url)
+                        .bearer_auth(API_KEY)
+                        .json(&body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 202 => {
+                            let ids = body["events"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|e| e["conversion_id"].as_str().unwrap().to_owned());
+                            accepted.lock().unwrap().extend(ids);
+                            break;
+                        }
+                        // Refused, reset or down: a backend retries the same events.
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let set = accepted.lock().unwrap().clone();
+    set
+}
+
+/// A load of `total` events in posts of 10 from 4 clients pausing 10 ms between posts, so that it lasts
+/// long enough for signals to land in it; answers the accepted ids and when the load finished.
+pub fn spawn_paced_load(
+    url: String,
+    prefix: &'static str,
+    total: usize,
+    deadline: Duration,
+) -> tokio::task::JoinHandle<(HashSet<String>, Instant)> {
+    tokio::spawn(async move {
+        let accepted = load(
+            url,
+            prefix,
+            total,
+            10,
+            4,
+            Duration::from_millis(10),
+            deadline,
+        )
+        .await;
+        (accepted, Instant::now())
+    })
+}
+
+pub fn assert_twins_identical(conversions: &[Value]) {
+    let mut seen: HashMap<String, &Value> = HashMap::new();
+    for c in conversions {
+        let id = c["conversion"]["conversion_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if let Some(twin) = seen.get(&id) {
+            assert_eq!(twin["conversion"]["event_id"], c["conversion"]["event_id"]);
+            assert_eq!(
+                twin["conversion"], c["conversion"],
+                "a resend carries the same conversion"
+            );
+        } else {
+            seen.insert(id, c);
+        }
+    }
+}
+
+/// A minimal stored record of `account` with conversion id `id`, received now.
+pub fn spool_record(account: &str, id: &str) -> conversion_gateway::spool::Record {
+    let now = chrono::Utc::now();
+    conversion_gateway::spool::Record {
+        account: account.into(),
+        conversion: conversion_gateway::conversion::Conversion::minimal(
+            &now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+            "o9d2g",
+            "t",
+            id,
+        ),
+        received_at_ms: now.timestamp_millis(),
+        event_name: Some("purchase".into()),
+    }
 }

@@ -56,8 +56,10 @@ pub struct IntakeLog {
 }
 
 impl IntakeLog {
-    /// Opens (or creates) the log at `path` and reads back the records of its current epoch.
-    pub fn open(path: &Path) -> io::Result<(IntakeLog, Vec<IntakeRecord>)> {
+    /// Opens (or creates) the log at `path` and reads back the records of its current epoch. A log that
+    /// lost bytes in the middle, that is not one, or that a newer version wrote is refused (`OpenError::Damaged`,
+    /// nothing written): what it holds must not be overwritten by the first append.
+    pub fn open(path: &Path) -> Result<(IntakeLog, Vec<IntakeRecord>), OpenError> {
         let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -69,6 +71,10 @@ impl IntakeLog {
             .custom_flags(libc::O_DSYNC)
             .open(path)?;
         let data = std::fs::read(path)?;
+        let found = inspect(&data);
+        if let Some(why) = found.damage {
+            return Err(OpenError::Damaged(why));
+        }
         let mut log = IntakeLog {
             file,
             epoch: 0,
@@ -76,28 +82,26 @@ impl IntakeLog {
             broken: false,
             frame: Vec::new(),
         };
-        let records = match read_header(&data) {
+        match found.epoch {
             Some(epoch) => {
+                if found.header != Header::Epoch(epoch) {
+                    tracing::warn!(file = %path.display(), frames = found.records.len(), "the intake log's header is unreadable; its frames were read by their own epoch (the header is written again at the next reset)");
+                }
                 log.epoch = epoch;
-                let body = data.get(HEADER_LEN as usize..).unwrap_or_default();
-                let (records, used) = decode_frames(epoch, body);
-                log.end = HEADER_LEN + used as u64;
-                records
+                log.end = HEADER_LEN + found.readable_end as u64;
             }
-            // New, or torn while a reset wrote it: a reset writes the header only when everything logged
-            // before is durable elsewhere, and no frame follows a header that did not reach the disk.
-            None => {
-                log.reset()?;
-                Vec::new()
-            }
-        };
+            // New, or torn while a reset wrote it, with no frame after it: a reset writes the header only
+            // when everything logged before is durable elsewhere, and no frame follows a header that did
+            // not reach the disk.
+            None => log.reset()?,
+        }
         if !existed {
             // The file's name must survive a crash as well as its contents.
             if let Some(dir) = path.parent() {
                 File::open(dir)?.sync_all()?;
             }
         }
-        Ok((log, records))
+        Ok((log, found.records))
     }
 
     /// Writes `records` as one frame, durably (`O_DSYNC`). Refused after a failure until `reset`.
@@ -128,7 +132,7 @@ impl IntakeLog {
     /// After a failure the log refuses frames until a reset succeeds: the header on disk may then name an epoch
     /// other than ours, and a frame written under ours could be skipped at the next start.
     pub fn reset(&mut self) -> io::Result<()> {
-        let epoch = self.epoch + 1;
+        let epoch = next_epoch(self.epoch);
         if let Err(e) = self.file.write_all_at(&header(epoch), 0) {
             self.broken = true;
             return Err(e);
@@ -161,6 +165,17 @@ impl IntakeLog {
     }
 }
 
+/// A random epoch other than `current` (and never 0, which a zero-filled block would carry): the bytes left
+/// behind the end of the log, which hold events' contents, can never pass for a frame of a later epoch.
+fn next_epoch(current: u64) -> u64 {
+    loop {
+        let e: u64 = rand::random();
+        if e != 0 && e != current {
+            return e;
+        }
+    }
+}
+
 fn header(epoch: u64) -> Vec<u8> {
     let mut h = Vec::with_capacity(20);
     h.extend_from_slice(MAGIC);
@@ -170,12 +185,174 @@ fn header(epoch: u64) -> Vec<u8> {
     h
 }
 
-fn read_header(data: &[u8]) -> Option<u64> {
-    let h = data.get(..20)?;
-    if &h[..8] != MAGIC || crc32fast::hash(&h[..16]).to_le_bytes() != h[16..20] {
-        return None;
+/// What the first bytes of the file are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// An intact header of this format, naming the current epoch.
+    Epoch(u64),
+    /// Nothing written yet (a new file, or a crash before its first header reached the disk), or a header of
+    /// this format torn while a reset rewrote it. Nothing logged depends on it when no frame follows.
+    Unwritten,
+    /// The header of a later format of this log (a newer conversion-gateway wrote it).
+    Newer(u8),
+    /// Bytes that are not an intake log's header.
+    Foreign,
+}
+
+/// The format's name: `MAGIC` without its version digit.
+const MAGIC_NAME: &[u8; 7] = b"CGWINTK";
+
+pub fn read_header(data: &[u8]) -> Header {
+    let Some(h) = data.get(..20) else {
+        return if data.iter().all(|b| *b == 0) || data.starts_with(&MAGIC[..data.len().min(8)]) {
+            Header::Unwritten
+        } else {
+            Header::Foreign
+        };
+    };
+    if h.iter().all(|b| *b == 0) {
+        return Header::Unwritten;
     }
-    Some(u64::from_le_bytes(h[8..16].try_into().ok()?))
+    if !h.starts_with(MAGIC_NAME) {
+        return Header::Foreign;
+    }
+    if h[7] != MAGIC[7] {
+        return match h[7] {
+            v @ b'2'..=b'9' => Header::Newer(v - b'0'),
+            _ => Header::Foreign,
+        };
+    }
+    if crc32fast::hash(&h[..16]).to_le_bytes() != h[16..20] {
+        return Header::Unwritten;
+    }
+    let mut epoch = [0u8; 8];
+    epoch.copy_from_slice(&h[8..16]);
+    Header::Epoch(u64::from_le_bytes(epoch))
+}
+
+/// Where the intact frames of an epoch end in `data`, and where intact frames of the same epoch begin after
+/// that. A log that a crash interrupted ends in at most one torn frame, with nothing of its epoch after it; an
+/// intact frame further on means bytes in between were damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameScan {
+    pub readable_end: usize,
+    /// Offsets (in `data`) of the first intact frame of each run found after `readable_end`.
+    pub later: Vec<usize>,
+}
+
+/// Scans `data` (the frames' part of the file) for the frames of `epoch`.
+pub fn scan_frames(epoch: u64, data: &[u8]) -> FrameScan {
+    let (_, readable_end) = decode_frames(epoch, data);
+    let mut later = Vec::new();
+    let tag = epoch.to_le_bytes();
+    let mut at = readable_end + 1;
+    while let Some(window) = data.get(at..) {
+        let Some(found) = window.windows(8).position(|w| w == tag) else {
+            break;
+        };
+        let start = at + found;
+        let rest = data.get(start..).unwrap_or_default();
+        let (_, used) = decode_frames(epoch, rest);
+        if used > 0 {
+            later.push(start);
+            at = start + used;
+        } else {
+            at = start + 1;
+        }
+    }
+    FrameScan {
+        readable_end,
+        later,
+    }
+}
+
+/// Why a log could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    Io(io::Error),
+    /// What is wrong with it, for a person.
+    Damaged(String),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Io(e) => e.fmt(f),
+            OpenError::Damaged(why) => f.write_str(why),
+        }
+    }
+}
+
+/// What a log's bytes hold, read without writing anything (for `open`, `spool check` and `spool salvage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    pub header: Header,
+    /// The epoch its frames carry: the header's, or the first frame's when the header is unreadable.
+    pub epoch: Option<u64>,
+    /// Every intact frame's records, in order, including those after damaged bytes.
+    pub records: Vec<IntakeRecord>,
+    /// Bytes of frames (after the header) that read without a gap.
+    pub readable_end: usize,
+    /// What cannot be read, when something can't: a log that a crash interrupted has none.
+    pub damage: Option<String>,
+}
+
+pub fn inspect(data: &[u8]) -> Inspection {
+    let header = read_header(data);
+    let body = data.get(HEADER_LEN as usize..).unwrap_or_default();
+    let epoch = match header {
+        Header::Epoch(e) => Some(e),
+        Header::Unwritten | Header::Foreign => first_frame_epoch(body),
+        Header::Newer(_) => None,
+    };
+    let mut found = Inspection {
+        header,
+        epoch,
+        records: Vec::new(),
+        readable_end: 0,
+        damage: match header {
+            Header::Newer(v) => Some(format!(
+                "it was written by a newer conversion-gateway (intake log format {v}; this version reads format 1): run that version again, or move the spool aside"
+            )),
+            Header::Foreign if epoch.is_none() => Some(
+                "it is not an intake log: its first bytes are not a conversion-gateway intake log header, and no intact frame follows".into(),
+            ),
+            _ => None,
+        },
+    };
+    let Some(epoch) = epoch else {
+        return found;
+    };
+    let scan = scan_frames(epoch, body);
+    found.readable_end = scan.readable_end;
+    found.records = decode_frames(epoch, body).0;
+    for at in &scan.later {
+        found
+            .records
+            .extend(decode_frames(epoch, body.get(*at..).unwrap_or_default()).0);
+    }
+    if let Some(first) = scan.later.first() {
+        found.damage = Some(format!(
+            "bytes {} to {} do not read as frames, yet intact frames follow ({} runs, the first at byte {}): part of the log was overwritten or zero-filled",
+            HEADER_LEN as usize + scan.readable_end,
+            HEADER_LEN as usize + first,
+            scan.later.len(),
+            HEADER_LEN as usize + first,
+        ));
+    }
+    found
+}
+
+/// The epoch of the intact frame at the start of `data`, if one is there (for a log whose header is gone).
+pub fn first_frame_epoch(data: &[u8]) -> Option<u64> {
+    let epoch = u64::from_le_bytes(*data.first_chunk::<8>()?);
+    (epoch != 0 && decode_frame(epoch, data).is_some()).then_some(epoch)
 }
 
 /// Appends one frame of `records` in `epoch` to `out`.
@@ -341,7 +518,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_header_means_an_empty_log() {
+    fn a_torn_header_with_frames_after_it_is_read_by_the_frames_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("intake.log");
         let (mut log, _) = IntakeLog::open(&path).unwrap();
@@ -349,11 +526,98 @@ mod tests {
         drop(log);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff; 4], 10).unwrap();
+        // Torn while a reset wrote it (then the frames are durable elsewhere and recovery skips them) or
+        // damaged (then they are the current ones): either way reading them loses nothing.
         let (mut log, found) = IntakeLog::open(&path).unwrap();
-        assert!(found.is_empty());
+        assert_eq!(found, [rec(1, "acme", b"x")]);
         log.append([&rec(2, "acme", b"y")]).unwrap();
         drop(log);
-        assert_eq!(IntakeLog::open(&path).unwrap().1, [rec(2, "acme", b"y")]);
+        assert_eq!(
+            IntakeLog::open(&path).unwrap().1,
+            [rec(1, "acme", b"x"), rec(2, "acme", b"y")]
+        );
+        // A torn header with nothing after it is a new log.
+        let empty = dir.path().join("empty.log");
+        std::fs::write(&empty, &header(5)[..11]).unwrap();
+        let (mut log, found) = IntakeLog::open(&empty).unwrap();
+        assert!(found.is_empty());
+        log.append([&rec(3, "acme", b"z")]).unwrap();
+        drop(log);
+        assert_eq!(IntakeLog::open(&empty).unwrap().1, [rec(3, "acme", b"z")]);
+    }
+
+    fn log_of(frames: &[&[IntakeRecord]]) -> (tempfile::TempDir, std::path::PathBuf, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("intake.log");
+        let (mut log, _) = IntakeLog::open(&path).unwrap();
+        let mut ends = Vec::new();
+        for f in frames {
+            log.append(f.iter()).unwrap();
+            ends.push(log.end);
+        }
+        (dir, path, ends)
+    }
+
+    #[test]
+    fn bytes_lost_before_intact_frames_are_damage_and_open_writes_nothing() {
+        let (a, b, c) = (
+            rec(1, "acme", &[1; 200]),
+            rec(2, "acme", &[2; 200]),
+            rec(3, "b", &[3; 200]),
+        );
+        let (_dir, path, ends) =
+            log_of(&[std::slice::from_ref(&a), &[b], std::slice::from_ref(&c)]);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0; 100], ends[0] + 10).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        match IntakeLog::open(&path) {
+            Err(OpenError::Damaged(why)) => assert!(why.contains("zero-filled"), "{why}"),
+            other => panic!("{:?}", other.map(|o| o.1)),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+        let found = inspect(&before);
+        assert_eq!(
+            found.records,
+            [a, c],
+            "the readable part on both sides of the damage"
+        );
+        assert_eq!(found.readable_end as u64, ends[0] - HEADER_LEN);
+    }
+
+    #[test]
+    fn a_newer_format_or_foreign_bytes_are_refused() {
+        let (_dir, path, _) = log_of(&[&[rec(1, "acme", b"x")]]);
+        let mut data = std::fs::read(&path).unwrap();
+        data[7] = b'2';
+        std::fs::write(&path, &data).unwrap();
+        match IntakeLog::open(&path) {
+            Err(OpenError::Damaged(why)) => {
+                assert!(why.contains("newer conversion-gateway"), "{why}")
+            }
+            other => panic!("{:?}", other.map(|o| o.1)),
+        }
+        std::fs::write(&path, vec![0x5a; 9000]).unwrap();
+        match IntakeLog::open(&path) {
+            Err(OpenError::Damaged(why)) => assert!(why.contains("not an intake log"), "{why}"),
+            other => panic!("{:?}", other.map(|o| o.1)),
+        }
+        // A zero-filled header before intact frames: read by the frames' epoch.
+        let (_dir, path, _) = log_of(&[&[rec(1, "acme", b"x")]]);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0; 20], 0).unwrap();
+        assert_eq!(IntakeLog::open(&path).unwrap().1, [rec(1, "acme", b"x")]);
+    }
+
+    #[test]
+    fn epochs_are_random_and_never_zero() {
+        let mut seen = std::collections::HashSet::new();
+        let mut e = 1;
+        for _ in 0..100 {
+            e = next_epoch(e);
+            assert_ne!(e, 0);
+            seen.insert(e);
+        }
+        assert!(seen.len() > 95);
     }
 
     proptest! {

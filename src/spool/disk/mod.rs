@@ -55,6 +55,7 @@ mod pending;
 mod protocol;
 mod reader;
 mod recovery;
+pub mod salvage;
 mod schema;
 mod tables;
 #[cfg(test)]
@@ -75,7 +76,7 @@ use admission::Bounds;
 use counters::{lock, Shared};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use handle::{open_db, Handle};
+use handle::{open_checked, Handle};
 use intake_log::IntakeLog;
 use protocol::{Cmd, Op, Prepared};
 use reader::{blocking, Readers};
@@ -150,12 +151,42 @@ impl DiskSpool {
         std::fs::create_dir_all(&opts.dir)
             .map_err(|e| storage(format!("cannot create {}: {e}", opts.dir.display())))?;
         let path = opts.dir.join("spool.redb");
-        let db = open_db(&path, opts.cache_bytes)?;
+        let log_path = opts.dir.join("intake.log");
+        // The log is judged before the database file is opened for writing: a refusal writes nothing.
+        let unusable = |why: String| SpoolError::Unusable {
+            file: log_path.clone(),
+            why,
+        };
+        match std::fs::read(&log_path) {
+            Ok(data) => {
+                if let Some(why) = intake_log::inspect(&data).damage {
+                    return Err(unusable(why));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(unusable(handle::PERMISSION_DENIED.into()))
+            }
+            Err(e) => return Err(storage(format!("cannot read {}: {e}", log_path.display()))),
+        }
+        let db = open_checked(&path, opts.cache_bytes)?;
         let mut shared = Shared::default();
         recovery::load_counts(&db, &mut shared)?;
-        let log_path = opts.dir.join("intake.log");
-        let (mut intake, logged) = IntakeLog::open(&log_path)
-            .map_err(|e| storage(format!("cannot read {}: {e}", log_path.display())))?;
+        let (mut intake, logged) = IntakeLog::open(&log_path).map_err(|e| match e {
+            intake_log::OpenError::Damaged(why) => SpoolError::Unusable {
+                file: log_path.clone(),
+                why,
+            },
+            intake_log::OpenError::Io(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                SpoolError::Unusable {
+                    file: log_path.clone(),
+                    why: handle::PERMISSION_DENIED.into(),
+                }
+            }
+            intake_log::OpenError::Io(e) => {
+                storage(format!("cannot read {}: {e}", log_path.display()))
+            }
+        })?;
         let (mut dedup, mut seq) = recovery::load_dedup(&db)?;
         let pending = recovery::intake_log_events(&db, &mut shared, logged, &mut dedup, &mut seq)?;
         shared.dedup_entries = dedup.table.len() as u64;

@@ -33,11 +33,17 @@ pub enum MetaKey<'a> {
     Bytes(&'a str),
     /// The limiter's theoretical arrival time of a budget key (nanoseconds since the epoch).
     Tat(&'a str),
+    /// The layout of this file (`FORMAT`; absent in spools made before it was kept: format 1).
+    Format,
 }
+
+/// The layout this version writes and reads. A file of a later one is refused, never read half-understood.
+pub const FORMAT: u64 = 1;
 
 impl<'a> MetaKey<'a> {
     /// Every key without a parameter.
-    pub const FIXED: [MetaKey<'static>; 5] = [
+    pub const FIXED: [MetaKey<'static>; 6] = [
+        MetaKey::Format,
         MetaKey::Seq,
         MetaKey::DedupNext,
         MetaKey::DeadSeq,
@@ -47,6 +53,7 @@ impl<'a> MetaKey<'a> {
 
     pub fn name(&self) -> String {
         match self {
+            MetaKey::Format => "format".into(),
             MetaKey::Seq => "seq".into(),
             MetaKey::DedupNext => "dedup_next".into(),
             MetaKey::DeadSeq => "dead_seq".into(),
