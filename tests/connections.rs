@@ -308,7 +308,8 @@ fn beyond_max_connections_new_ones_are_closed_at_once_and_the_admin_side_answers
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
 }
 
-/// A body with a bad chunk gets 400 and is not taken: nothing of it reaches X.
+/// A body with a bad chunk, or a request framed both by Content-Length and Transfer-Encoding, gets 400 and is
+/// not taken: nothing of it reaches X.
 #[test]
 fn a_bad_chunk_gets_400_and_nothing_is_taken() {
     let stack = start_stack();
@@ -321,6 +322,25 @@ fn a_bad_chunk_gets_400_and_nothing_is_taken() {
     let bad_chunk = format!("{head}Transfer-Encoding: chunked\r\n\r\nzz\r\n{event}\r\n0\r\n\r\n");
     let (code, _, _) = problem(&exchange(addr, bad_chunk.as_bytes()));
     assert_eq!(code, 400);
+    // Both framings at once (request smuggling), in either order, also behind an ordinary request on
+    // the same connection: 400 naming the two headers, the event not taken.
+    let chunked = format!("{:x}\r\n{event}\r\n0\r\n\r\n", event.len());
+    let smuggled = [
+        format!("{head}Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}", chunked.len()),
+        format!("{head}Transfer-Encoding: chunked\r\nContent-Length: {}\r\n\r\n{chunked}", event.len()),
+        format!("GET /livez HTTP/1.1\r\nHost: gateway\r\n\r\n{head}Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"),
+    ];
+    for request in smuggled {
+        let answer = exchange(addr, request.as_bytes());
+        let last = answer.rfind("HTTP/1.1 ").unwrap();
+        let (code, _, body) = problem(&answer[last..]);
+        assert_eq!(code, 400, "{answer}");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("both Content-Length and Transfer-Encoding"),
+            "{detail}"
+        );
+    }
     // The same event sent properly goes through: the one above was refused, not lost in transit.
     let proper = format!(
         "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{event}",

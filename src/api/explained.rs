@@ -13,8 +13,11 @@
 //! # Invariants
 //! The bytes hyper asked to write are reported written only once the replacement is queued; the
 //! replacement is written in full before anything else, and before a flush or shutdown completes.
-//! Vectored writes are turned off so that a head always arrives in one buffer.
+//! Vectored writes are turned off so that a head always arrives in one buffer. On the way in, the request
+//! bytes are followed (`framing`) and a head naming both `Content-Length` and `Transfer-Encoding` has its last
+//! byte spoiled, so that hyper refuses it; its 400 is then explained as request smuggling.
 
+use super::framing::Framing;
 use super::Problem;
 use axum::http::StatusCode;
 use std::io;
@@ -29,17 +32,27 @@ pin_project_lite::pin_project! {
         io: I,
         // The replacement answer and how much of it is written.
         pending: Option<(Vec<u8>, usize)>,
+        // The request bytes, followed for a head with both Content-Length and Transfer-Encoding.
+        framing: Framing,
+        // Such a head was spoiled, so hyper's 400 is about it.
+        smuggled: bool,
     }
 }
 
 impl<I> Explained<I> {
     pub fn new(io: I) -> Self {
-        Explained { io, pending: None }
+        Explained {
+            io,
+            pending: None,
+            framing: Framing::default(),
+            smuggled: false,
+        }
     }
 }
 
-/// The problem answer for a hyper parse-error head, or `None` when `buf` is not one.
-fn replacement(buf: &[u8]) -> Option<Vec<u8>> {
+/// The problem answer for a hyper parse-error head, or `None` when `buf` is not one; `smuggled` when the
+/// request it answers named both Content-Length and Transfer-Encoding.
+fn replacement(buf: &[u8], smuggled: bool) -> Option<Vec<u8>> {
     // Most writes are the handlers' answers: only a 4xx status line is looked at further.
     if !(buf.starts_with(b"HTTP/1.1 4") || buf.starts_with(b"HTTP/1.0 4")) {
         return None;
@@ -52,7 +65,12 @@ fn replacement(buf: &[u8]) -> Option<Vec<u8>> {
         .strip_prefix("HTTP/1.1 ")
         .or_else(|| status_line.strip_prefix("HTTP/1.0 "))?;
     let code: u16 = rest.get(..3)?.parse().ok()?;
-    let problem = problem_for(code)?;
+    let problem = match code {
+        400 if smuggled => Problem::bad_request(
+            "the request has both Content-Length and Transfer-Encoding, which frame its body two ways (request smuggling): send one of them; nothing of it was read",
+        ),
+        _ => problem_for(code)?,
+    };
     let mut kept = Vec::new();
     let mut empty = false;
     for line in lines {
@@ -138,7 +156,18 @@ impl<I: AsyncRead> AsyncRead for Explained<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.io.poll_read(cx, buf))?;
+        let read = buf.filled_mut().get_mut(before..).unwrap_or_default();
+        for at in this.framing.feed(read) {
+            // The head's last byte, spoiled before hyper reads it: hyper refuses the head with 400.
+            if let Some(b) = read.get_mut(at) {
+                *b = 0x01;
+                *this.smuggled = true;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -149,7 +178,8 @@ impl<I: AsyncWrite> AsyncWrite for Explained<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.as_mut().poll_pending(cx))?;
-        if let Some(answer) = replacement(buf) {
+        let smuggled = self.smuggled;
+        if let Some(answer) = replacement(buf, smuggled) {
             *self.as_mut().project().pending = Some((answer, 0));
             // Written or not yet, it is queued: the next write, flush or shutdown finishes it.
             if let Poll::Ready(Err(e)) = self.as_mut().poll_pending(cx) {
@@ -193,7 +223,7 @@ mod tests {
             let head = format!(
                 "HTTP/1.1 {code} Whatever\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 12:00:00 GMT\r\n\r\n"
             );
-            let out = text(&replacement(head.as_bytes()).unwrap());
+            let out = text(&replacement(head.as_bytes(), false).unwrap());
             let (head, body) = out.split_once("\r\n\r\n").unwrap();
             assert!(head.starts_with(&format!("HTTP/1.1 {code} ")), "{head}");
             assert!(head.contains("content-type: application/problem+json"));
@@ -219,7 +249,7 @@ mod tests {
             b"{\"accepted\":1}",
             b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\ntrailing",
         ] {
-            assert_eq!(replacement(buf), None, "{}", text(buf));
+            assert_eq!(replacement(buf, false), None, "{}", text(buf));
         }
     }
 

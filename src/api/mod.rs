@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod body_budget;
 mod explained;
+mod framing;
 pub mod ingest;
 pub mod problem;
 mod server;
