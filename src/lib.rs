@@ -12,6 +12,8 @@ pub mod conversion;
 pub mod dispatch;
 pub mod fake_x;
 pub mod fd_limit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod healthcheck;
 pub mod limiter;
 pub mod metrics;

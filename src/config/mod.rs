@@ -435,6 +435,25 @@ pub fn load(
                 .required(true),
         );
     }
+    with_env(builder, env)
+}
+
+/// Loads defaults, then the TOML `text`, then the `GATEWAY_*` variables of `env` (`load` without a file
+/// on disk: the fuzz target, and tests).
+pub fn load_str(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
+    let builder = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+        .add_source(config::File::from_str(text, config::FileFormat::Toml));
+    with_env(builder, env)
+}
+
+fn with_env(
+    mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
     let vars: config::Map<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("GATEWAY_") && k != "GATEWAY_CONFIG")

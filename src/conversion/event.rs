@@ -49,6 +49,33 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The rules of the tests and fuzz targets: `accounts`, each with pixel `o9d7n` and the events
+    /// `purchase` (SET `o9d2g`) and `signup` (`o9d2h`), phones in the US, events up to 7 days old.
+    #[doc(hidden)]
+    pub fn example(accounts: &[&str]) -> Rules {
+        let accounts = accounts
+            .iter()
+            .map(|name| {
+                let events = [
+                    ("purchase".to_string(), "o9d2g".to_string()),
+                    ("signup".to_string(), "o9d2h".to_string()),
+                ]
+                .into();
+                let rules = AccountRules {
+                    pixel_id: "o9d7n".into(),
+                    events,
+                    default_phone_region: phonenumber::country::Id::US,
+                };
+                (name.to_string(), rules)
+            })
+            .collect();
+        Rules {
+            accounts,
+            max_event_age: Duration::from_secs(7 * 86400),
+            max_event_bytes: 64 << 10,
+        }
+    }
+
     /// The configured account an event belongs to, as `map_event` tells it: the one it names, or the only
     /// one. `None` when it names none of them (or none while several are configured).
     pub fn account_of<'a>(&'a self, raw: &Value) -> Option<&'a str> {
@@ -618,29 +645,7 @@ mod tests {
     use serde_json::json;
 
     fn rules(accounts: &[&str]) -> Rules {
-        let accounts = accounts
-            .iter()
-            .map(|name| {
-                let events = [
-                    ("purchase".to_string(), "o9d2g".to_string()),
-                    ("signup".to_string(), "o9d2h".to_string()),
-                ]
-                .into();
-                (
-                    name.to_string(),
-                    AccountRules {
-                        pixel_id: "o9d7n".into(),
-                        events,
-                        default_phone_region: phonenumber::country::Id::US,
-                    },
-                )
-            })
-            .collect();
-        Rules {
-            accounts,
-            max_event_age: Duration::from_secs(7 * 86400),
-            max_event_bytes: 64 << 10,
-        }
+        Rules::example(accounts)
     }
 
     fn now() -> DateTime<Utc> {

@@ -1,0 +1,3 @@
+//! `conversion_gateway::fuzzing::spool_record`: the property lives in the library, shared with the corpus replay test.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| conversion_gateway::fuzzing::spool_record(data));
