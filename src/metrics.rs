@@ -23,6 +23,7 @@ pub struct Metrics {
     registry: Registry,
     accounts: Vec<String>,
     received: IntCounterVec,
+    identifiers_dropped: IntCounterVec,
     delivered: IntCounterVec,
     dead_lettered: IntCounterVec,
     upstream_requests: IntCounterVec,
@@ -134,6 +135,11 @@ impl Metrics {
             "events_received_total",
             "Events POSTed to /v1/events, by what ingest decided.",
             &["account", "outcome"],
+        );
+        let identifiers_dropped = counter(
+            "identifiers_dropped_total",
+            "Identifiers left out of accepted events because they could not be used (a strong one remained), by field.",
+            &["account", "field"],
         );
         let delivered = counter(
             "events_delivered_total",
@@ -339,6 +345,7 @@ impl Metrics {
             registry,
             accounts,
             received,
+            identifiers_dropped,
             delivered,
             dead_lettered,
             upstream_requests,
@@ -412,6 +419,14 @@ impl Metrics {
                 .with_label_values(&[account, r.as_str()])
                 .set(i64::from(Some(r) == reason));
         }
+    }
+
+    /// An identifier (`field`, one of the event's identifier fields) of an accepted event of `account`
+    /// was left out.
+    pub fn identifier_dropped(&self, account: &str, field: &str) {
+        self.identifiers_dropped
+            .with_label_values(&[account, field])
+            .inc();
     }
 
     pub fn rate_limit_delay(&self, account: &str, seconds: f64) {

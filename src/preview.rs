@@ -18,6 +18,9 @@ pub enum Preview {
         account: String,
         pixel_id: String,
         conversion: Box<Conversion>,
+        /// Identifiers left out because they could not be used (a strong one remained), with why.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        dropped: Vec<FieldError>,
     },
     /// `opt_out: true`: would never be stored nor sent.
     Suppressed {
@@ -77,6 +80,7 @@ pub fn preview(input: &str, rules: &Rules, now: DateTime<Utc>) -> Result<Report,
             Judgement::Accepted {
                 account,
                 conversion,
+                dropped,
                 ..
             } => {
                 report.accepted += 1;
@@ -89,6 +93,7 @@ pub fn preview(input: &str, rules: &Rules, now: DateTime<Utc>) -> Result<Report,
                         .unwrap_or_default(),
                     account,
                     conversion: Box::new(conversion),
+                    dropped,
                 }
             }
             Judgement::Suppressed { account } => {
@@ -162,6 +167,31 @@ mod tests {
         assert!(shown.contains(r#""outcome":"rejected""#) && shown.contains(r#""field":"event""#));
         let single = preview(a, &rules(), now).unwrap();
         assert_eq!(single.events.len(), 1);
+    }
+
+    #[test]
+    fn a_dropped_identifier_is_shown_as_ingest_answers_it() {
+        let report = preview(
+            r#"{"event": "purchase", "email": "jane@example.com", "phone": "555-1234"}"#,
+            &rules(),
+            Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(report.accepted, 1);
+        let json = serde_json::to_value(&report.events[0]).unwrap();
+        assert_eq!(json["dropped"][0]["field"], "phone", "{json}");
+        assert!(!json.to_string().contains("555-1234"), "{json}");
+        // Nothing dropped: no `dropped` key.
+        let report = preview(
+            r#"{"event": "purchase", "twclid": "t"}"#,
+            &rules(),
+            Utc::now(),
+        )
+        .unwrap();
+        assert!(serde_json::to_value(&report.events[0])
+            .unwrap()
+            .get("dropped")
+            .is_none());
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::Command;
 
 fn config(file: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(file)
 }
 
 /// Every metric family the gateway can export (shared mode, every recorder called once), with the series
@@ -20,6 +22,7 @@ fn config(file: &str) -> std::path::PathBuf {
 fn exported() -> BTreeSet<String> {
     let m = Metrics::shared(["acme"]);
     m.received(Some("acme"), IngestOutcome::Accepted, 1);
+    m.identifier_dropped("acme", "phone");
     m.delivered("acme", 1);
     m.dead_lettered("acme", DeadLetterReason::Rejected, 1);
     m.upstream_request("acme", "200", 0.1, 10);
@@ -133,7 +136,11 @@ fn every_expression_of_the_dashboard_and_the_alerts_names_an_exported_metric() {
     for (place, expr) in exprs
         .iter()
         .map(|e| ("dashboard".to_string(), e.clone()))
-        .chain(alerts.iter().map(|(a, e)| (format!("alert {a}"), e.clone())))
+        .chain(
+            alerts
+                .iter()
+                .map(|(a, e)| (format!("alert {a}"), e.clone())),
+        )
     {
         let used = metrics_in(&expr);
         assert!(!used.is_empty(), "{place}: {expr} names no metric");

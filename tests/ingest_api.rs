@@ -518,3 +518,81 @@ async fn opted_out_users_are_suppressed_by_list_and_by_gpc() {
     assert_eq!(b["accepted"], 1);
     assert_eq!(spool.backlog("acme"), 2);
 }
+
+/// A user's typo never costs a conversion: an unusable identifier next to a strong one is left out of
+/// the event, listed under `warnings` and counted; the event is queued with what could be used. With no
+/// strong identifier left, the event is rejected with every reason.
+#[tokio::test]
+async fn an_unusable_identifier_is_dropped_with_a_warning_and_the_event_kept() {
+    let (app, spool, st) = setup();
+    let events = json!({"events": [
+        {"event": "purchase", "email": "jane@example.com", "phone": "12", "conversion_id": "typo-1"},
+        {"event": "purchase", "twclid": "t", "ip_address": "1.2.3", "email": "no-at-sign", "conversion_id": "typo-2"},
+        {"event": "purchase", "phone": "12", "conversion_id": "typo-3"},
+    ]});
+    let (status, body, _) = post_json(&app, events).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["accepted"], 2, "{body}");
+    let warnings: Vec<(u64, &str)> = body["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["index"].as_u64().unwrap(), w["field"].as_str().unwrap()))
+        .collect();
+    assert_eq!(warnings, [(0, "phone"), (1, "email"), (1, "ip_address")]);
+    assert!(body["warnings"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("phone number"));
+    assert!(
+        !body.to_string().contains("no-at-sign"),
+        "errors never echo the value"
+    );
+    let rejected = &body["rejected"][0];
+    assert_eq!(rejected["index"], 2);
+    assert_eq!(rejected["errors"][0]["field"], "phone");
+    // What is queued carries only what could be used.
+    let waiting = spool.peek("acme", 10).await.unwrap();
+    let ids: Vec<Vec<&str>> = waiting
+        .iter()
+        .map(|e| {
+            e.record
+                .conversion
+                .identifiers
+                .iter()
+                .map(|i| match i {
+                    conversion_gateway::conversion::Identifier::Twclid { .. } => "twclid",
+                    conversion_gateway::conversion::Identifier::HashedEmail { .. } => "email",
+                    conversion_gateway::conversion::Identifier::HashedPhoneNumber { .. } => "phone",
+                    conversion_gateway::conversion::Identifier::Device {
+                        ip_address: None, ..
+                    } => "device without ip",
+                    conversion_gateway::conversion::Identifier::Device { .. } => "device",
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(ids, [vec!["email"], vec!["twclid"]]);
+    // Counted per account and field.
+    let admin = api::admin_app(admin_state(st.clone()));
+    let resp = admin
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let metrics = String::from_utf8(bytes.to_vec()).unwrap();
+    for field in ["phone", "email", "ip_address"] {
+        assert!(
+            metrics.contains(&format!(
+                "conversion_gateway_identifiers_dropped_total{{account=\"acme\",field=\"{field}\"}} 1"
+            )),
+            "{field}: {metrics}"
+        );
+    }
+    // Without drops the answer is as before: no `warnings` key.
+    let (_, body, _) = post_json(&app, json!({"event": "purchase", "twclid": "x"})).await;
+    assert!(body.get("warnings").is_none(), "{body}");
+}

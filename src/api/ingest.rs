@@ -26,6 +26,17 @@ pub struct IngestResponse {
     pub duplicates: usize,
     pub suppressed: usize,
     pub rejected: Vec<RejectedEvent>,
+    /// Identifiers left out of accepted events because they could not be used (a strong one remained).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
+}
+
+/// An identifier of event `index` that was left out, and why.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Warning {
+    pub index: usize,
+    pub field: String,
+    pub message: String,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -234,6 +245,7 @@ async fn handle(st: &AppState, request: Request) -> Result<Response, Problem> {
         duplicates: 0,
         suppressed: 0,
         rejected: Vec::new(),
+        warnings: Vec::new(),
     };
     let opted_out = gpc && st.privacy.honors_gpc();
     let records = judge(st, &events, &scope, opted_out, now, &mut out);
@@ -359,12 +371,23 @@ fn judge(
                 account,
                 conversion,
                 event_name,
-            } => records.push(Record {
-                account,
-                conversion,
-                received_at_ms,
-                event_name,
-            }),
+                dropped,
+            } => {
+                for d in dropped {
+                    st.metrics.identifier_dropped(&account, &d.field);
+                    out.warnings.push(Warning {
+                        index,
+                        field: d.field,
+                        message: d.message,
+                    });
+                }
+                records.push(Record {
+                    account,
+                    conversion,
+                    received_at_ms,
+                    event_name,
+                })
+            }
             Judgement::Suppressed { account } => {
                 out.suppressed += 1;
                 st.metrics

@@ -116,6 +116,8 @@ pub enum Judgement {
         /// The `event` name the caller sent, when the SET id came from it: a replayed dead letter is mapped
         /// again with the configuration of the day (e.g. after a wrong SET id was fixed).
         event_name: Option<String>,
+        /// Identifiers that could not be used and were left out, each with why (a strong one remained).
+        dropped: Vec<FieldError>,
     },
     /// The user opted out: never stored, never sent.
     Suppressed {
@@ -179,7 +181,8 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         .map(str::to_owned);
     let conversion_time = fields.conversion_time(now, rules.max_event_age);
     let event_source_url = fields.event_source_url();
-    let identifiers = fields.identifiers(event_source_url.as_ref(), account.default_phone_region);
+    let (identifiers, dropped) =
+        fields.identifiers(event_source_url.as_ref(), account.default_phone_region);
     let (value, price_currency, number_items) = fields.amounts();
     let description = fields.string("description");
     let contents = fields.contents();
@@ -189,6 +192,7 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
 
     if opt_out {
         // What the event holds must be well-formed; what it lacks does not matter, it is never sent.
+        errs.extend(dropped);
         errs.retain(|e| {
             let root = e.field.split(['.', '[']).next().unwrap_or("");
             obj.get(root).is_some_and(|v| !v.is_null())
@@ -224,6 +228,7 @@ pub fn map_event(raw: &Value, rules: &Rules, now: DateTime<Utc>) -> Judgement {
         account: account_name,
         event_name,
         conversion,
+        dropped,
     }
 }
 
@@ -412,12 +417,15 @@ impl<'a> Fields<'a, '_> {
         }
     }
 
-    /// The identifiers, normalized and hashed; at least one strong one (click id, email, phone).
+    /// The identifiers, normalized and hashed, and those that could not be used. An unusable one (a
+    /// malformed email, a phone number X cannot match, a bad IP address) is an optional extra that is
+    /// left out while a strong one (click id, email, phone) remains; without a strong one left, every
+    /// reason is an error of the event.
     fn identifiers(
         &mut self,
         url: Option<&url::Url>,
         region: phonenumber::country::Id,
-    ) -> Vec<Identifier> {
+    ) -> (Vec<Identifier>, Vec<FieldError>) {
         let mut identifiers = Vec::new();
         let errors_before = self.errs.len();
         let twclid = self
@@ -437,12 +445,6 @@ impl<'a> Fields<'a, '_> {
                 hashed_phone_number: h,
             });
         }
-        if identifiers.is_empty() && self.errs.len() == errors_before {
-            self.err::<()>(
-                "identifiers",
-                "at least one of twclid (or a twclid in event_source_url), email, hashed_email, phone or hashed_phone_number is required; ip_address and user_agent do not count alone",
-            );
-        }
         let ip_address =
             self.string("ip_address")
                 .and_then(|ip| match ip.parse::<std::net::IpAddr>() {
@@ -456,7 +458,18 @@ impl<'a> Fields<'a, '_> {
                 user_agent,
             });
         }
-        identifiers
+        let unusable: Vec<FieldError> = self.errs.drain(errors_before..).collect();
+        if identifiers.iter().any(Identifier::is_strong) {
+            return (identifiers, unusable);
+        }
+        if unusable.is_empty() {
+            self.err::<()>(
+                "identifiers",
+                "at least one of twclid (or a twclid in event_source_url), email, hashed_email, phone or hashed_phone_number is required; ip_address and user_agent do not count alone",
+            );
+        }
+        self.errs.extend(unusable);
+        (identifiers, Vec::new())
     }
 
     /// `value`, `price_currency` and `number_items`, each checked on its own.
@@ -661,6 +674,75 @@ mod tests {
 
     fn reject(raw: Value) -> Vec<FieldError> {
         reject_with(raw, &rules(&["acme"]))
+    }
+
+    /// The conversion of an accepted event and the identifiers left out of it.
+    fn accept_dropping(raw: Value) -> (Conversion, Vec<FieldError>) {
+        match map_event(&raw, &rules(&["acme"]), now()) {
+            Judgement::Accepted {
+                conversion,
+                dropped,
+                ..
+            } => (conversion, dropped),
+            other => panic!("{raw} -> {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unusable_identifier_is_left_out_while_a_strong_one_remains() {
+        let email = hashed_email("jane@example.com").unwrap();
+        // A good email, a mistyped phone: accepted without the phone.
+        let (c, dropped) = accept_dropping(
+            json!({"event": "purchase", "email": "jane@example.com", "phone": "12"}),
+        );
+        assert_eq!(
+            c.identifiers,
+            [Identifier::HashedEmail {
+                hashed_email: email.clone()
+            }]
+        );
+        assert_eq!(fields(&dropped), ["phone"]);
+        assert!(
+            dropped[0].message.contains("phone number"),
+            "{}",
+            dropped[0].message
+        );
+        // A malformed email, a good phone and a bad IP: the phone is sent, both others dropped.
+        let (c, dropped) = accept_dropping(
+            json!({"event": "purchase", "email": "jane(at)example.com", "phone": "+1 650 253 0000", "ip_address": "300.1.1.1"}),
+        );
+        assert_eq!(
+            c.identifiers,
+            [Identifier::HashedPhoneNumber {
+                hashed_phone_number: hashed_phone("+16502530000", phonenumber::country::Id::US)
+                    .unwrap()
+            }]
+        );
+        assert_eq!(fields(&dropped), ["email", "ip_address"]);
+        // A hashed twin that does not match its raw value: both dropped, the click id remains.
+        let (c, dropped) = accept_dropping(
+            json!({"event": "purchase", "twclid": "t", "email": "jane@example.com", "hashed_email": "ab".repeat(32)}),
+        );
+        assert_eq!(c.identifiers, [Identifier::Twclid { twclid: "t".into() }]);
+        assert_eq!(fields(&dropped), ["hashed_email"]);
+        // A local number without an area code is not a number X can match: dropped, never +15551234.
+        let (c, dropped) =
+            accept_dropping(json!({"event": "purchase", "twclid": "t", "phone": "555-1234"}));
+        assert_eq!(c.identifiers.len(), 1);
+        assert_eq!(fields(&dropped), ["phone"]);
+        assert!(
+            dropped[0].message.contains("area code"),
+            "{}",
+            dropped[0].message
+        );
+        // No strong identifier left: rejected with every reason, as before.
+        let e = reject(
+            json!({"event": "purchase", "phone": "12", "email": "x@", "ip_address": "1.2.3.4"}),
+        );
+        assert_eq!(fields(&e), ["email", "phone"]);
+        // The other fields keep their strict rules.
+        let e = reject(json!({"event": "purchase", "twclid": "t", "phone": "12", "value": "abc"}));
+        assert_eq!(fields(&e), ["value"]);
     }
 
     fn reject_with(raw: Value, rules: &Rules) -> Vec<FieldError> {
@@ -871,11 +953,17 @@ mod tests {
                 user_agent: Some("Mozilla/5.0".into())
             }
         );
+        // A bad IP address next to a strong identifier is left out, not fatal.
+        let (c, dropped) = accept_dropping(
+            json!({"event": "purchase", "twclid": "t", "ip_address": "1.2.3", "user_agent": "ua"}),
+        );
+        assert_eq!(fields(&dropped), ["ip_address"]);
         assert_eq!(
-            fields(&reject(
-                json!({"event": "purchase", "twclid": "t", "ip_address": "1.2.3"})
-            )),
-            ["ip_address"]
+            c.identifiers[1],
+            Identifier::Device {
+                ip_address: None,
+                user_agent: Some("ua".into())
+            }
         );
         let c = accept(json!({"event": "purchase", "twclid": "t", "user_agent": "ua"}));
         assert_eq!(
@@ -1127,6 +1215,53 @@ mod tests {
     }
 
     proptest! {
+        /// An accepted event always carries a strong identifier; a dropped identifier never reaches X
+        /// (its field contributes nothing to the conversion); every identifier given is used, dropped or
+        /// the reason for a rejection.
+        #[test]
+        fn dropped_identifiers_never_reach_x(
+            email in prop_oneof![Just(None), Just(Some("jane@example.com")), Just(Some("jane(at)example")), Just(Some(""))],
+            phone in prop_oneof![Just(None), Just(Some("+1 650 253 0000")), Just(Some("12")), Just(Some("555-1234"))],
+            ip in prop_oneof![Just(None), Just(Some("203.0.113.7")), Just(Some("1.2.3"))],
+            twclid in prop_oneof![Just(None), Just(Some("t"))],
+        ) {
+            let mut raw = json!({"event": "purchase"});
+            for (k, v) in [("email", email), ("phone", phone), ("ip_address", ip), ("twclid", twclid)] {
+                if let Some(v) = v {
+                    raw[k] = json!(v);
+                }
+            }
+            match map_event(&raw, &rules(&["acme"]), now()) {
+                Judgement::Accepted { conversion, dropped, .. } => {
+                    prop_assert!(conversion.identifiers.iter().any(Identifier::is_strong));
+                    for d in &dropped {
+                        let present = conversion.identifiers.iter().any(|i| match (d.field.as_str(), i) {
+                            ("email" | "hashed_email", Identifier::HashedEmail { .. }) => true,
+                            ("phone" | "hashed_phone_number", Identifier::HashedPhoneNumber { .. }) => true,
+                            ("ip_address", Identifier::Device { ip_address, .. }) => ip_address.is_some(),
+                            ("twclid", Identifier::Twclid { .. }) => true,
+                            _ => false,
+                        });
+                        prop_assert!(!present, "{} was dropped yet sent: {:?}", d.field, conversion.identifiers);
+                    }
+                    let sent = conversion.identifiers.iter().map(|i| match i {
+                        Identifier::Twclid { .. } => 1,
+                        Identifier::HashedEmail { .. } | Identifier::HashedPhoneNumber { .. } => 1,
+                        Identifier::Device { ip_address, user_agent } => ip_address.is_some() as usize + user_agent.is_some() as usize,
+                    }).sum::<usize>();
+                    let given = [email, phone, ip, twclid].iter().filter(|v| v.is_some_and(|v| !v.is_empty())).count();
+                    prop_assert_eq!(sent + dropped.len(), given, "used + dropped = given");
+                }
+                Judgement::Rejected(errors) => {
+                    prop_assert!(!errors.is_empty());
+                    let strong_given = [(email, "jane@example.com"), (phone, "+1 650 253 0000"), (twclid, "t")]
+                        .iter().any(|(v, good)| *v == Some(*good));
+                    prop_assert!(!strong_given, "rejected with a good strong identifier: {:?}", errors);
+                }
+                Judgement::Suppressed { .. } => prop_assert!(false, "not opted out"),
+            }
+        }
+
         #[test]
         fn accepted_conversions_keep_the_wire_invariants(raw in arb_event()) {
             if let Judgement::Accepted { conversion, .. } = map_event(&raw, &rules(&["acme"]), now()) {

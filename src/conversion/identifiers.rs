@@ -4,6 +4,7 @@
 //! hashed again; every function returns either a non-empty value or an error, never an empty string;
 //! raw email addresses and phone numbers never appear in an error message.
 
+use phonenumber::metadata::Metadata;
 use sha2::{Digest, Sha256};
 use unicode_general_category::{get_general_category, GeneralCategory};
 use url::Url;
@@ -117,7 +118,20 @@ pub fn normalize_phone(
     } else {
         None
     };
-    let national = if is_possible(code, &parsed) {
+    // Whose numbering plan applies: the number's own region when it says it, else the account's region
+    // for a national number; `None` (every region of the code) when neither tells.
+    let region = if trimmed.starts_with('+') {
+        number
+            .country()
+            .id()
+            .and_then(|id| phonenumber::metadata::DATABASE.by_id(id.as_ref()))
+    } else {
+        phonenumber::metadata::DATABASE
+            .by_id(default_region.as_ref())
+            .filter(|m| m.country_code() == code)
+    };
+    let is_possible = |national: &str| is_possible(code, national, region);
+    let national = if is_possible(&parsed) {
         parsed
     } else {
         // `+44 (0)20 ...`: a national prefix written inside an international number.
@@ -128,11 +142,14 @@ pub fn normalize_phone(
                     .into_iter()
                     .find_map(|m| m.national_prefix().and_then(|p| parsed.strip_prefix(p)))
             })
-            .filter(|rest| is_possible(code, rest))
+            .filter(|rest| is_possible(rest))
             .map(str::to_owned);
         match (unstripped, without_trunk_prefix) {
-            (Some(u), _) if u.ends_with(&parsed) && is_possible(code, &u) => u,
+            (Some(u), _) if u.ends_with(&parsed) && is_possible(&u) => u,
             (_, Some(rest)) => rest,
+            _ if is_possible_locally(code, &parsed, region) => {
+                return Err("is a local number without its area code: X cannot match it; send the full number (E.164: +15551234567)")
+            }
             _ => {
                 return Err(
                     "is not a possible phone number: wrong number of digits for its country",
@@ -143,13 +160,34 @@ pub fn normalize_phone(
     Ok(format!("+{code}{national}"))
 }
 
-/// libphonenumber's "possible number": the national number's length is one its numbering plan allows.
-fn is_possible(code: u16, national: &str) -> bool {
+/// libphonenumber's "possible only locally": a length its numbering plan allows for dialling within an
+/// area (`555-1234` in the US), not a number anyone outside that area (X) can match.
+fn is_possible_locally(code: u16, national: &str, region: Option<&'static Metadata>) -> bool {
     let len = national.len() as u16;
-    let Some(metas) = phonenumber::metadata::DATABASE.by_code(&code) else {
-        return false;
-    };
-    metas.iter().any(|m| {
+    plans(code, region).iter().any(|m| {
+        let d = m.descriptors();
+        [Some(d.general()), d.fixed_line(), d.mobile()]
+            .into_iter()
+            .flatten()
+            .any(|desc| desc.possible_local_length().contains(&len))
+    })
+}
+
+/// The numbering plans to judge a number of country `code` by: `region`'s when known, else every region's
+/// of the code (Canada's seven-digit service numbers must not make `555-1234` possible in the US).
+fn plans(code: u16, region: Option<&'static Metadata>) -> Vec<&'static Metadata> {
+    match region {
+        Some(m) => vec![m],
+        None => phonenumber::metadata::DATABASE
+            .by_code(&code)
+            .unwrap_or_default(),
+    }
+}
+
+/// libphonenumber's "possible number": the national number's length is one its numbering plan allows.
+fn is_possible(code: u16, national: &str, region: Option<&'static Metadata>) -> bool {
+    let len = national.len() as u16;
+    plans(code, region).iter().any(|m| {
         let d = m.descriptors();
         [
             Some(d.general()),
