@@ -440,16 +440,7 @@ async fn a_scoped_key_sends_only_its_accounts_events() {
     assert_eq!(spool.backlog("blog"), 1);
     let (s, _, _) = send(&app, post_as("no-such-key", only_blog)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let admin = api::admin_app(admin_state(st.clone()));
-    let resp = admin
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let bytes = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let metrics = String::from_utf8(bytes.to_vec()).unwrap();
+    let metrics = metrics_of(&st).await;
     assert!(
         metrics.contains("conversion_gateway_auth_failures_total{listener=\"ingest\"} 1"),
         "{metrics}"
@@ -574,16 +565,7 @@ async fn an_unusable_identifier_is_dropped_with_a_warning_and_the_event_kept() {
         .collect();
     assert_eq!(ids, [vec!["email"], vec!["twclid"]]);
     // Counted per account and field.
-    let admin = api::admin_app(admin_state(st.clone()));
-    let resp = admin
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let bytes = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let metrics = String::from_utf8(bytes.to_vec()).unwrap();
+    let metrics = metrics_of(&st).await;
     for field in ["phone", "email", "ip_address"] {
         assert!(
             metrics.contains(&format!(
@@ -595,4 +577,18 @@ async fn an_unusable_identifier_is_dropped_with_a_warning_and_the_event_kept() {
     // Without drops the answer is as before: no `warnings` key.
     let (_, body, _) = post_json(&app, json!({"event": "purchase", "twclid": "x"})).await;
     assert!(body.get("warnings").is_none(), "{body}");
+}
+
+/// What the admin listener's `/metrics` shows for the gateway `st` belongs to.
+async fn metrics_of(st: &Arc<conversion_gateway::api::AppState>) -> String {
+    let admin = api::admin_app(admin_state(st.clone()));
+    let resp = admin
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
 }
