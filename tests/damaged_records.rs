@@ -2,6 +2,9 @@
 //! `corrupt` (with what could be read: its id, account and length) and delivers the account's others.
 
 mod common;
+/// Damaged spool files (a binary shared with the damaged records: one link less in CI).
+#[path = "damaged/spool_files.rs"]
+mod spool_files;
 
 use conversion_gateway::spool::{DiskSpool, DiskSpoolOptions, Queue, Record};
 use conversion_gateway::{app, config};

@@ -4,6 +4,9 @@
 //! token, key) reaches a log line, a metric, an admin answer or any file under `spool.dir`.
 
 mod common;
+/// The dashboard and the alerts, checked (in this binary: one link less in CI).
+#[path = "operations/dashboards.rs"]
+mod dashboards;
 
 use common::*;
 use serde_json::{json, Value};

@@ -4,9 +4,7 @@
 //! (byte for byte) and rebuilds a spool from every readable record, which then opens and still knows
 //! its events as duplicates and its rate budget.
 
-mod common;
-
-use common::{spool_record, GATEWAY};
+use crate::common::{spool_record, GATEWAY};
 use conversion_gateway::reasons::DeadLetterReason;
 use conversion_gateway::spool::disk::intake_log::{IntakeLog, IntakeRecord};
 use conversion_gateway::spool::{

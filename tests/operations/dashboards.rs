@@ -2,9 +2,7 @@
 //! expression names only metrics the gateway exports, promtool accepts the rules, and `promtool test rules`
 //! runs `config/alerts.test.yml`, in which every alert fires when it should and stays quiet otherwise.
 
-mod common;
-
-use common::promtool;
+use crate::common::promtool;
 use conversion_gateway::metrics::{Metrics, RedisSnapshot, SpoolSnapshot};
 use conversion_gateway::reasons::{DeadLetterReason, IngestOutcome, PauseReason};
 use std::collections::BTreeSet;
