@@ -360,3 +360,224 @@ async fn injected_faults() {
     control(&app, "POST", "/_fake/reset", Value::Null).await;
     assert!(fake.requests().is_empty());
 }
+
+/// A signed call to the Ads API's account endpoints with the demo account's credentials (or `token` /
+/// `token_secret` instead of its own), `params` in the query (GET) or the form body (POST).
+fn account_call(
+    method: &str,
+    path: &str,
+    params: &[(&str, &str)],
+    token: Option<(&str, &str)>,
+) -> Request<Body> {
+    use conversion_gateway::upstream::auth::{encode_params, oauth1_header_for};
+    let s = Secret::new;
+    let (t, ts) = token.unwrap_or(("fake-access-token", "fake-access-token-secret"));
+    let creds = [
+        &s("fake-consumer-key"),
+        &s("fake-consumer-secret"),
+        &s(t),
+        &s(ts),
+    ];
+    let header = oauth1_header_for(creds, method, &format!("http://{HOST}{path}"), params);
+    let encoded = encode_params(params);
+    let b = Request::builder()
+        .method(method)
+        .header("host", HOST)
+        .header("authorization", header);
+    if method == "GET" {
+        let uri = if encoded.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{encoded}")
+        };
+        b.uri(uri).body(Body::empty()).unwrap()
+    } else {
+        b.uri(path)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(encoded))
+            .unwrap()
+    }
+}
+
+fn fake_with_users() -> (Router, Arc<FakeX>) {
+    use conversion_gateway::fake_x::accounts::FakeUser;
+    let mut cfg = FakeConfig::demo();
+    cfg.accounts[0].users = vec![FakeUser {
+        user_id: "756201191646691328".into(),
+        access_token: "analyst-token".into(),
+        access_token_secret: "analyst-secret".into(),
+        permissions: vec!["ANALYST".into(), "TWEET_COMPOSER".into()],
+    }];
+    let mut other = cfg.accounts[0].clone();
+    other.id = "5kx2bq9t0a".into();
+    other.pixels = vec!["p4x1l".into()];
+    other.users = Vec::new();
+    if let Some(o) = other.oauth.as_mut() {
+        o.access_token = "other-token".into();
+        o.access_token_secret = "other-secret".into();
+    }
+    cfg.accounts.push(other);
+    let f = FakeX::new(cfg);
+    (app(f.clone()), f)
+}
+
+#[tokio::test]
+async fn authenticated_user_access_answers_who_the_token_is_and_what_it_may_do() {
+    let (app, _) = fake_with_users();
+    let path = "/12/accounts/18ce552mlaq/authenticated_user_access";
+    let (status, _, body) = send(&app, account_call("GET", path, &[], None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["request"]["params"]["account_id"], "18ce552mlaq");
+    assert_eq!(body["data"]["permissions"], json!(["ACCOUNT_ADMIN"]));
+    assert!(body["data"]["user_id"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty()));
+    // A listed user: its own permissions.
+    let analyst = Some(("analyst-token", "analyst-secret"));
+    let (status, _, body) = send(&app, account_call("GET", path, &[], analyst)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["user_id"], "756201191646691328");
+    assert_eq!(
+        body["data"]["permissions"],
+        json!(["ANALYST", "TWEET_COMPOSER"])
+    );
+    // Another account's user: 404 in X's words.
+    let other = Some(("other-token", "other-secret"));
+    let (status, _, body) = send(&app, account_call("GET", path, &[], other)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("User ")
+            && message.ends_with("does not have access to account 18ce552mlaq"),
+        "{message}"
+    );
+    // An account that does not exist: 404; a bad signature: 401.
+    let (status, _, body) = send(
+        &app,
+        account_call(
+            "GET",
+            "/12/accounts/nosuch/authenticated_user_access",
+            &[],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["errors"][0]["code"], "NOT_FOUND");
+    let bad = Some(("fake-access-token", "wrong-secret"));
+    let (status, _, body) = send(&app, account_call("GET", path, &[], bad)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+}
+
+#[tokio::test]
+async fn web_event_tags_are_listed_paged_and_created_and_a_created_tag_takes_conversions() {
+    let (app, _) = fake_with_users();
+    let path = "/12/accounts/18ce552mlaq/web_event_tags";
+    let (status, _, body) = send(&app, account_call("GET", path, &[], None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["o9d2g", "o9d2h"]);
+    assert_eq!(body["data"][0]["status"], "UNVERIFIED");
+    assert_eq!(body["next_cursor"], Value::Null);
+    // Paged with a cursor; the query parameters are signed.
+    let (_, _, page) = send(
+        &app,
+        account_call(
+            "GET",
+            path,
+            &[("count", "1"), ("with_total_count", "true")],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["total_count"], 2);
+    assert_eq!(page["request"]["params"]["count"], "1");
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let (_, _, next) = send(
+        &app,
+        account_call("GET", path, &[("count", "1"), ("cursor", &cursor)], None),
+    )
+    .await;
+    assert_eq!(next["data"][0]["id"], "o9d2h", "{next}");
+    assert_eq!(next["next_cursor"], Value::Null);
+    // Bad parameters are X's 400 naming them.
+    for (params, parameter) in [
+        (vec![("count", "0")], "count"),
+        (vec![("name", "x")], "type"),
+        (vec![("type", "PURCHASE")], "name"),
+        (vec![("name", "x"), ("type", "REFUND")], "type"),
+        (
+            vec![("name", "x"), ("type", "PURCHASE"), ("click_window", "3")],
+            "click_window",
+        ),
+        (
+            vec![
+                ("name", "x"),
+                ("type", "PURCHASE"),
+                ("click_window", "7"),
+                ("view_through_window", "14"),
+            ],
+            "view_through_window",
+        ),
+    ] {
+        let method = if parameter == "count" { "GET" } else { "POST" };
+        let (status, _, body) = send(&app, account_call(method, path, &params, None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{params:?}: {body}");
+        assert_eq!(body["errors"][0]["parameter"], parameter, "{body}");
+    }
+    // Created (form body, signed): answered with its id, then listed, then taking conversions.
+    let (status, _, created) = send(
+        &app,
+        account_call(
+            "POST",
+            path,
+            &[
+                ("name", "checkout"),
+                ("type", "CHECKOUT_INITIATED"),
+                ("click_window", "7"),
+            ],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let id = created["data"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["data"]["type"], "CHECKOUT_INITIATED");
+    assert_eq!(created["data"]["click_window"], 7);
+    assert_eq!(created["data"]["view_through_window"], 1);
+    let (_, _, listed) = send(
+        &app,
+        account_call("GET", path, &[("web_event_tag_ids", &id)], None),
+    )
+    .await;
+    assert_eq!(listed["data"][0]["id"], id.as_str(), "{listed}");
+    let conversion = json!({"conversions": [{"conversion_time": "2026-11-28T12:00:00.000Z", "event_id": id, "identifiers": [{"twclid": "t"}], "conversion_id": "new-tag"}]});
+    let (status, _, body) = send(
+        &app,
+        request(
+            "/12/measurement/conversions/o9d7n",
+            Some((
+                "authorization",
+                signed_header("12", "fake-consumer-secret", None),
+            )),
+            conversion.to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a created tag is one of the account's SET ids: {body}"
+    );
+    // A form parameter changed after signing: 401.
+    let mut tampered = account_call("POST", path, &[("name", "a"), ("type", "PURCHASE")], None);
+    *tampered.body_mut() = Body::from("name=b&type=PURCHASE");
+    let (status, _, _) = send(&app, tampered).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}

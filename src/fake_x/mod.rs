@@ -2,10 +2,13 @@
 //!
 //! It serves `POST /{version}/measurement/conversions/{pixel_id}` like X: the contract checks and seed
 //! messages of `crate::x_contract` (shared with the sandbox transport), OAuth 1.0a verification from RFC 5849 (`oauth`, with replayed nonces refused) or
-//! `X-Pixel-Token`, and a per-account rate limit with X's headers. Under `/_fake` it records every request
+//! `X-Pixel-Token`, and a per-account rate limit with X's headers. It also serves the Ads API account
+//! endpoints a setup check needs (`accounts`: who a token is on an account, the account's event tags, and
+//! creating one). Under `/_fake` it records every conversions request
 //! and takes injected faults. Invariant: every request that reaches the endpoint is recorded, whatever
 //! its outcome, so tests can see exactly what the gateway sent.
 
+pub mod accounts;
 pub mod oauth;
 
 use crate::x_contract as contract;
@@ -51,6 +54,13 @@ pub struct FakeAccount {
     pub rate_limit: FakeRateLimit,
     pub oauth: Option<FakeOauth>,
     pub pixel_token: Option<String>,
+    /// Users of the app on this account and their permissions (`accounts`); the `oauth` token is an
+    /// `ACCOUNT_ADMIN` unless listed.
+    #[serde(default)]
+    pub users: Vec<accounts::FakeUser>,
+    /// The account's Single Event Tags; when empty, each of `events` is an `UNVERIFIED` `PURCHASE` tag.
+    #[serde(default)]
+    pub tags: Vec<accounts::FakeTag>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -119,6 +129,8 @@ impl FakeConfig {
                     access_token_secret: "fake-access-token-secret".into(),
                 }),
                 pixel_token: Some("fake-pixel-token".into()),
+                users: Vec::new(),
+                tags: Vec::new(),
             }],
         }
     }
@@ -188,6 +200,9 @@ struct Inner {
     nonces: HashMap<String, u64>,
     /// account id -> (window start epoch secs, events counted)
     windows: HashMap<String, (u64, u64)>,
+    /// account id -> tags created through `POST .../web_event_tags`, as answered.
+    created_tags: HashMap<String, Vec<Value>>,
+    next_tag: u64,
 }
 
 pub struct FakeX {
@@ -224,6 +239,14 @@ pub fn app(fake: Arc<FakeX>) -> Router {
         .route(
             "/{version}/measurement/conversions/{pixel_id}",
             post(conversions),
+        )
+        .route(
+            "/{version}/accounts/{account_id}/authenticated_user_access",
+            get(accounts::authenticated_user_access),
+        )
+        .route(
+            "/{version}/accounts/{account_id}/web_event_tags",
+            get(accounts::web_event_tags).post(accounts::web_event_tags),
         )
         .route("/_fake/requests", get(list_requests))
         .route("/_fake/conversions", get(list_conversions))
@@ -508,7 +531,16 @@ fn check_contract(
     parsed: Option<&Value>,
     rec: &mut Recorded,
 ) -> Result<usize, Box<Response>> {
-    let sets: HashSet<String> = account.events.iter().cloned().collect();
+    let mut sets: HashSet<String> = account.events.iter().cloned().collect();
+    sets.extend(account.tags.iter().map(|t| t.id.clone()));
+    sets.extend(
+        fake.lock()
+            .created_tags
+            .get(&account.id)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["id"].as_str().map(str::to_owned)),
+    );
     let pixels: HashSet<String> = fake
         .config
         .accounts
@@ -626,27 +658,50 @@ fn authenticate(
             _ => Err("wrong pixel token".into()),
         };
     }
+    verify_oauth(fake, "POST", uri, headers, &[], |consumer_key, token| {
+        let creds = account
+            .oauth
+            .as_ref()
+            .ok_or("account has no OAuth credentials")?;
+        if consumer_key != creds.consumer_key {
+            return Err("unknown consumer key".into());
+        }
+        if token != creds.access_token {
+            return Err("unknown access token".into());
+        }
+        Ok((
+            creds.consumer_secret.clone(),
+            creds.access_token_secret.clone(),
+        ))
+    })
+    .map(|_| ())
+}
+
+/// Verifies an `Authorization: OAuth` header (RFC 5849) of a `method` request to `uri`, whose form body
+/// parameters are `form` (they are signed; a JSON body is not). `secrets(consumer_key, token)` answers the
+/// consumer and token secrets, or why the pair is not known. Answers the access token.
+pub(crate) fn verify_oauth(
+    fake: &FakeX,
+    method: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    form: &[(String, String)],
+    secrets: impl FnOnce(&str, &str) -> Result<(String, String), String>,
+) -> Result<String, String> {
     let Some(header) = headers.get("authorization").and_then(|h| h.to_str().ok()) else {
         return Err("no credentials".into());
     };
     let params = oauth::parse_header(header).ok_or("Authorization is not an OAuth header")?;
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let creds = account
-        .oauth
-        .as_ref()
-        .ok_or("account has no OAuth credentials")?;
     if get("oauth_signature_method") != Some("HMAC-SHA1") {
         return Err("oauth_signature_method must be HMAC-SHA1".into());
     }
     if get("oauth_version").is_some_and(|v| v != "1.0") {
         return Err("oauth_version must be 1.0".into());
     }
-    if get("oauth_consumer_key") != Some(creds.consumer_key.as_str()) {
-        return Err("unknown consumer key".into());
-    }
-    if get("oauth_token") != Some(creds.access_token.as_str()) {
-        return Err("unknown access token".into());
-    }
+    let consumer_key = get("oauth_consumer_key").ok_or("missing oauth_consumer_key")?;
+    let token = get("oauth_token").ok_or("missing oauth_token")?;
+    let (consumer_secret, token_secret) = secrets(consumer_key, token)?;
     let timestamp: u64 = get("oauth_timestamp")
         .and_then(|t| t.parse().ok())
         .ok_or("missing oauth_timestamp")?;
@@ -664,16 +719,17 @@ fn authenticate(
                 .map(|(k, v)| (k.into_owned(), v.into_owned())),
         );
     }
+    all.extend(form.iter().cloned());
     let host = headers
         .get("host")
         .and_then(|h| h.to_str().ok())
         .ok_or("no Host header")?;
     let base = oauth::base_string(
-        "POST",
+        method,
         &oauth::base_string_uri("http", host, uri.path()),
         &all,
     );
-    let expected = oauth::sign(&base, &creds.consumer_secret, &creds.access_token_secret);
+    let expected = oauth::sign(&base, &consumer_secret, &token_secret);
     if expected != signature {
         return Err("signature does not match".into());
     }
@@ -682,12 +738,12 @@ fn authenticate(
     inner.nonces.retain(|_, ts| *ts >= horizon);
     if inner
         .nonces
-        .insert(format!("{}:{nonce}", creds.consumer_key), timestamp)
+        .insert(format!("{consumer_key}:{nonce}"), timestamp)
         .is_some()
     {
         return Err("replayed nonce".into());
     }
-    Ok(())
+    Ok(token.to_owned())
 }
 
 async fn list_requests(State(fake): State<Arc<FakeX>>) -> Json<Value> {

@@ -15,6 +15,38 @@ pub fn oauth1_header(
     uri: &str,
     fixed: Option<(&str, u64)>,
 ) -> String {
+    let mut builder = signer([
+        consumer_key,
+        consumer_secret,
+        access_token,
+        access_token_secret,
+    ]);
+    if let Some((nonce, timestamp)) = fixed {
+        builder.nonce(nonce).timestamp(NonZeroU64::new(timestamp));
+    }
+    builder.post(uri, &())
+}
+
+/// The `Authorization` header for a `method` request to `uri` (without its query) whose query or form
+/// parameters are `params`: the Ads API's account endpoints sign them (RFC 5849 §3.4.1.3), unlike the
+/// conversions endpoint's JSON body. Send the same `params` as the query (`to_query`) or the form body.
+pub fn oauth1_header_for(
+    credentials: [&Secret; 4],
+    method: &str,
+    uri: &str,
+    params: &[(&str, &str)],
+) -> String {
+    let builder = signer(credentials);
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    // `ParameterList` wants its pairs sorted (they are, just above).
+    builder.authorize(method, uri, &oauth1_request::ParameterList::new(sorted))
+}
+
+/// An HMAC-SHA1 signer for the consumer key and secret, access token and secret, in that order.
+fn signer(
+    [consumer_key, consumer_secret, access_token, access_token_secret]: [&Secret; 4],
+) -> oauth1_request::Builder<'_, oauth1_request::HmacSha1, &str, &str> {
     let token = oauth1_request::Token::from_parts(
         consumer_key.expose(),
         consumer_secret.expose(),
@@ -23,10 +55,14 @@ pub fn oauth1_header(
     );
     let mut builder = oauth1_request::Builder::with_token(token, oauth1_request::HmacSha1::new());
     builder.version(true);
-    if let Some((nonce, timestamp)) = fixed {
-        builder.nonce(nonce).timestamp(NonZeroU64::new(timestamp));
-    }
-    builder.post(uri, &())
+    builder
+}
+
+/// `params` as a query string or `application/x-www-form-urlencoded` body, encoded as they are signed.
+pub fn encode_params(params: &[(&str, &str)]) -> String {
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    oauth1_request::to_form(&oauth1_request::ParameterList::new(sorted))
 }
 
 /// Adds the account's credentials to a request.
