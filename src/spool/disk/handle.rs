@@ -15,20 +15,24 @@ pub(super) fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, Spool
         .set_cache_size(cache_bytes)
         .create(path)
         .map_err(storage)?;
-    // Create the tables once; reopening an existing spool must not need to write (the disk may be full).
-    let ready = db.begin_read().map_err(storage)?.open_table(META).is_ok();
-    if !ready {
-        let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(EVENTS).map_err(storage)?;
-        txn.open_table(DEDUP_LOG).map_err(storage)?;
-        txn.open_table(DEAD).map_err(storage)?;
-        txn.open_table(META)
-            .map_err(storage)?
-            .insert(MetaKey::Format.name().as_str(), FORMAT)
-            .map_err(storage)?;
-        txn.commit().map_err(storage)?;
-    }
+    ensure_tables(&db)?;
     Ok(db)
+}
+
+/// Creates the tables of a new file; reopening an existing spool must not need to write (the disk may be full).
+fn ensure_tables(db: &Database) -> Result<(), SpoolError> {
+    if db.begin_read().map_err(storage)?.open_table(META).is_ok() {
+        return Ok(());
+    }
+    let txn = db.begin_write().map_err(storage)?;
+    txn.open_table(EVENTS).map_err(storage)?;
+    txn.open_table(DEDUP_LOG).map_err(storage)?;
+    txn.open_table(DEAD).map_err(storage)?;
+    txn.open_table(META)
+        .map_err(storage)?
+        .insert(MetaKey::Format.name().as_str(), FORMAT)
+        .map_err(storage)?;
+    txn.commit().map_err(storage)
 }
 
 /// Opens the file at start-up and checks every page of it first (redb's integrity check, which also
@@ -72,8 +76,8 @@ pub(super) fn open_checked(path: &Path, cache_bytes: usize) -> Result<Database, 
             )))
         }
     };
-    drop(db);
-    let db = open_db(path, cache_bytes)?;
+    ensure_tables(&db)?;
+    // Again on the open file: the read-only look above cannot open a file that needed repairing.
     let format = db
         .begin_read()
         .map_err(storage)?
