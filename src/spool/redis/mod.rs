@@ -364,6 +364,7 @@ impl RedisSpool {
             .key(&k.dead)
             .key(&k.dead_bytes)
             .key(&k.evicted)
+            .key(&k.done)
             .arg(GROUP)
             .invoke_async(&mut self.store.conn())
             .await;
