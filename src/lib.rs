@@ -22,6 +22,7 @@ pub mod preview;
 pub mod privacy;
 pub mod reasons;
 pub mod redis_store;
+pub mod setup;
 pub mod shutdown;
 pub mod spool;
 pub mod telemetry;

@@ -43,6 +43,22 @@ enum Command {
         #[command(subcommand)]
         action: SpoolAction,
     },
+    /// Check the setup of every account against X (credentials and their permission, each event's Single
+    /// Event Tag, the pixel where X shows it) and of this machine (clock, spool directory, Redis), line by
+    /// line with what to fix. Sends no conversion. Exit 0 when nothing failed, 1 otherwise.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// A SET id callers send as event_id, checked on every account too (repeatable).
+        #[arg(long = "event-id", value_name = "SET_ID")]
+        event_ids: Vec<String>,
+    },
+    /// List or create an account's Single Event Tags (the SET ids of accounts.NAME.events) through the Ads API.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// Exit 0 when the running gateway (at server.admin_listen) is ready to take events, 1 otherwise:
     /// for container health checks (the image has no curl).
     Healthcheck {
@@ -70,12 +86,54 @@ enum SpoolAction {
     Salvage,
 }
 
+#[derive(Subcommand)]
+enum EventsAction {
+    /// Create a Single Event Tag and print its id and the configuration line that maps --name to it.
+    /// Exit 0 when created, 1 when X refused, 2 when the flags or the configuration cannot be used.
+    Create {
+        /// The configured account (a name under [accounts]).
+        #[arg(long)]
+        account: String,
+        /// The tag's name, also the event name of the printed configuration line (e.g. purchase).
+        #[arg(long)]
+        name: String,
+        /// One of X's types: PURCHASE, SIGN_UP, ADD_TO_CART, CHECKOUT_INITIATED, ADDED_PAYMENT_INFO,
+        /// ADD_TO_WISHLIST, CONTENT_VIEW, CUSTOM, DOWNLOAD, PRODUCT_CUSTOMIZATION, SEARCH, SITE_VISIT,
+        /// START_TRIAL, SUBSCRIBE.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: String,
+        /// Days after a click a conversion is attributed: 1, 7, 14 or 30 [default: 30].
+        #[arg(long, value_name = "DAYS")]
+        click_window: Option<String>,
+        /// Days after a view: 0, 1, 7, 14 or 30, at most --click-window [default: 1].
+        #[arg(long, value_name = "DAYS")]
+        view_through_window: Option<String>,
+        /// Print X's tag as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the account's tags: id, name, type, status, last tracked, and the configured event name.
+    List {
+        #[arg(long)]
+        account: String,
+        /// Print the tags as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let settings = match config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
+            if let Command::Doctor { json, .. } = command {
+                return doctor_report(
+                    &conversion_gateway::setup::doctor::invalid_configuration(&e),
+                    json,
+                );
+            }
             eprintln!("conversion-gateway: invalid configuration: {e}");
             return ExitCode::from(if matches!(command, Command::Preview) {
                 2
@@ -91,6 +149,8 @@ fn main() -> ExitCode {
         }
         Command::Preview => preview(&settings),
         Command::Spool { action } => spool(&settings, action),
+        Command::Doctor { json, event_ids } => doctor(&settings, json, event_ids),
+        Command::Events { action } => events(&settings, action),
         Command::Healthcheck { live, timeout } => {
             let addr = healthcheck::local_address(settings.server.admin_listen);
             let path = if live { "/livez" } else { "/readyz" };
@@ -154,6 +214,128 @@ fn preview(settings: &Settings) -> ExitCode {
         Err(e) => {
             eprintln!("conversion-gateway: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs `f` on a runtime of one thread (the setup commands make a few calls, one at a time).
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, ExitCode> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Ok(rt.block_on(f)),
+        Err(e) => {
+            eprintln!("conversion-gateway: cannot start the runtime: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), ExitCode> {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("conversion-gateway: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn doctor(settings: &Settings, json: bool, event_ids: Vec<String>) -> ExitCode {
+    use conversion_gateway::setup::doctor;
+    let options = doctor::Options {
+        event_ids,
+        page_size: None,
+    };
+    let report = match block_on(doctor::run(settings, &options)) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    doctor_report(&report, json)
+}
+
+fn doctor_report(report: &conversion_gateway::setup::doctor::Report, json: bool) -> ExitCode {
+    if json {
+        if let Err(code) = print_json(report) {
+            return code;
+        }
+    } else {
+        print!("{}", report.text());
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn events(settings: &Settings, action: EventsAction) -> ExitCode {
+    use conversion_gateway::setup::events::{self, EventsError};
+    use conversion_gateway::setup::tag_spec::TagSpec;
+    let failed = |e: EventsError| {
+        eprintln!("conversion-gateway: {e}");
+        ExitCode::from(match e {
+            EventsError::Unusable(_) => 2,
+            EventsError::X(_) => 1,
+        })
+    };
+    match action {
+        EventsAction::Create {
+            account,
+            name,
+            kind,
+            click_window,
+            view_through_window,
+            json,
+        } => {
+            let spec = match TagSpec::new(
+                Some(&name),
+                Some(&kind),
+                click_window.as_deref(),
+                view_through_window.as_deref(),
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!(
+                        "conversion-gateway: --{}: {}",
+                        e.parameter.replace('_', "-"),
+                        e.message
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            let tag = match block_on(events::create(settings, &account, &spec)) {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return failed(e),
+                Err(code) => return code,
+            };
+            if json {
+                if let Err(code) = print_json(&tag) {
+                    return code;
+                }
+            } else {
+                print!("{}", events::created_text(settings, &account, &spec, &tag));
+            }
+            ExitCode::SUCCESS
+        }
+        EventsAction::List { account, json } => {
+            let tags = match block_on(events::list(settings, &account)) {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return failed(e),
+                Err(code) => return code,
+            };
+            if json {
+                if let Err(code) = print_json(&tags) {
+                    return code;
+                }
+            } else if let Some(a) = settings.accounts.get(&account) {
+                print!("{}", events::list_text(&account, a, &tags));
+            }
+            ExitCode::SUCCESS
         }
     }
 }

@@ -2,6 +2,8 @@
 //! configurations, sandbox runs, and graceful shutdown.
 
 mod common;
+#[path = "cli/setup.rs"]
+mod setup;
 
 use common::*;
 use serde_json::{json, Value};

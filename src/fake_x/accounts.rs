@@ -15,6 +15,7 @@
 //! account's SET ids too.
 
 use super::{now_secs, verify_oauth, x_error, FakeAccount, FakeX};
+use crate::setup::tag_spec::TagSpec;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, Uri};
@@ -53,26 +54,9 @@ fn unverified() -> String {
     "UNVERIFIED".into()
 }
 
-/// X's tag types.
-pub const TAG_TYPES: [&str; 14] = [
-    "ADDED_PAYMENT_INFO",
-    "ADD_TO_CART",
-    "ADD_TO_WISHLIST",
-    "CHECKOUT_INITIATED",
-    "CONTENT_VIEW",
-    "CUSTOM",
-    "DOWNLOAD",
-    "PRODUCT_CUSTOMIZATION",
-    "PURCHASE",
-    "SEARCH",
-    "SIGN_UP",
-    "SITE_VISIT",
-    "START_TRIAL",
-    "SUBSCRIBE",
-];
-
-/// The tag as the API answers it.
-fn tag_json(tag: &FakeTag, click: u32, view: u32, created: &str) -> Value {
+/// The tag as the API answers it; its embed code names the account's pixel and the tag as X's event
+/// snippets do (`tw-{pixel}-{tag}`).
+fn tag_json(tag: &FakeTag, pixel: &str, click: u32, view: u32, created: &str) -> Value {
     json!({
         "id": tag.id,
         "name": tag.name,
@@ -82,7 +66,7 @@ fn tag_json(tag: &FakeTag, click: u32, view: u32, created: &str) -> Value {
         "view_through_window": view,
         "retargeting_enabled": false,
         "website_tag_id": tag.id,
-        "embed_code": format!("<script>twq('event','tw-{}',{{}});</script>", tag.id),
+        "embed_code": format!("<script>twq('event','tw-{pixel}-{}',{{}});</script>", tag.id),
         "last_tracked_at": tag.last_tracked_at,
         "deleted": false,
         "created_at": created,
@@ -92,6 +76,7 @@ fn tag_json(tag: &FakeTag, click: u32, view: u32, created: &str) -> Value {
 
 /// The account's tags as answered: configured ones first, then those created, in order.
 pub(super) fn tags_of(fake: &FakeX, account: &FakeAccount) -> Vec<Value> {
+    let pixel = account.pixels.first().map(String::as_str).unwrap_or("");
     let mut out: Vec<Value> = if account.tags.is_empty() {
         account
             .events
@@ -103,13 +88,13 @@ pub(super) fn tags_of(fake: &FakeX, account: &FakeAccount) -> Vec<Value> {
                 status: unverified(),
                 last_tracked_at: None,
             })
-            .map(|t| tag_json(&t, 30, 1, "2026-01-01T00:00:00Z"))
+            .map(|t| tag_json(&t, pixel, 30, 1, "2026-01-01T00:00:00Z"))
             .collect()
     } else {
         account
             .tags
             .iter()
-            .map(|t| tag_json(t, 30, 1, "2026-01-01T00:00:00Z"))
+            .map(|t| tag_json(t, pixel, 30, 1, "2026-01-01T00:00:00Z"))
             .collect()
     };
     out.extend(
@@ -155,8 +140,8 @@ fn caller(
     form: &[(String, String)],
 ) -> Result<Caller, Box<Response>> {
     let config = &fake.config;
-    // Every token the app has: (consumer key, consumer secret, token, token secret).
-    let mut known: Vec<(String, String, String, String)> = Vec::new();
+    // Every token the apps have: (consumer key, consumer secret, token, token secret, Ads API access).
+    let mut known: Vec<(String, String, String, String, bool)> = Vec::new();
     for a in &config.accounts {
         if let Some(o) = &a.oauth {
             known.push((
@@ -164,6 +149,7 @@ fn caller(
                 o.consumer_secret.clone(),
                 o.access_token.clone(),
                 o.access_token_secret.clone(),
+                o.ads_api_access,
             ));
             for u in &a.users {
                 known.push((
@@ -171,6 +157,7 @@ fn caller(
                     o.consumer_secret.clone(),
                     u.access_token.clone(),
                     u.access_token_secret.clone(),
+                    o.ads_api_access,
                 ));
             }
         }
@@ -178,8 +165,8 @@ fn caller(
     let token = verify_oauth(fake, method, uri, headers, form, |ck, tok| {
         known
             .iter()
-            .find(|(k, _, t, _)| k == ck && t == tok)
-            .map(|(_, cs, _, ts)| (cs.clone(), ts.clone()))
+            .find(|(k, _, t, _, _)| k == ck && t == tok)
+            .map(|(_, cs, _, ts, _)| (cs.clone(), ts.clone()))
             .ok_or_else(|| "unknown consumer key or access token".to_string())
     })
     .map_err(|_| {
@@ -193,6 +180,20 @@ fn caller(
             None,
         ))
     })?;
+    if let Some((consumer_key, ..)) = known
+        .iter()
+        .find(|(_, _, t, _, access)| *t == token && !access)
+    {
+        return Err(Box::new(x_error(
+            403,
+            &[(
+                "UNAUTHORIZED_CLIENT",
+                format!("The client application with id {} making this request does not have access to Twitter Ads API. Ensure your application has advertiser-api access.", user_id_of(consumer_key)),
+                String::new(),
+            )],
+            None,
+        )));
+    }
     let Some(account) = config.accounts.iter().find(|a| a.id == account_id) else {
         return Err(Box::new(not_found(
             &format!("Account {account_id} was not found"),
@@ -346,59 +347,34 @@ fn list(fake: &FakeX, account: &FakeAccount, params: &[(String, String)]) -> Res
 }
 
 fn create(fake: &FakeX, account: &FakeAccount, params: &[(String, String)]) -> Response {
-    let name = match get(params, "name").map(str::trim) {
-        Some(n) if !n.is_empty() => n.to_owned(),
-        _ => return invalid("name", "name is required".into(), &account.id),
-    };
-    let kind = match get(params, "type") {
-        Some(t) if TAG_TYPES.contains(&t) => t.to_owned(),
-        Some(t) => {
-            return invalid(
-                "type",
-                format!(
-                    "{t} is not a valid type; expected one of {}",
-                    TAG_TYPES.join(", ")
-                ),
-                &account.id,
-            )
-        }
-        None => return invalid("type", "type is required".into(), &account.id),
-    };
-    let window = |key: &str, allowed: &[u32], default: u32| match get(params, key) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|n| allowed.contains(n))
-            .ok_or_else(|| format!("{key} must be one of {allowed:?}")),
-    };
-    let click = match window("click_window", &[1, 7, 14, 30], 30) {
-        Ok(c) => c,
-        Err(m) => return invalid("click_window", m, &account.id),
-    };
-    let view = match window("view_through_window", &[0, 1, 7, 14, 30], 1) {
-        Ok(v) if v <= click => v,
-        Ok(_) => {
-            return invalid(
-                "view_through_window",
-                "view_through_window must be at most click_window".into(),
-                &account.id,
-            )
-        }
-        Err(m) => return invalid("view_through_window", m, &account.id),
+    let spec = match TagSpec::new(
+        get(params, "name"),
+        get(params, "type"),
+        get(params, "click_window"),
+        get(params, "view_through_window"),
+    ) {
+        Ok(s) => s,
+        Err(e) => return invalid(e.parameter, e.message, &account.id),
     };
     let mut inner = fake.lock();
     inner.next_tag += 1;
     let id = format!("f{}", radix36(now_secs() * 1000 + inner.next_tag));
     let tag = FakeTag {
         id: id.clone(),
-        name,
-        kind,
+        name: spec.name,
+        kind: spec.kind,
         status: unverified(),
         last_tracked_at: None,
     };
     let created = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
-    let answer = tag_json(&tag, click, view, &created);
+    let pixel = account.pixels.first().map(String::as_str).unwrap_or("");
+    let answer = tag_json(
+        &tag,
+        pixel,
+        spec.click_window,
+        spec.view_through_window,
+        &created,
+    );
     inner
         .created_tags
         .entry(account.id.clone())

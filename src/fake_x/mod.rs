@@ -35,6 +35,10 @@ pub struct FakeConfig {
     /// Seconds an OAuth timestamp may differ from the fake's clock.
     #[serde(default = "default_skew")]
     pub max_clock_skew_secs: u64,
+    /// Seconds the fake's clock runs ahead of the machine's (negative: behind): its `Date` header and its
+    /// OAuth timestamp check follow it, as X's would when a client's clock is off.
+    #[serde(default)]
+    pub clock_offset_secs: i64,
     /// Keep every request and its conversions for `/_fake/requests` (turn off for long benchmarks:
     /// `/_fake/stats` still counts).
     #[serde(default = "default_record")]
@@ -86,6 +90,10 @@ pub struct FakeOauth {
     pub consumer_secret: String,
     pub access_token: String,
     pub access_token_secret: String,
+    /// Whether the app (the consumer key) has Ads API access; without, the account endpoints answer X's
+    /// 403 `UNAUTHORIZED_CLIENT`.
+    #[serde(default = "yes")]
+    pub ads_api_access: bool,
 }
 
 fn default_listen() -> String {
@@ -98,6 +106,10 @@ fn default_skew() -> u64 {
     300
 }
 fn default_record() -> bool {
+    true
+}
+
+fn yes() -> bool {
     true
 }
 
@@ -116,6 +128,7 @@ impl FakeConfig {
             listen: default_listen(),
             versions: default_versions(),
             max_clock_skew_secs: default_skew(),
+            clock_offset_secs: 0,
             record: true,
             accounts: vec![FakeAccount {
                 id: "18ce552mlaq".into(),
@@ -127,6 +140,7 @@ impl FakeConfig {
                     consumer_secret: "fake-consumer-secret".into(),
                     access_token: "fake-access-token".into(),
                     access_token_secret: "fake-access-token-secret".into(),
+                    ads_api_access: true,
                 }),
                 pixel_token: Some("fake-pixel-token".into()),
                 users: Vec::new(),
@@ -218,6 +232,11 @@ impl FakeX {
         })
     }
 
+    /// The fake's clock: the machine's, moved by `clock_offset_secs`.
+    fn clock_secs(&self) -> u64 {
+        now_secs().saturating_add_signed(self.config.clock_offset_secs)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -257,7 +276,20 @@ pub fn app(fake: Arc<FakeX>) -> Router {
             "/_fake/stats",
             get(|State(fake): State<Arc<FakeX>>| async move { Json(fake.lock().stats) }),
         )
+        .layer(axum::middleware::map_response_with_state(
+            fake.clone(),
+            date_header,
+        ))
         .with_state(fake)
+}
+
+/// X's `Date` header, from the fake's clock (hyper would write the machine's).
+async fn date_header(State(fake): State<Arc<FakeX>>, mut resp: Response) -> Response {
+    let at = chrono::DateTime::from_timestamp(fake.clock_secs() as i64, 0).unwrap_or_default();
+    if let Ok(v) = HeaderValue::from_str(&at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()) {
+        resp.headers_mut().insert(axum::http::header::DATE, v);
+    }
+    resp
 }
 
 fn now_secs() -> u64 {
@@ -705,7 +737,7 @@ pub(crate) fn verify_oauth(
     let timestamp: u64 = get("oauth_timestamp")
         .and_then(|t| t.parse().ok())
         .ok_or("missing oauth_timestamp")?;
-    if timestamp.abs_diff(now_secs()) > fake.config.max_clock_skew_secs {
+    if timestamp.abs_diff(fake.clock_secs()) > fake.config.max_clock_skew_secs {
         return Err("oauth_timestamp too far from the server clock".into());
     }
     let nonce = get("oauth_nonce")
@@ -734,7 +766,9 @@ pub(crate) fn verify_oauth(
         return Err("signature does not match".into());
     }
     let mut inner = fake.lock();
-    let horizon = now_secs().saturating_sub(2 * fake.config.max_clock_skew_secs);
+    let horizon = fake
+        .clock_secs()
+        .saturating_sub(2 * fake.config.max_clock_skew_secs);
     inner.nonces.retain(|_, ts| *ts >= horizon);
     if inner
         .nonces
