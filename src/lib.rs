@@ -4,6 +4,7 @@
 //! `dispatch` (batch per account) -> `upstream` (sign, send, classify). `fake_x` is a faithful stand-in for X.
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod api;
 pub mod app;
 pub mod clock;

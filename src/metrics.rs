@@ -5,6 +5,7 @@
 //! client sent; every configured account's series exist at 0 from start-up, so a rate or an alert works
 //! before the first event; gauges about the spool are read from it when scraped, so they are never stale.
 
+use crate::activity::{Activity, Kind};
 use crate::reasons::{DeadLetterReason, IngestOutcome, PauseReason};
 use prometheus::core::Collector;
 use prometheus::{CounterVec, GaugeVec};
@@ -48,6 +49,8 @@ pub struct Metrics {
     inflight_body_bytes: IntGauge,
     /// Only in the shared mode.
     redis: Option<RedisMetrics>,
+    /// The last hour minute by minute, counted with the counters above (the status page's numbers).
+    activity: Activity,
 }
 
 struct RedisMetrics {
@@ -341,9 +344,11 @@ impl Metrics {
             }
         });
 
+        let activity = Activity::new(accounts.iter().map(String::as_str).chain([UNKNOWN_ACCOUNT]));
         Metrics {
             registry,
             accounts,
+            activity,
             received,
             identifiers_dropped,
             delivered,
@@ -383,20 +388,47 @@ impl Metrics {
     /// `n` events of `account` got `outcome`.
     pub fn received(&self, account: Option<&str>, outcome: IngestOutcome, n: u64) {
         if n > 0 {
+            let account = self.account(account);
             self.received
-                .with_label_values(&[self.account(account), outcome.as_str()])
+                .with_label_values(&[account, outcome.as_str()])
                 .inc_by(n);
+            self.activity.add(account, Kind::Received, n);
+            if outcome == IngestOutcome::Rejected {
+                self.activity.add(account, Kind::Rejected, n);
+            }
         }
     }
 
     pub fn delivered(&self, account: &str, n: u64) {
         self.delivered.with_label_values(&[account]).inc_by(n);
+        self.activity.add(account, Kind::Delivered, n);
     }
 
     pub fn dead_lettered(&self, account: &str, reason: DeadLetterReason, n: u64) {
         self.dead_lettered
             .with_label_values(&[account, reason.as_str()])
             .inc_by(n);
+        self.activity.add(account, Kind::DeadLettered, n);
+    }
+
+    /// Dead letters of `account` since start, per reason (those with none left out).
+    pub fn dead_lettered_by_reason(&self, account: &str) -> Vec<(DeadLetterReason, u64)> {
+        DeadLetterReason::ALL
+            .iter()
+            .map(|&r| {
+                let n = self
+                    .dead_lettered
+                    .with_label_values(&[account, r.as_str()])
+                    .get();
+                (r, n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// The last hour of every account, minute by minute.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// One request to X for `account`: its status label, how long it took and how many conversions it held.

@@ -7,6 +7,9 @@ mod common;
 /// The dashboard and the alerts, checked (in this binary: one link less in CI).
 #[path = "operations/dashboards.rs"]
 mod dashboards;
+/// The status page in headless Chromium.
+#[path = "operations/status_page.rs"]
+mod status_page;
 
 use common::*;
 use serde_json::{json, Value};
@@ -325,8 +328,31 @@ async fn no_canary_reaches_logs_metrics_admin_answers_or_the_spool() {
     .expect("the poison event is dead-lettered");
 
     let mut seen = vec![ingest_answer, metrics_text(&http, &stack).await];
+    // The status page shows no text of X's messages (they can quote identifiers): the poison event's is
+    // in its dead letter, not on the page.
+    let letters = admin(&http, &stack, "GET", "/v1/dead-letters").await;
+    let x_message = letters["dead_letters"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!x_message.is_empty());
+    let page = http
+        .get(format!("{}/", stack.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("data-account=\"acme\""), "{page}");
+    assert!(
+        !page.contains(&x_message),
+        "X's message {x_message:?} is on the status page"
+    );
+    seen.push(page);
     for (method, path) in [
         ("GET", "/v1/accounts"),
+        ("GET", "/v1/activity"),
         ("GET", "/v1/dead-letters"),
         ("GET", "/v1/dead-letters?account=acme&limit=1"),
         ("POST", "/v1/dead-letters/replay?account=acme"),

@@ -12,6 +12,7 @@
 //! `write` key may also replay and delete (401s are counted per listener); nothing here shows a raw
 //! email, phone number, secret or token — spooled events hold hashes only.
 
+use super::status_page::{AccountActivity, ActivityReport, MinuteAt, SpoolState};
 use super::{ApiKeys, AppState, Problem};
 use crate::config::AdminRole;
 use crate::dispatch::AccountStatus;
@@ -92,12 +93,13 @@ const MAX_LIMIT: usize = 1000;
 const REPLAY_CHUNK: usize = 500;
 
 const HINT: &str =
-    "the admin listener serves /livez, /readyz, /metrics, /v1/accounts and /v1/dead-letters";
+    "the admin listener serves / (the status page), /livez, /readyz, /metrics, /v1/accounts, /v1/activity and /v1/dead-letters";
 
 pub fn admin_app(state: Arc<AdminState>) -> Router {
     let metrics = state.app.metrics.clone();
     let v1 = Router::new()
         .route("/v1/accounts", get(accounts).fallback(not_allowed_get))
+        .route("/v1/activity", get(activity).fallback(not_allowed_get))
         .route(
             "/v1/dead-letters",
             get(list_dead_letters)
@@ -114,6 +116,7 @@ pub fn admin_app(state: Arc<AdminState>) -> Router {
         ));
     super::common_layers(
         Router::new()
+            .route("/", get(status_page).fallback(not_allowed_get))
             .route("/livez", get(|| async { "ok\n" }).fallback(not_allowed_get))
             .route("/readyz", get(readyz).fallback(not_allowed_get))
             .route("/metrics", get(metrics_text).fallback(not_allowed_get))
@@ -342,17 +345,7 @@ async fn accounts(
     let now = epoch();
     let mut out = Vec::with_capacity(st.accounts.len());
     for a in &st.accounts {
-        let status = a.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        // Unreadable (Redis down): what was last known, without the oldest event's time.
-        let backlog =
-            spool
-                .account_backlog(&a.name)
-                .await
-                .unwrap_or_else(|_| crate::spool::AccountBacklog {
-                    events: spool.backlog(&a.name) as u64,
-                    bytes: spool.account_bytes(&a.name),
-                    oldest_ms: None,
-                });
+        let (status, backlog) = account_now(&st, a).await;
         out.push(AccountReport {
             name: a.name.clone(),
             ad_account_id: a.ad_account_id.clone(),
@@ -368,18 +361,12 @@ async fn accounts(
                 available_now: st
                     .limiter
                     .available(&a.ad_account_id, now.as_nanos() as u64),
-                held_until: status
-                    .hold_until
-                    .filter(|until| *until > now.as_secs())
-                    .and_then(|s| ms_to_rfc3339(s as i64 * 1000)),
+                held_until: held_until(&status, now),
             },
             paused: status.paused,
+            last_error_at: last_error_at(&status),
             last_status: status.last_status,
             last_error: status.last_error,
-            last_error_at: status
-                .last_error_at
-                .and_then(|ms| i64::try_from(ms).ok())
-                .and_then(ms_to_rfc3339),
             last_debug_id: status.last_debug_id,
             delivered: status.delivered,
             dead_lettered: status.dead_lettered,
@@ -406,6 +393,140 @@ async fn accounts(
         },
         redis: st.shared.as_ref().map(SharedState::report),
     }))
+}
+
+/// An account's dispatch status and backlog now; the backlog unreadable (Redis down) is what was last
+/// known, without the oldest event's time.
+async fn account_now(
+    st: &AdminState,
+    a: &AccountView,
+) -> (AccountStatus, crate::spool::AccountBacklog) {
+    let spool = &st.app.spool;
+    let status = a.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let backlog =
+        spool
+            .account_backlog(&a.name)
+            .await
+            .unwrap_or_else(|_| crate::spool::AccountBacklog {
+                events: spool.backlog(&a.name) as u64,
+                bytes: spool.account_bytes(&a.name),
+                oldest_ms: None,
+            });
+    (status, backlog)
+}
+
+/// X's hold on the account, while it lasts.
+fn held_until(status: &AccountStatus, now: Duration) -> Option<String> {
+    status
+        .hold_until
+        .filter(|until| *until > now.as_secs())
+        .and_then(|s| ms_to_rfc3339(s as i64 * 1000))
+}
+
+fn last_error_at(status: &AccountStatus) -> Option<String> {
+    status
+        .last_error_at
+        .and_then(|ms| i64::try_from(ms).ok())
+        .and_then(ms_to_rfc3339)
+}
+
+/// What the status page and `/v1/activity` show.
+async fn activity_report(st: &AdminState) -> ActivityReport {
+    let now = epoch();
+    let minute = crate::activity::minute_of(SystemTime::now());
+    let series = st.app.metrics.activity().series(minute);
+    let per_minute = |name: &str| -> Vec<MinuteAt> {
+        series
+            .iter()
+            .find(|(a, _)| a == name)
+            .map(|(_, minutes)| {
+                minutes
+                    .iter()
+                    .map(|m| MinuteAt {
+                        at: ms_to_rfc3339(m.minute as i64 * 60_000).unwrap_or_default(),
+                        counts: *m,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut accounts = Vec::with_capacity(st.accounts.len());
+    for a in &st.accounts {
+        let (status, backlog) = account_now(st, a).await;
+        let available = st
+            .limiter
+            .available(&a.ad_account_id, now.as_nanos() as u64);
+        accounts.push(AccountActivity {
+            name: a.name.clone(),
+            ad_account_id: a.ad_account_id.clone(),
+            pixel_id: a.pixel_id.clone(),
+            paused: status.paused,
+            backlog_events: backlog.events,
+            oldest_event_at: backlog.oldest_ms.and_then(ms_to_rfc3339),
+            oldest_event_age_seconds: backlog
+                .oldest_ms
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| (now.as_millis() as u64).saturating_sub(ms) / 1000),
+            budget_limit: a.rate_limit_events,
+            budget_window_seconds: a.rate_limit_window.as_secs(),
+            budget_used: delivered_within(&per_minute(&a.name), a.rate_limit_window),
+            budget_available_now: available,
+            held_until: held_until(&status, now),
+            last_error_at: last_error_at(&status),
+            last_status: status.last_status,
+            last_debug_id: status.last_debug_id,
+            dead_letters_by_reason: st.app.metrics.dead_lettered_by_reason(&a.name),
+            per_minute: per_minute(&a.name),
+        });
+    }
+    let spool = &st.app.spool;
+    let bound = spool.bound_usage();
+    let dead = spool.dead_letter_counts().await.unwrap_or_default();
+    ActivityReport {
+        generated_at: ms_to_rfc3339(now.as_millis() as i64).unwrap_or_default(),
+        minutes: crate::activity::MINUTES,
+        accounts,
+        unattributed: per_minute(crate::metrics::UNKNOWN_ACCOUNT),
+        spool: SpoolState {
+            bytes: bound.used_bytes,
+            max_bytes: bound.max_bytes,
+            dead_letters: dead.kept,
+            refusing_because: spool.health().err(),
+        },
+    }
+}
+
+/// What `minutes` (oldest first) delivered in their last `window` (at most all of them).
+fn delivered_within(minutes: &[MinuteAt], window: Duration) -> u64 {
+    let n = window.as_secs().div_ceil(60).max(1) as usize;
+    minutes
+        .iter()
+        .rev()
+        .take(n)
+        .map(|m| m.counts.delivered)
+        .sum()
+}
+
+/// `GET /v1/activity`: the last hour per account, minute by minute, and the state beside it.
+async fn activity(
+    State(st): State<Arc<AdminState>>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<ActivityReport>, Problem> {
+    params(&st, &raw, &[], false)?;
+    Ok(Json(activity_report(&st).await))
+}
+
+/// `GET /`: the status page (no key, like `/metrics`).
+async fn status_page(State(st): State<Arc<AdminState>>) -> Response {
+    let html = super::status_page::render(&activity_report(&st).await);
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
 }
 
 /// Query parameters, each checked by name: an unknown one is an error, not silently ignored.

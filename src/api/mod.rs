@@ -10,6 +10,7 @@ mod framing;
 pub mod ingest;
 pub mod problem;
 mod server;
+pub mod status_page;
 
 pub use admin::{admin_app, AccountView, AdminState, SharedState};
 pub use auth::{admin_keys, ingest_keys, ApiKeys, Scope};

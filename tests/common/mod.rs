@@ -414,11 +414,15 @@ pub async fn admin_json(
 
 /// promtool from Debian's prometheus package, installed with apt-get when missing.
 pub fn promtool() -> &'static str {
-    const PROMTOOL: &str = "/usr/bin/promtool";
-    if !Path::new(PROMTOOL).exists() {
+    debian_tool("/usr/bin/promtool", "prometheus")
+}
+
+/// `path`, installing Debian's `package` (apt-get, updating the lists once if need be) when it is missing.
+pub fn debian_tool(path: &'static str, package: &str) -> &'static str {
+    if !Path::new(path).exists() {
         let install = || {
             Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends", "prometheus"])
+                .args(["install", "-y", "--no-install-recommends", package])
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .status()
                 .is_ok_and(|s| s.success())
@@ -427,11 +431,11 @@ pub fn promtool() -> &'static str {
             let _ = Command::new("apt-get").arg("update").status();
             assert!(
                 install(),
-                "cannot install promtool (apt-get install prometheus)"
+                "cannot install {path} (apt-get install {package})"
             );
         }
     }
-    PROMTOOL
+    path
 }
 
 /// POSTs `body` to the ingest URL with the test API key.
