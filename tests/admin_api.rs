@@ -2,6 +2,9 @@
 //! every status they answer.
 
 mod oneshot;
+/// openapi.yaml against the routers (in this binary: one link less in CI).
+#[path = "admin_api/openapi.rs"]
+mod openapi;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};

@@ -2,6 +2,8 @@
 //! configurations, sandbox runs, and graceful shutdown.
 
 mod common;
+#[path = "cli/container.rs"]
+mod container;
 #[path = "cli/setup.rs"]
 mod setup;
 

@@ -1,5 +1,9 @@
 //! fake-x-api behaves like X: authentication, replay protection, contract errors, rate limit, faults.
 
+/// The X client against real sockets (in this binary: one link less in CI).
+#[path = "fake_x_api/upstream_client.rs"]
+mod upstream_client;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;

@@ -4,9 +4,7 @@
 //! subcommand as the health check. The Dockerfile, the compose file and the Prometheus configuration
 //! they ship are checked for what the image and the stack rely on.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use conversion_gateway::metrics::{Metrics, RedisSnapshot, SpoolSnapshot};
 use serde_json::{json, Value};
 use std::collections::HashSet;

@@ -1,10 +1,10 @@
 //! openapi.yaml describes every route the routers serve, with the statuses each answers.
 
-const SPEC: &str = include_str!("../openapi.yaml");
+const SPEC: &str = include_str!("../../openapi.yaml");
 /// The files that define the two routers.
 const ROUTERS: [&str; 2] = [
-    include_str!("../src/api/mod.rs"),
-    include_str!("../src/api/admin.rs"),
+    include_str!("../../src/api/mod.rs"),
+    include_str!("../../src/api/admin.rs"),
 ];
 
 /// The spec's text for one path, up to the next path.
