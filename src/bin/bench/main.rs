@@ -19,10 +19,15 @@
 //!    script calls per ingest request (counted by Redis itself, with X down so that delivery is idle, the
 //!    background calls of an idle stretch subtracted).
 //!
+//! `bench --mapping` instead counts the instructions per event of the mapping (parse, validate, normalize,
+//! hash) for four payload shapes under valgrind's callgrind (`mapping.rs`), repeatable where timings are not.
+//!
 //! For phases 1–3 it also prints each server's own CPU time per request (user + system, every thread,
 //! nginx's workers included, from `/proc`): a rate ratio depends on what the load generator costs on the
 //! shared cores, a CPU ratio much less.
 #![forbid(unsafe_code)]
+
+mod mapping;
 
 use clap::Parser;
 use std::net::SocketAddr;
@@ -68,6 +73,15 @@ struct Args {
     /// Only the shared mode on Redis (phase 6), with its own disk-spool reference.
     #[arg(long, conflicts_with = "no_redis")]
     redis_only: bool,
+    /// Only the mapping micro-benchmark: instructions per event per payload shape, under callgrind
+    /// (valgrind, installed with apt-get when missing).
+    #[arg(long)]
+    mapping: bool,
+    /// (The micro-benchmark's child: map `--events` events of this shape and exit.)
+    #[arg(long, hide = true, value_name = "SHAPE")]
+    map_only: Option<String>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    events: u64,
 }
 
 const API_KEY: &str = "bench-key";
@@ -627,8 +641,52 @@ async fn post_json(addr: SocketAddr, path: &str, body: serde_json::Value, delete
     let _ = req.send().await;
 }
 
+/// The binary `name` on the PATH, installing Debian's `package` with apt-get when it is missing.
+fn debian_binary(name: &str, package: &str) -> Result<PathBuf, String> {
+    let find = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.exists())
+        })
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    eprintln!("bench: {name} is missing; installing {package} with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get")
+            .arg("update")
+            .stdout(Stdio::null())
+            .status();
+        install();
+    }
+    find().ok_or_else(|| format!("cannot install {package} (apt-get install {package})"))
+}
+
 fn main() -> Result<(), String> {
     let args = Args::parse();
+    if let Some(shape) = &args.map_only {
+        return mapping::run_child(shape, args.events);
+    }
+    if args.mapping {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = TempDir::new()?;
+        println!("bench --mapping: instructions per event (callgrind; parse + events_of + map_event, one event per body)");
+        for (shape, per_event) in mapping::measure(&exe, dir.path())? {
+            println!("  {shape:<15} {per_event:>10.0}");
+        }
+        println!("full event: {}", event(0));
+        return Ok(());
+    }
     let bins = std::env::current_exe()
         .map_err(|e| e.to_string())?
         .parent()
@@ -657,6 +715,7 @@ fn main() -> Result<(), String> {
         args.connections,
         event(0).len()
     );
+    println!("payload: {}", event(0));
 
     let counter = Arc::new(AtomicU64::new(0));
     let nginx = if args.no_nginx {
