@@ -27,5 +27,6 @@ pub mod setup;
 pub mod shutdown;
 pub mod spool;
 pub mod telemetry;
+pub mod units;
 pub mod upstream;
 pub mod x_contract;

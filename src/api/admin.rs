@@ -453,6 +453,7 @@ async fn activity_report(st: &AdminState) -> ActivityReport {
     let mut accounts = Vec::with_capacity(st.accounts.len());
     for a in &st.accounts {
         let (status, backlog) = account_now(st, a).await;
+        let minutes = per_minute(&a.name);
         let available = st
             .limiter
             .available(&a.ad_account_id, now.as_nanos() as u64);
@@ -469,14 +470,14 @@ async fn activity_report(st: &AdminState) -> ActivityReport {
                 .map(|ms| (now.as_millis() as u64).saturating_sub(ms) / 1000),
             budget_limit: a.rate_limit_events,
             budget_window_seconds: a.rate_limit_window.as_secs(),
-            budget_used: delivered_within(&per_minute(&a.name), a.rate_limit_window),
+            budget_used: delivered_within(&minutes, a.rate_limit_window),
             budget_available_now: available,
             held_until: held_until(&status, now),
             last_error_at: last_error_at(&status),
             last_status: status.last_status,
             last_debug_id: status.last_debug_id,
             dead_letters_by_reason: st.app.metrics.dead_lettered_by_reason(&a.name),
-            per_minute: per_minute(&a.name),
+            per_minute: minutes,
         });
     }
     let spool = &st.app.spool;

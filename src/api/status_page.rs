@@ -15,6 +15,7 @@
 
 use crate::activity::{Minute, MINUTES};
 use crate::reasons::{DeadLetterReason, PauseReason};
+use crate::units::bytes;
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -288,15 +289,6 @@ fn age(secs: u64) -> String {
         s if s < 7200 => format!("{} min", s / 60),
         s if s < 172_800 => format!("{} h", s / 3600),
         s => format!("{} d", s / 86_400),
-    }
-}
-
-fn bytes(n: u64) -> String {
-    match n {
-        n if n < 1 << 10 => format!("{n} B"),
-        n if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n if n < 1 << 30 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
-        n => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
     }
 }
 

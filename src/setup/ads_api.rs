@@ -89,6 +89,25 @@ pub struct ClockReading {
     pub received: SystemTime,
 }
 
+impl ClockReading {
+    /// X's `Date` header of an answer to a call sent at `sent` and answered at `received`.
+    pub fn of(
+        headers: &reqwest::header::HeaderMap,
+        sent: SystemTime,
+        received: SystemTime,
+    ) -> Option<ClockReading> {
+        headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_http_date)
+            .map(|x_date| ClockReading {
+                x_date,
+                sent,
+                received,
+            })
+    }
+}
+
 /// An answer or why not, and X's clock if any response came back.
 #[derive(Debug)]
 pub struct Answer<T> {
@@ -245,17 +264,7 @@ impl AdsApi {
                 }
             }
         };
-        let received = SystemTime::now();
-        let clock = response
-            .headers()
-            .get(reqwest::header::DATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_http_date)
-            .map(|x_date| ClockReading {
-                x_date,
-                sent,
-                received,
-            });
+        let clock = ClockReading::of(response.headers(), sent, SystemTime::now());
         let status = response.status().as_u16();
         let body = match response.bytes().await {
             Ok(b) => b,

@@ -288,17 +288,7 @@ async fn plain_clock(settings: &Settings) -> Option<ClockReading> {
         .ok()?;
     let sent = SystemTime::now();
     let response = http.get(&settings.upstream.base_url).send().await.ok()?;
-    let received = SystemTime::now();
-    let x_date = response
-        .headers()
-        .get(reqwest::header::DATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(super::ads_api::parse_http_date)?;
-    Some(ClockReading {
-        x_date,
-        sent,
-        received,
-    })
+    ClockReading::of(response.headers(), sent, SystemTime::now())
 }
 
 fn configuration(settings: &Settings) -> Check {

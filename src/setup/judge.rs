@@ -6,6 +6,7 @@
 //! - No line holds a secret: credentials are named by their key, never shown.
 
 use super::ads_api::{CallError, ClockReading, Tag, UserAccess};
+use crate::units::bytes;
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
 
@@ -351,21 +352,6 @@ pub fn spool_room(dir: &str, free: u64, min_free: u64, max_bytes: u64, used: u64
     }
 }
 
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 fn codes(errors: &[super::ads_api::XError]) -> String {
     let codes: Vec<&str> = errors
         .iter()
@@ -580,6 +566,5 @@ mod tests {
             spool_room("/s", 500 * MIB, 16 * MIB, 1024 * MIB, 0).status,
             Status::Warn
         );
-        assert_eq!(bytes(1536), "1.5 KiB");
     }
 }
