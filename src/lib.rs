@@ -7,6 +7,8 @@
 pub mod activity;
 pub mod api;
 pub mod app;
+#[doc(hidden)]
+pub mod apt;
 pub mod clock;
 pub mod config;
 pub mod conversion;

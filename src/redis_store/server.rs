@@ -2,7 +2,7 @@
 //! directory, with an append-only file fsynced on every write (`appendfsync always`) and no eviction,
 //! stopped when dropped. Debian's `redis-server` is installed with apt-get when missing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -123,35 +123,15 @@ fn answers(port: u16) -> bool {
 
 use crate::ports::free_port;
 
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| Path::new(&d).join(name).exists())
-    })
-}
-
 /// Installs Debian's redis-server when it is not on the PATH.
 fn install() {
-    if on_path(BINARY) {
+    if crate::apt::on_path(BINARY).is_some() {
         return;
     }
-    let apt = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "redis-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !apt() {
-        let _ = Command::new("apt-get")
-            .arg("update")
-            .stdout(Stdio::null())
-            .status();
-        assert!(
-            apt(),
-            "redis-server is missing and apt-get install redis-server failed"
-        );
-    }
+    assert!(
+        crate::apt::install("redis-server"),
+        "redis-server is missing and apt-get install redis-server failed"
+    );
     // The package starts a system-wide server on 6379; the tests run their own.
     let _ = Command::new("service")
         .args(["redis-server", "stop"])

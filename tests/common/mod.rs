@@ -420,20 +420,10 @@ pub fn promtool() -> &'static str {
 /// `path`, installing Debian's `package` (apt-get, updating the lists once if need be) when it is missing.
 pub fn debian_tool(path: &'static str, package: &str) -> &'static str {
     if !Path::new(path).exists() {
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends", package])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").arg("update").status();
-            assert!(
-                install(),
-                "cannot install {path} (apt-get install {package})"
-            );
-        }
+        assert!(
+            conversion_gateway::apt::install(package),
+            "cannot install {path} (apt-get install {package})"
+        );
     }
     path
 }

@@ -446,17 +446,7 @@ fn nginx_binary() -> Option<PathBuf> {
 fn start_nginx(dir: &Path, port: u16) -> Result<Nginx, String> {
     if nginx_binary().is_none() {
         eprintln!("bench: nginx is missing; installing it with apt-get (the reference for the ingest rate)");
-        let _ = Command::new("apt-get")
-            .arg("update")
-            .stdout(Stdio::null())
-            .status();
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "nginx-light"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
+        if !conversion_gateway::apt::install("nginx-light") {
             return Err("cannot install nginx; run with --no-nginx".into());
         }
     }
@@ -507,11 +497,7 @@ fn wrk_run(
     secs: u64,
 ) -> Result<(f64, f64, f64, u64), String> {
     if !Path::new("/usr/bin/wrk").exists() {
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "wrk"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status();
+        conversion_gateway::apt::install("wrk");
     }
     let script = dir.join("unique.lua");
     // Ids unique across runs: a repeated id is a duplicate, answered without being spooled.
@@ -639,37 +625,6 @@ async fn post_json(addr: SocketAddr, path: &str, body: serde_json::Value, delete
         client.post(url).json(&body)
     };
     let _ = req.send().await;
-}
-
-/// The binary `name` on the PATH, installing Debian's `package` with apt-get when it is missing.
-fn debian_binary(name: &str, package: &str) -> Result<PathBuf, String> {
-    let find = || {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.exists())
-        })
-    };
-    if let Some(p) = find() {
-        return Ok(p);
-    }
-    eprintln!("bench: {name} is missing; installing {package} with apt-get");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        let _ = Command::new("apt-get")
-            .arg("update")
-            .stdout(Stdio::null())
-            .status();
-        install();
-    }
-    find().ok_or_else(|| format!("cannot install {package} (apt-get install {package})"))
 }
 
 fn main() -> Result<(), String> {

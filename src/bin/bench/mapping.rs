@@ -79,7 +79,7 @@ fn map_all(bodies: &[String], rules: &Rules) -> usize {
 
 /// Instructions per event of every shape.
 pub fn measure(exe: &Path, scratch: &Path) -> Result<Vec<(&'static str, f64)>, String> {
-    let valgrind = super::debian_binary("valgrind", "valgrind")?;
+    let valgrind = conversion_gateway::apt::ensure("valgrind", "valgrind")?;
     let mut out = Vec::new();
     for (shape, _) in SHAPES {
         let count = |events: u64| -> Result<u64, String> {
